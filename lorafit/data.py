@@ -1,0 +1,286 @@
+"""Stage 3: data files -> normalised conversations -> tokenized examples, checked before any compute.
+
+`prepare_data` reads the recipe's files (or hub dataset), detects the row format, turns every row into
+chat messages (or plain text), renders and tokenizes it with the template, truncates, and drops rows that
+cannot teach anything, counting why. The returned `DataReport` is what `--dry-run` and the pre-flight
+lint show; training aborts when nothing trainable remains.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lorafit.errors import LorafitError
+from lorafit.recipe import DataSection, Recipe
+from lorafit.templates import Encoded, Messages, apply_template, encode_messages, encode_text
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+    from transformers import PreTrainedTokenizerBase
+
+# The columns each format needs, under their standard names (data.fields renames yours onto these).
+FORMAT_COLUMNS = {
+    "messages": ("messages",),
+    "alpaca": ("instruction", "output"),
+    "prompt-completion": ("prompt", "completion"),
+    "text": ("text",),
+}
+_ROLE_ALIASES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant"}
+
+
+@dataclass
+class DataReport:
+    """What will be trained: counts, drops by reason, supervision share, and rendered samples."""
+
+    format: str
+    template: str
+    rows_read: int = 0
+    train_examples: int = 0
+    eval_examples: int = 0
+    dropped: Counter = field(default_factory=Counter)
+    total_tokens: int = 0
+    trained_tokens: int = 0
+    eos_trained: bool = False
+    eos_token: str | None = None
+    samples: list[list[tuple[str, bool]]] = field(default_factory=list)  # (token text, trained?) per token
+    fingerprint: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def supervised_share(self) -> float:
+        return self.trained_tokens / self.total_tokens if self.total_tokens else 0.0
+
+    def warnings(self) -> list[str]:
+        """Problems worth showing before training starts."""
+        notes = [f"dropped {n} row(s): {reason}" for reason, n in self.dropped.items()]
+        if not self.eos_trained and self.format != "text":
+            notes.append(f"the end-of-turn token {self.eos_token!r} is never a trained label: the model will not "
+                         "learn to stop; check template.name")
+        return notes
+
+
+@dataclass
+class PreparedData:
+    """Tokenized train / eval datasets (input_ids, labels) and the report about them."""
+
+    train: Dataset
+    eval: Dataset | None
+    report: DataReport
+
+
+def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> PreparedData:
+    """Read, normalise, render, tokenize and lint the recipe's data."""
+    from datasets import Dataset
+
+    section = recipe.data
+    train_rows, fingerprint = read_rows(section.train, section)
+    if isinstance(section.eval, str):
+        eval_rows, eval_fp = read_rows(section.eval, section)
+        fingerprint.update(eval_fp)
+    else:
+        eval_rows = []
+        if isinstance(section.eval, float):
+            train_rows, eval_rows = _hold_out(train_rows, section.eval, recipe.training.seed)
+    fmt = detect_format(train_rows, section)
+    template = "none" if fmt == "text" else apply_template(recipe.template, tokenizer)
+    report = DataReport(format=fmt, template=template, rows_read=len(train_rows) + len(eval_rows),
+                        eos_token=tokenizer.eos_token, fingerprint=fingerprint)
+    train = _encode_rows(train_rows, fmt, recipe, tokenizer, report, is_train=True)
+    evaluation = _encode_rows(eval_rows, fmt, recipe, tokenizer, report, is_train=False) if eval_rows else []
+    if not train:
+        reasons = ", ".join(f"{n} {reason}" for reason, n in report.dropped.items()) or "the file has no rows"
+        raise LorafitError(f"no trainable rows remain ({reasons})", where="data.train",
+                           hint="check data.format, data.fields, data.max_length and template.train_on")
+    report.train_examples, report.eval_examples = len(train), len(evaluation)
+    to_dataset = lambda rows: Dataset.from_dict(  # noqa: E731
+        {"input_ids": [e.input_ids for e in rows], "labels": [e.labels for e in rows]}
+    )
+    return PreparedData(to_dataset(train), to_dataset(evaluation) if evaluation else None, report)
+
+
+def _hold_out(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, round(len(rows) * fraction)) if len(rows) > 1 else 0
+    held = set(order[:n_eval])
+    return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_rows(spec: str | list[str], section: DataSection) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """Rows from local files or a hub dataset, plus a sha256 fingerprint of each local file."""
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    rows: list[dict[str, Any]] = []
+    fingerprint: dict[str, str] = {}
+    for item in specs:
+        path = Path(item)
+        if path.exists() or path.suffix.lower() in (".jsonl", ".json", ".csv", ".parquet") or "/" not in item:
+            rows.extend(_read_file(path))
+            fingerprint[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
+        else:
+            rows.extend(_read_hub(item, section.split))
+            fingerprint[item] = f"hub:{section.split}"
+    return rows, fingerprint
+
+
+def _read_file(path: Path) -> list[dict[str, Any]]:
+    where = str(path)
+    if not path.exists():
+        raise LorafitError("data file not found", where=where, hint="check data.train / data.eval")
+    if path.is_dir():
+        raise LorafitError("is a directory, not a data file", where=where)
+    if path.stat().st_size == 0:
+        raise LorafitError("the data file is empty", where=where)
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        from datasets import Dataset
+
+        return Dataset.from_parquet(str(path)).to_list()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise LorafitError(f"not UTF-8 text (byte {exc.start})", where=where) from None
+    if suffix == ".csv":
+        return list(csv.DictReader(text.splitlines()))
+    if suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise LorafitError(f"invalid JSON: {exc.msg}", where=f"{where}:{exc.lineno}") from None
+        return [_require_object(row, f"{where}: item {i}") for i, row in enumerate(rows)]
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise LorafitError(f"malformed JSON line: {exc.msg}", where=f"{where}:{number}",
+                               hint="each line must be one JSON object") from None
+        rows.append(_require_object(row, f"{where}:{number}"))
+    if not rows:
+        raise LorafitError("the data file has no rows", where=where)
+    return rows
+
+
+def _require_object(row: Any, where: str) -> dict[str, Any]:
+    if not isinstance(row, dict):
+        raise LorafitError(f"expected a JSON object, got {type(row).__name__}", where=where)
+    return row
+
+
+def _read_hub(dataset_id: str, split: str) -> list[dict[str, Any]]:
+    from datasets import load_dataset
+
+    try:
+        return load_dataset(dataset_id, split=split).to_list()
+    except Exception as exc:  # datasets raises many types for "not reachable / not found"
+        raise LorafitError(f"cannot load hub dataset: {str(exc).splitlines()[0][:200]}", where=f"data.train: {dataset_id}",
+                           hint="check the id, data.split, and your network") from None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Formats
+
+
+def detect_format(rows: list[dict[str, Any]], section: DataSection) -> str:
+    """The row format: as configured, or detected from the first row's columns."""
+    columns = set(rows[0]) if rows else set()
+    mapped = {standard: section.fields.get(standard, standard) for cols in FORMAT_COLUMNS.values() for standard in cols}
+    present = {standard for standard, actual in mapped.items() if actual in columns}
+    if section.format != "auto":
+        needed = FORMAT_COLUMNS[section.format]
+        missing = [section.fields.get(c, c) for c in needed if c not in present]
+        if missing and rows:
+            raise LorafitError(f"format {section.format} needs column(s) {', '.join(missing)}; the data has "
+                               f"{', '.join(sorted(columns))}", where="data.format",
+                               hint="map your columns with data.fields, e.g. {prompt: question}")
+        return section.format
+    for fmt, needed in FORMAT_COLUMNS.items():
+        if all(c in present for c in needed):
+            return fmt
+    if "conversations" in columns:
+        raise LorafitError("found a 'conversations' column (ShareGPT style)", where="data.fields",
+                           hint="set data.fields: {messages: conversations}")
+    raise LorafitError(f"cannot tell the data format from columns {', '.join(sorted(columns)) or '(none)'}",
+                       where="data.format",
+                       hint="set data.format (messages | alpaca | prompt-completion | text) and data.fields")
+
+
+def row_to_messages(row: dict[str, Any], fmt: str, section: DataSection, system_prompt: str | None) -> Messages | None:
+    """One row as chat messages (None when it has nothing to train on)."""
+    get = lambda name: row.get(section.fields.get(name, name))  # noqa: E731
+    if fmt == "messages":
+        raw = get("messages")
+        if not isinstance(raw, list):
+            return None
+        messages = []
+        for turn in raw:
+            if not isinstance(turn, dict):
+                return None
+            role = turn.get("role", turn.get("from"))
+            content = turn.get("content", turn.get("value"))
+            if not isinstance(role, str) or not isinstance(content, str):
+                return None
+            messages.append({"role": _ROLE_ALIASES.get(role, role), "content": content})
+    elif fmt == "alpaca":
+        instruction, extra, output = get("instruction"), get("input"), get("output")
+        if not isinstance(instruction, str) or not isinstance(output, str):
+            return None
+        prompt = f"{instruction}\n\n{extra}" if isinstance(extra, str) and extra.strip() else instruction
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
+    else:
+        prompt, completion = get("prompt"), get("completion")
+        if not isinstance(prompt, str) or not isinstance(completion, str):
+            return None
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+    if system_prompt and messages and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    return messages
+
+
+def _encode_rows(rows: list[dict[str, Any]], fmt: str, recipe: Recipe, tokenizer: PreTrainedTokenizerBase,
+                 report: DataReport, *, is_train: bool) -> list[Encoded]:
+    section, template = recipe.data, recipe.template
+    eos_ids = {tokenizer.eos_token_id}
+    encoded = []
+    for row in rows:
+        if fmt == "text":
+            text = row.get(section.fields.get("text", "text"))
+            if not isinstance(text, str) or not text.strip():
+                report.dropped["empty or missing text"] += 1
+                continue
+            example = encode_text(tokenizer, text)
+        else:
+            messages = row_to_messages(row, fmt, section, template.system_prompt)
+            if not messages or not any(m["content"].strip() for m in messages):
+                report.dropped[f"empty or malformed {fmt} row"] += 1
+                continue
+            if not any(m["role"] == "assistant" for m in messages) and template.train_on == "completions":
+                report.dropped["no assistant turn to train on"] += 1
+                continue
+            example = encode_messages(tokenizer, messages, train_on=template.train_on)
+        ids, labels = example.input_ids[: section.max_length], example.labels[: section.max_length]
+        if all(label == -100 for label in labels):
+            reason = "no completion tokens left after truncation to data.max_length" if len(
+                example.input_ids) > section.max_length else "no trainable tokens"
+            report.dropped[reason] += 1
+            continue
+        example = Encoded(ids, labels, example.text)
+        if is_train:
+            report.total_tokens += len(ids)
+            report.trained_tokens += sum(label != -100 for label in labels)
+            report.eos_trained = report.eos_trained or any(label in eos_ids for label in labels)
+            if len(report.samples) < 2:
+                report.samples.append([(tokenizer.decode([t]), label != -100) for t, label in zip(ids, labels)])
+        encoded.append(example)
+    return encoded

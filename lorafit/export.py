@@ -1,0 +1,154 @@
+"""Stage 5: the run folder, which is the record of a run.
+
+    runs/<name>/
+      adapter/         PEFT format (adapter_config.json, adapter_model.safetensors) + tokenizer + chat template
+      recipe.yaml      the resolved recipe (defaults filled in); `lorafit train recipe.yaml` re-runs it
+      metrics.json     losses, tokens/s, memory, time, versions, hardware, data fingerprint
+      README.md        model card: how it was trained and how to load it
+
+Files are written to a temporary name and renamed, so a crash never leaves a half-written record.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lorafit.recipe import Recipe, dump_recipe
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedTokenizerBase
+
+ADAPTER_DIR = "adapter"
+FINISHED_MARKER = "metrics.json"
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a file so readers see either the old or the complete new content."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def export_run(run_dir: Path, model: PeftModel, tokenizer: PreTrainedTokenizerBase, recipe: Recipe,
+               metrics: dict[str, Any]) -> Path:
+    """Write adapter, recipe, metrics and model card into the run folder; returns the adapter folder."""
+    import shutil
+
+    adapter_dir = run_dir / ADAPTER_DIR
+    staging = run_dir / f".{ADAPTER_DIR}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+    if adapter_dir.exists():
+        shutil.rmtree(adapter_dir)
+    os.replace(staging, adapter_dir)
+    write_text_atomic(run_dir / "recipe.yaml", dump_recipe(recipe))
+    write_text_atomic(run_dir / "README.md", model_card(recipe, metrics, adapter_dir))
+    write_text_atomic(run_dir / FINISHED_MARKER, json.dumps(metrics, indent=2, default=str) + "\n")
+    return adapter_dir
+
+
+def environment_info() -> dict[str, Any]:
+    """Library versions and hardware, for metrics.json."""
+    import importlib.metadata as md
+
+    import torch
+
+    versions = {}
+    for name in ("lorafit", "torch", "transformers", "peft", "trl", "datasets", "accelerate", "bitsandbytes"):
+        try:
+            versions[name] = md.version(name)
+        except md.PackageNotFoundError:
+            versions[name] = None
+    hardware: dict[str, Any] = {"platform": platform.platform(), "cpu": platform.processor() or platform.machine(),
+                                "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        hardware["gpu"] = torch.cuda.get_device_name(0)
+        hardware["gpu_count"] = torch.cuda.device_count()
+    return {"versions": versions, "hardware": hardware}
+
+
+def git_commit_of(path: Path) -> str | None:
+    """The commit of the git repository holding `path`, if any (marked -dirty when it has local changes)."""
+    folder = path if path.is_dir() else path.parent
+    try:
+        commit = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=5)
+        if commit.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", str(folder), "status", "--porcelain"], capture_output=True, text=True,
+                               timeout=5)
+        return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def model_card(recipe: Recipe, metrics: dict[str, Any], adapter_dir: Path) -> str:
+    """A README.md saying what was trained, on what, how well, and how to load it."""
+    base = metrics.get("base_model", recipe.model.path)
+    adapter = recipe.adapter
+    method = adapter.method if adapter.method != "lora" else (
+        "DoRA" if adapter.use_dora else "rsLoRA" if adapter.use_rslora else "LoRA")
+    quant = f"QLoRA ({recipe.quantization.bits}-bit {recipe.quantization.quant_type})" if recipe.quantization else "none"
+    final = metrics.get("train_loss_final")
+    eval_loss = metrics.get("eval_loss")
+    lines = [
+        f"# {recipe.name}",
+        "",
+        f"A {method} adapter for `{recipe.model.path}`, trained with [lorafit](https://pypi.org/project/lorafit/).",
+        "",
+        "## Training",
+        "",
+        "| | |", "|---|---|",
+        f"| base model | `{recipe.model.path}` (loaded from `{base}`) |",
+        f"| method | {method}, r={adapter.r}, alpha={adapter.alpha:g}, dropout={adapter.dropout} |",
+        f"| target modules | {', '.join(metrics.get('target_modules') or []) or adapter.target_modules} |",
+        f"| quantization | {quant} |",
+        f"| trainable parameters | {metrics.get('trainable_params', 0):,} of {metrics.get('total_params', 0):,} |",
+        f"| data | {', '.join(metrics.get('data_fingerprint', {}))} ({metrics.get('train_examples')} examples) |",
+        f"| steps | {metrics.get('global_step')} (batch {recipe.training.batch_size} x accum "
+        f"{recipe.training.grad_accum}, lr {recipe.training.learning_rate:g}, {recipe.training.scheduler}) |",
+        f"| precision | {metrics.get('precision')} |",
+        f"| final train loss | {final:.4f} |" if isinstance(final, float) else "| final train loss | n/a |",
+        f"| eval loss | {eval_loss:.4f} |" if isinstance(eval_loss, float) else "| eval loss | n/a |",
+        f"| wall time | {metrics.get('train_seconds', 0):.0f} s |",
+        "",
+        "The full recipe is in `recipe.yaml` next to this file; `lorafit train recipe.yaml` reproduces the run.",
+        "",
+        "## Use it",
+        "",
+        "With PEFT:",
+        "",
+        "```python",
+        "from peft import AutoPeftModelForCausalLM",
+        "from transformers import AutoTokenizer",
+        "",
+        f'model = AutoPeftModelForCausalLM.from_pretrained("{adapter_dir}")',
+        f'tokenizer = AutoTokenizer.from_pretrained("{adapter_dir}")  # carries the training chat template',
+        'messages = [{"role": "user", "content": "..."}]',
+        "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\", "
+        "return_dict=True)",
+        "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=64)[0]))",
+        "```",
+        "",
+        f"As a full model for plain transformers: `lorafit merge {adapter_dir} --out merged/`, then "
+        '`AutoModelForCausalLM.from_pretrained("merged/")`.',
+        "",
+        "With vLLM (LoRA serving):",
+        "",
+        "```python",
+        "from vllm import LLM",
+        "from vllm.lora.request import LoRARequest",
+        "",
+        f'llm = LLM(model="{base}", enable_lora=True)',
+        f'outputs = llm.chat(messages, lora_request=LoRARequest("{recipe.name}", 1, "{adapter_dir}"))',
+        "```",
+        "",
+    ]
+    return "\n".join(lines)

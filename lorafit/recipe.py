@@ -1,0 +1,440 @@
+"""The recipe: one YAML file that is the whole experiment.
+
+`load_recipe` reads a file (following `extends:`), applies `--set` overrides, and validates the result
+into a frozen `Recipe`. That object is the single source of truth for every later stage; nothing
+downstream re-reads YAML. Every field is documented once, here, in its `description`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from lorafit.errors import LorafitError
+
+BUILTIN_MODELS = ("smollm2-135m-instruct",)
+_DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSection(_Section):
+    path: str = Field(description="Base model: a built-in alias (smollm2-135m-instruct), a local folder, or a hub id.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the base model.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Dtype the base weights are loaded in; auto follows training.precision."
+    )
+    attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2"] = Field(
+        "auto", description="Attention kernel; auto lets transformers pick (SDPA where available)."
+    )
+    trust_remote_code: bool = Field(
+        False, description="Allow running Python code shipped with the model. Only for models you trust."
+    )
+    allow_pickle_weights: bool = Field(
+        False, description="Allow loading .bin/.pt (pickle) weights; pickles can execute code when loaded."
+    )
+
+
+class QuantizationSection(_Section):
+    bits: Literal[4, 8] = Field(4, description="Load the base model in 4-bit (QLoRA) or 8-bit via bitsandbytes.")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
+    double_quant: bool = Field(True, description="Quantize the 4-bit quantization constants too (saves ~0.4 bit/param).")
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Dtype of the de-quantized matmuls; auto follows training.precision."
+    )
+
+
+class AdapterSection(_Section):
+    method: Literal["lora", "ia3", "prefix"] = Field("lora", description="PEFT method.")
+    r: int = Field(16, gt=0, description="LoRA rank.")
+    alpha: float = Field(None, gt=0, description="LoRA scaling numerator (scale = alpha / r); default 2 * r.")  # type: ignore[assignment]
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input, in [0, 1).")
+    target_modules: str | list[str] = Field(
+        "all-linear",
+        description="Modules to adapt: a list of names (leaf names or regex-free suffixes), or a preset: "
+        "all-linear | attention | attention+mlp. `lorafit inspect-modules` shows what a model has.",
+    )
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases to train.")
+    modules_to_save: list[str] = Field(
+        default_factory=list, description="Modules trained fully and saved with the adapter (e.g. lm_head, score)."
+    )
+    layers_to_transform: list[int] | None = Field(None, description="Only adapt these layer indices.")
+    use_rslora: bool = Field(False, description="Rank-stabilised LoRA: scale = alpha / sqrt(r).")
+    use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
+    init: Literal["default", "gaussian", "pissa", "olora", "orthogonal"] = Field(
+        "default", description="LoRA weight initialisation (PEFT's init_lora_weights)."
+    )
+    num_virtual_tokens: int = Field(20, gt=0, description="Prefix tuning: number of virtual tokens.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _alpha_defaults_to_twice_r(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("alpha") is None:
+            r = data.get("r", 16)
+            if isinstance(r, int) and not isinstance(r, bool):
+                data = {**data, "alpha": 2 * r}
+        return data
+
+    @field_validator("target_modules")
+    @classmethod
+    def _non_empty_targets(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list) and not value:
+            raise ValueError("must name at least one module or a preset such as all-linear")
+        return value
+
+
+class DataSection(_Section):
+    train: str | list[str] = Field(description="Training data: local jsonl/json/csv/parquet file(s) or a hub dataset id.")
+    eval: str | float | None = Field(
+        None, description="Eval data: a file, or a fraction in (0, 1) held out from train; null for none."
+    )
+    format: Literal["auto", "messages", "alpaca", "prompt-completion", "text"] = Field(
+        "auto", description="Row format; auto detects it from the columns."
+    )
+    fields: dict[str, str] = Field(
+        default_factory=dict,
+        description="Map this format's column names to yours, e.g. {prompt: question, completion: answer}.",
+    )
+    split: str = Field("train", description="Split to read from a hub dataset.")
+    max_length: int = Field(1024, gt=0, description="Tokens per example; longer rows are truncated.")
+    packing: bool = Field(
+        False, description="Pack several examples per row without cross-attention (padding-free); faster on ragged data."
+    )
+
+    @field_validator("eval")
+    @classmethod
+    def _fraction_in_range(cls, value: str | float | None) -> str | float | None:
+        if isinstance(value, float) and not 0.0 < value < 1.0:
+            raise ValueError("a held-out fraction must be between 0 and 1 (exclusive), or give a file")
+        return value
+
+
+class TemplateSection(_Section):
+    name: Literal["auto", "model", "chatml", "alpaca", "custom"] = Field(
+        "auto",
+        description="Prompt template: the tokenizer's chat template (model), chatml, alpaca, or custom; "
+        "auto = model when the tokenizer has one, else chatml.",
+    )
+    custom: str | None = Field(None, description="Jinja chat template text, or a path to a .jinja file (name: custom).")
+    system_prompt: str | None = Field(None, description="System message put before rows that have none.")
+    train_on: Literal["completions", "all"] = Field(
+        "completions", description="Loss on assistant/completion tokens only, or on every token."
+    )
+
+    @model_validator(mode="after")
+    def _custom_needs_text(self) -> TemplateSection:
+        if self.name == "custom" and not self.custom:
+            raise ValueError("name: custom needs template.custom (Jinja text or a .jinja file)")
+        return self
+
+
+class TrainingSection(_Section):
+    epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored when max_steps is set).")
+    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
+    batch_size: int = Field(4, gt=0, description="Examples per device per forward pass.")
+    grad_accum: int = Field(4, gt=0, description="Forward passes per optimizer step.")
+    learning_rate: float = Field(2.0e-4, gt=0, description="Peak learning rate.")
+    scheduler: str = Field("cosine", description="LR schedule (any transformers scheduler name).")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of steps spent warming up.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    optimizer: str = Field("adamw_torch", description="Any transformers optimizer name, e.g. paged_adamw_8bit.")
+    gradient_checkpointing: Literal["auto", True, False] = Field(
+        "auto", description="Recompute activations in backward to save memory; auto = on for GPUs and 4-bit."
+    )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="Compute precision; auto picks the fastest the hardware runs natively."
+    )
+    seed: int = Field(42, description="Seed for data order, dropout and initialisation.")
+    logging_steps: int = Field(10, gt=0, description="Log loss every N steps.")
+    eval_steps: int | None = Field(None, gt=0, description="Evaluate every N steps; default: at the end only.")
+    save_steps: int = Field(200, gt=0, description="Write a resumable checkpoint every N steps.")
+    save_total_limit: int | None = Field(2, gt=0, description="Keep at most N checkpoints (oldest removed).")
+    max_nonfinite_steps: int = Field(3, gt=0, description="Stop after this many consecutive NaN/inf losses.")
+
+
+class OutputSection(_Section):
+    dir: str | None = Field(None, description="Run folder; default runs/<name>.")
+    report_to: Literal["auto"] | list[str] = Field(
+        "auto", description="Trackers (tensorboard, wandb, mlflow, ...); auto = tensorboard when installed."
+    )
+
+
+class Recipe(_Section):
+    name: str = Field(description="Run name; names the default run folder.")
+    model: ModelSection
+    quantization: QuantizationSection | None = Field(None, description="Absent: plain LoRA. Present: QLoRA.")
+    adapter: AdapterSection = Field(default_factory=AdapterSection)
+    data: DataSection
+    template: TemplateSection = Field(default_factory=TemplateSection)
+    training: TrainingSection = Field(default_factory=TrainingSection)
+    output: OutputSection = Field(default_factory=OutputSection)
+
+    @model_validator(mode="after")
+    def _cross_field_checks(self) -> Recipe:
+        if self.quantization and self.adapter.init in ("pissa", "olora", "orthogonal"):
+            raise ValueError(
+                f"adapter.init: {self.adapter.init} decomposes full-precision weights and cannot start from a "
+                "quantized model; use init: default with quantization, or remove the quantization section"
+            )
+        if self.adapter.method != "lora" and (self.adapter.use_dora or self.adapter.use_rslora):
+            raise ValueError("adapter.use_dora / use_rslora only apply to method: lora")
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        """The run folder this recipe writes to."""
+        return Path(self.output.dir or f"runs/{self.name}")
+
+
+SECTIONS: dict[str, type[BaseModel]] = {
+    "": Recipe,
+    "model": ModelSection,
+    "quantization": QuantizationSection,
+    "adapter": AdapterSection,
+    "data": DataSection,
+    "template": TemplateSection,
+    "training": TrainingSection,
+    "output": OutputSection,
+}
+
+# Names users bring from PEFT, TRL, axolotl and LLaMA-Factory recipes, mapped to ours.
+_FAMILIAR_NAMES = {
+    "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "lora_target_modules": "target_modules",
+    "num_epochs": "epochs", "num_train_epochs": "epochs", "micro_batch_size": "batch_size",
+    "per_device_train_batch_size": "batch_size", "gradient_accumulation_steps": "grad_accum",
+    "lr": "learning_rate", "lr_scheduler": "scheduler", "lr_scheduler_type": "scheduler", "optim": "optimizer",
+    "sequence_len": "max_length", "max_seq_length": "max_length", "cutoff_len": "max_length",
+    "base_model": "path", "model_name_or_path": "path", "output_dir": "dir", "bf16": "precision",
+    "fp16": "precision", "load_in_4bit": "bits", "load_in_8bit": "bits", "warmup_steps": "warmup_ratio",
+    "datasets": "train", "dataset": "train", "chat_template": "name", "peft_type": "method",
+}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, merge (`extends:`), override (`--set`) and validate a recipe file."""
+    path = Path(path)
+    raw = _load_with_extends(path, seen=())
+    for override in overrides:
+        _apply_override(raw, override)
+    raw.setdefault("name", path.stem)
+    return validate_recipe(raw, source=str(path))
+
+
+def validate_recipe(raw: dict[str, Any], source: str = "recipe") -> Recipe:
+    """Validate a plain dict into a Recipe, turning pydantic errors into one clear LorafitError."""
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as exc:
+        raise LorafitError(_describe_validation_error(exc, raw), where=source) from None
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The resolved recipe as YAML (defaults filled in), ready to write next to a run."""
+    header = "# Resolved recipe written by lorafit; re-run with: lorafit train recipe.yaml\n"
+    return header + yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def read_yaml_file(path: Path) -> dict[str, Any]:
+    """Safely parse one YAML mapping: no python tags, no duplicate keys, clear file errors."""
+    if not path.exists():
+        raise LorafitError("file not found", where=str(path), hint="check the path")
+    if path.is_dir():
+        raise LorafitError("is a directory, not a recipe file", where=str(path), hint="pass the .yaml file inside it")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise LorafitError(f"not UTF-8 text (byte {exc.start})", where=str(path), hint="save the file as UTF-8") from None
+    if not text.strip():
+        raise LorafitError("the file is empty", where=str(path), hint="start from configs/quickstart.yaml")
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - _StrictLoader is a SafeLoader
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = f"line {mark.line + 1}" if mark else "?"
+        problem = (exc.problem or exc.context or "invalid YAML").strip()
+        raise LorafitError(f"{line}: {problem}", where=str(path), hint="fix the YAML syntax") from None
+    except yaml.YAMLError as exc:
+        raise LorafitError(f"invalid YAML: {exc}", where=str(path)) from None
+    if not isinstance(data, dict):
+        raise LorafitError(
+            f"expected a mapping of sections at the top level, got {type(data).__name__}", where=str(path)
+        )
+    return data
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys instead of letting the last one win."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key '{key}' (each key may appear once per mapping)", key_node.start_mark
+                )
+            seen[key] = True
+        return super().construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _StrictLoader.construct_mapping  # type: ignore[arg-type]
+)
+
+
+def _load_with_extends(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+    resolved = path.resolve()
+    if resolved in seen:
+        chain = " -> ".join(str(p) for p in (*seen, resolved))
+        raise LorafitError(f"extends forms a cycle: {chain}", where=str(path))
+    raw = read_yaml_file(path)
+    _resolve_input_paths(raw, path.parent)
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    if not isinstance(parent, str):
+        raise LorafitError("extends must be a path to another recipe file", where=f"{path}: extends")
+    parent_path = Path(parent) if os.path.isabs(parent) else path.parent / parent
+    base = _load_with_extends(parent_path, (*seen, resolved))
+    base.pop("name", None)  # a child recipe is a new experiment; it names itself (or takes its file name)
+    return _deep_merge(base, raw)
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _resolve_input_paths(raw: dict[str, Any], base_dir: Path) -> None:
+    """Make the input paths a file names relative to that file, so recipes can be shared and extended."""
+
+    def resolve(value: Any, *, must_look_like_file: bool) -> Any:
+        if not isinstance(value, str) or os.path.isabs(value) or value in BUILTIN_MODELS:
+            return value
+        candidate = base_dir / value
+        looks_local = value.startswith(("./", "../")) or value.lower().endswith(_DATA_SUFFIXES + (".jinja",))
+        if candidate.exists() or (must_look_like_file and looks_local):
+            return str(candidate.resolve())
+        return value
+
+    data = raw.get("data")
+    if isinstance(data, dict):
+        train = data.get("train")
+        if isinstance(train, list):
+            data["train"] = [resolve(item, must_look_like_file=True) for item in train]
+        else:
+            data["train"] = resolve(train, must_look_like_file=True)
+        data["eval"] = resolve(data.get("eval"), must_look_like_file=True)
+        if data["eval"] is None:
+            del data["eval"]
+    model = raw.get("model")
+    if isinstance(model, dict):
+        model["path"] = resolve(model.get("path"), must_look_like_file=False)
+    template = raw.get("template")
+    if isinstance(template, dict) and isinstance(template.get("custom"), str) and "\n" not in template["custom"]:
+        template["custom"] = resolve(template["custom"], must_look_like_file=True)
+
+
+def _apply_override(raw: dict[str, Any], override: str) -> None:
+    """Apply one `--set section.key=value`; the value is parsed as YAML so types follow the schema."""
+    key_path, sep, text = override.partition("=")
+    if not sep or not key_path.strip():
+        raise LorafitError(f"--set {override!r}: expected section.key=value", hint="e.g. --set training.max_steps=50")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    keys = key_path.strip().split(".")
+    node = raw
+    for key in keys[:-1]:
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            raise LorafitError(f"--set {key_path}: '{key}' is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+# ----------------------------------------------------------------------------------------------------
+# Error messages that name the key path and the fix
+
+
+def _describe_validation_error(exc: ValidationError, raw: dict[str, Any]) -> str:
+    # Errors from the members of one union field (str | list[str]) are folded into one line.
+    by_key: dict[str, list[str]] = {}
+    for error in exc.errors():
+        loc = _field_path(error["loc"])
+        key = ".".join(str(part) for part in loc)
+        kind = error["type"]
+        if kind == "extra_forbidden":
+            text = f"unknown key{_suggest([str(part) for part in loc])}"
+        elif kind == "missing":
+            text = "required key is missing"
+        else:
+            message = error["msg"]
+            text = message.removeprefix("Value error, ") if message.startswith("Value error") else (
+                "must be " + message.removeprefix("Input should be ")
+            )
+            if not isinstance(error.get("input"), dict):
+                text += f" (got {error['input']!r})"
+        by_key.setdefault(key, []).append(text)
+    parts = []
+    for key, texts in by_key.items():
+        texts = list(dict.fromkeys(texts))
+        joined = texts[0] if len(texts) == 1 else " or ".join(t.split(" (got")[0] for t in texts) + (
+            " (got" + texts[0].split(" (got", 1)[1] if " (got" in texts[0] else ""
+        )
+        parts.append(f"{key}: {joined}" if key else joined)
+    return "; ".join(parts)
+
+
+def _field_path(loc: tuple[Any, ...]) -> list[Any]:
+    """The YAML key path of an error, without the union-member tags pydantic appends."""
+    path: list[Any] = []
+    model: type[BaseModel] | None = Recipe
+    for part in loc:
+        if isinstance(part, int):
+            path.append(part)
+        elif model is not None and (part in model.model_fields or not path or path[-1] in SECTIONS):
+            path.append(part)
+            model = SECTIONS.get(str(part)) if len(path) == 1 else None
+        else:
+            break
+    return path
+
+
+def _suggest(loc: list[str]) -> str:
+    *parents, key = loc
+    section = ".".join(parents)
+    model = SECTIONS.get(section)
+    if model is None:
+        return ""
+    valid = list(model.model_fields)
+    if key in _FAMILIAR_NAMES and _FAMILIAR_NAMES[key] in valid:
+        return f"; did you mean '{_FAMILIAR_NAMES[key]}'?"
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean '{close[0]}'?"
+    for other, other_model in SECTIONS.items():
+        target = _FAMILIAR_NAMES.get(key, key)
+        if other and other != section and target in other_model.model_fields:
+            return f"; '{target}' belongs under '{other}:'"
+    return f"; valid keys here: {', '.join(valid)}"

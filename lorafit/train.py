@@ -1,0 +1,313 @@
+"""`lorafit train`: recipe -> base model -> adapter -> data -> SFT trainer -> run folder.
+
+Read `run_train` top to bottom: each step is one call into the module that owns it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lorafit.errors import LorafitError, RunFailed
+from lorafit.recipe import Recipe
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from lorafit.data import DataReport
+    from lorafit.models import Precision
+
+# What lorafit itself creates in a run folder; --overwrite removes only these.
+RUN_FOLDER_ENTRIES = ("adapter", ".adapter.tmp", "recipe.yaml", "metrics.json", "README.md", "checkpoints", "logs")
+
+
+@dataclass
+class TrainResult:
+    """What a train (or dry) run produced."""
+
+    run_dir: Path
+    precision: Precision
+    report: DataReport
+    trainable_params: int
+    total_params: int
+    target_modules: list[str]
+    dry_run: bool
+    metrics: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def run_train(recipe: Recipe, console: Console, *, dry_run: bool = False, resume: bool = False,
+              overwrite: bool = False, quiet: bool = False) -> TrainResult:
+    """Train the recipe's adapter and write the run folder (or, with dry_run, only check and describe it)."""
+    from lorafit import adapters, data, models
+
+    started = time.perf_counter()
+    run_dir = recipe.run_dir
+    notes: list[str] = []
+
+    # 1. Everything that can be checked without loading weights, before any folder is created.
+    check_run_dir(recipe, resume=resume, overwrite=overwrite, dry_run=dry_run)
+    precision, precision_warning = models.choose_precision(recipe.training.precision)
+    notes.append(f"precision {precision.name} on {precision.device} ({precision.reason})")
+    if precision_warning:
+        notes.append(f"warning: {precision_warning}")
+    source = models.resolve_model_source(recipe.model)
+    tokenizer = models.load_tokenizer(recipe, source)
+
+    # 2. The data, rendered and linted with the template, before spending compute.
+    prepared = data.prepare_data(recipe, tokenizer)
+    notes.extend(f"data: {warning}" for warning in prepared.report.warnings())
+
+    # 3. The model, wrapped with the adapter.
+    gradient_checkpointing = _use_gradient_checkpointing(recipe, precision)
+    base = models.load_base_model(recipe, source, precision)
+    model = adapters.wrap_model(recipe, base, gradient_checkpointing=gradient_checkpointing)
+    trainable, total = model.get_nb_trainable_parameters()
+    targets = sorted(getattr(model.peft_config["default"], "target_modules", None) or [])
+    result = TrainResult(run_dir, precision, prepared.report, trainable, total, targets, dry_run, notes=notes)
+    if dry_run:
+        return result
+
+    # 4. Train.
+    _prepare_run_dir(run_dir, overwrite=overwrite)
+    trainer = _build_trainer(recipe, model, tokenizer, prepared, precision, console, quiet=quiet)
+    checkpoint = _last_checkpoint(run_dir) if resume else None
+    if resume and checkpoint is None:
+        notes.append("resume: no checkpoint found, starting from step 0")
+    train_started = time.perf_counter()
+    output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    train_seconds = time.perf_counter() - train_started
+    eval_metrics = trainer.evaluate() if prepared.eval is not None else {}
+
+    # 5. Export the run folder.
+    from lorafit import export
+
+    metrics = {
+        "name": recipe.name,
+        "base_model": source,
+        "global_step": trainer.state.global_step,
+        "train_loss_final": _last_logged(trainer.state.log_history, "loss"),
+        "train_loss_mean": output.training_loss,
+        "eval_loss": eval_metrics.get("eval_loss"),
+        "loss_history": [
+            {"step": e["step"], **{k: e[k] for k in ("loss", "eval_loss", "learning_rate", "grad_norm") if k in e}}
+            for e in trainer.state.log_history if "loss" in e or "eval_loss" in e
+        ],
+        "tokens_seen": trainer.state.num_input_tokens_seen,
+        "tokens_per_second": trainer.state.num_input_tokens_seen / train_seconds if train_seconds else None,
+        "train_seconds": train_seconds,
+        "wall_seconds": time.perf_counter() - started,
+        "peak_memory_mb": _peak_memory_mb(precision.device),
+        "precision": precision.name,
+        "device": precision.device,
+        "seed": recipe.training.seed,
+        "trainable_params": trainable,
+        "total_params": total,
+        "target_modules": targets,
+        "train_examples": prepared.report.train_examples,
+        "eval_examples": prepared.report.eval_examples,
+        "supervised_token_share": prepared.report.supervised_share,
+        "data_fingerprint": prepared.report.fingerprint,
+        "recipe_git_commit": export.git_commit_of(Path.cwd()),
+        **export.environment_info(),
+    }
+    if trainer.is_world_process_zero():
+        export.export_run(run_dir, model, tokenizer, recipe, metrics)
+    result.metrics = metrics
+    return result
+
+
+def check_run_dir(recipe: Recipe, *, resume: bool, overwrite: bool, dry_run: bool) -> None:
+    """Refuse output folders that would destroy something: finished runs, home, cwd, model or data folders."""
+    run_dir = recipe.run_dir.expanduser().resolve()
+    forbidden = {Path("/").resolve(): "the filesystem root", Path.home().resolve(): "your home folder",
+                 Path.cwd().resolve(): "the current folder"}
+    model_path = Path(recipe.model.path).expanduser()
+    if model_path.exists():
+        forbidden[model_path.resolve()] = "the base model folder"
+    data_files = [recipe.data.train] if isinstance(recipe.data.train, str) else recipe.data.train
+    for item in data_files:
+        if Path(item).exists():
+            forbidden[Path(item).resolve().parent] = "the data folder"
+    if run_dir in forbidden:
+        raise LorafitError(f"refusing to write a run into {forbidden[run_dir]}", where=f"output.dir: {run_dir}",
+                           hint="use a dedicated folder such as runs/<name>")
+    if dry_run or resume:
+        return
+    if (run_dir / "metrics.json").exists() and not overwrite:
+        raise LorafitError("this folder already holds a finished run", where=f"output.dir: {run_dir}",
+                           hint="pass --overwrite to replace it, --resume to continue, or choose another output.dir")
+    if (run_dir / "checkpoints").exists() and not overwrite:
+        raise LorafitError("this folder holds checkpoints of an unfinished run", where=f"output.dir: {run_dir}",
+                           hint="pass --resume to continue it, or --overwrite to start again")
+
+
+def _prepare_run_dir(run_dir: Path, *, overwrite: bool) -> None:
+    import shutil
+
+    if overwrite and run_dir.exists():
+        for name in RUN_FOLDER_ENTRIES:  # only what lorafit wrote; anything else the user put there stays
+            target = run_dir / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _last_checkpoint(run_dir: Path) -> Path | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    folder = run_dir / "checkpoints"
+    if not folder.is_dir():
+        return None
+    last = get_last_checkpoint(str(folder))
+    return Path(last) if last else None
+
+
+def _use_gradient_checkpointing(recipe: Recipe, precision: Precision) -> bool:
+    setting = recipe.training.gradient_checkpointing
+    if setting == "auto":
+        # On a CPU, memory is rarely the limit and recomputation costs ~30% speed; on GPUs and under 4-bit
+        # memory is what decides the batch size.
+        return precision.device == "cuda" or recipe.quantization is not None
+    return bool(setting)
+
+
+def _build_trainer(recipe: Recipe, model, tokenizer, prepared, precision: Precision, console: Console, *,
+                   quiet: bool):
+    from trl import SFTConfig
+
+    from lorafit.progress import ProgressCallback
+
+    t = recipe.training
+    report_to, callbacks = _trackers(recipe)
+    args = SFTConfig(
+        output_dir=str(recipe.run_dir / "checkpoints"),
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps or -1,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.scheduler,
+        warmup_steps=t.warmup_ratio,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=t.optimizer,
+        # TRL defaults to bf16=True; precision is chosen from the hardware instead (see models.choose_precision).
+        bf16=precision.name == "bf16",
+        fp16=precision.name == "fp16",
+        use_cpu=precision.device == "cpu",
+        seed=t.seed,
+        data_seed=t.seed,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        eval_strategy="steps" if (t.eval_steps and prepared.eval is not None) else "no",
+        eval_steps=t.eval_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        report_to=report_to,
+        # Gradient checkpointing is already set up by adapters.wrap_model (non-reentrant, PEFT-aware).
+        gradient_checkpointing=False,
+        max_length=recipe.data.max_length,
+        packing=recipe.data.packing,
+        disable_tqdm=True,
+        include_num_input_tokens_seen="non_padding",
+        dataloader_num_workers=0,
+    )
+    callbacks.append(ProgressCallback(console, quiet=quiet))
+    return GuardedSFTTrainer(
+        max_nonfinite_steps=t.max_nonfinite_steps,
+        model=model,
+        args=args,
+        train_dataset=prepared.train,
+        eval_dataset=prepared.eval,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+
+
+def _trackers(recipe: Recipe) -> tuple[list[str], list]:
+    """report_to for HF, with tensorboard written to <run>/logs by our own callback instance."""
+    import importlib.util
+
+    wanted = recipe.output.report_to
+    if wanted == "auto":
+        wanted = ["tensorboard"] if importlib.util.find_spec("tensorboard") else []
+    wanted = [w for w in wanted if w != "none"]
+    callbacks = []
+    if "tensorboard" in wanted:
+        if importlib.util.find_spec("tensorboard") is None:
+            raise LorafitError("tensorboard is not installed", where="output.report_to",
+                               hint="pip install tensorboard, or set report_to: [none]")
+        from torch.utils.tensorboard import SummaryWriter
+        from transformers.integrations import TensorBoardCallback
+
+        if int(os.environ.get("RANK", "0")) == 0:
+            callbacks.append(TensorBoardCallback(tb_writer=SummaryWriter(str(recipe.run_dir / "logs"))))
+        wanted = [w for w in wanted if w != "tensorboard"]
+    return wanted or ["none"], callbacks
+
+
+def _guarded_trainer_class():
+    from trl import SFTTrainer
+
+    class _Guarded(SFTTrainer):
+        """SFTTrainer that refuses to keep stepping on NaN/inf losses.
+
+        `compute_loss` is the documented extension point: a non-finite loss is replaced by a zero loss
+        (zero gradients, so the weights stay finite) and after `max_nonfinite_steps` in a row the run stops.
+        """
+
+        def __init__(self, *args, max_nonfinite_steps: int = 3, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.max_nonfinite_steps = max_nonfinite_steps
+            self.nonfinite_in_a_row = 0
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            result = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                          num_items_in_batch=num_items_in_batch)
+            if not model.training:
+                return result
+            loss = result[0] if return_outputs else result
+            if math.isfinite(loss.detach().float().item()):
+                self.nonfinite_in_a_row = 0
+                return result
+            self.nonfinite_in_a_row += 1
+            if self.nonfinite_in_a_row >= self.max_nonfinite_steps:
+                raise RunFailed(
+                    f"loss was NaN/inf for {self.nonfinite_in_a_row} steps in a row (at step {self.state.global_step})",
+                    where="training", hint=f"lower training.learning_rate (now {self.args.learning_rate:g}) or check "
+                    "the data; the last good checkpoint is kept and no adapter was exported",
+                )
+            zero = loss.nan_to_num(0.0, posinf=0.0, neginf=0.0) * 0.0
+            return (zero, *result[1:]) if return_outputs else zero
+
+    return _Guarded
+
+
+def GuardedSFTTrainer(**kwargs):  # noqa: N802 - reads like the class it builds; trl is imported lazily
+    """An SFTTrainer that stops on repeated non-finite losses (see `_guarded_trainer_class`)."""
+    return _guarded_trainer_class()(**kwargs)
+
+
+def _last_logged(history: list[dict], key: str) -> float | None:
+    for entry in reversed(history):
+        if key in entry:
+            return entry[key]
+    return None
+
+
+def _peak_memory_mb(device: str) -> float:
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
