@@ -7,15 +7,19 @@ Falcon/BLOOM (query_key_value), Phi and BERT (query/key/value/dense).
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from lorafit.errors import LorafitError
-from lorafit.recipe import AdapterSection, Recipe
+from lorafit.recipe import AdapterSection, ModelSection, Recipe, load_recipe
 
 if TYPE_CHECKING:
     from peft import PeftConfig, PeftModel
     from torch import nn
+    from transformers import PreTrainedTokenizerBase
 
 PRESETS = ("all-linear", "attention", "attention+mlp")
 # Output heads are never LoRA targets in presets: they are tied to embeddings or trained via modules_to_save.
@@ -47,7 +51,8 @@ def _has_part(name: str, parts: tuple[str, ...]) -> bool:
 
 
 def _preset_members(modules: dict[str, str], preset: str) -> list[str]:
-    linear = [n for n, kind in modules.items() if kind != "Embedding" and not _is_head(n)]
+    # Subclasses count as embeddings too (Gemma's GemmaTextScaledWordEmbedding is an nn.Embedding).
+    linear = [n for n, kind in modules.items() if not kind.endswith("Embedding") and not _is_head(n)]
     attention = [n for n in linear if _has_part(n, _ATTENTION_PARTS)]
     if preset == "attention":
         return attention
@@ -149,3 +154,143 @@ def wrap_model(recipe: Recipe, model: nn.Module, *, gradient_checkpointing: bool
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     return get_peft_model(model, config)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Trained adapters read back (merge, eval): the run folder is the record, so users never re-type the base
+
+
+@dataclass(frozen=True)
+class TrainedAdapter:
+    """A saved PEFT adapter folder, and the resolved recipe of the run folder it sits in (if any)."""
+
+    path: Path
+    config: dict[str, Any]  # adapter_config.json
+    recipe: Recipe | None  # <run>/recipe.yaml, one level above <run>/adapter
+
+    @property
+    def base(self) -> str:
+        """The base model recorded by PEFT at training time."""
+        return str(self.config.get("base_model_name_or_path") or "")
+
+    @property
+    def quantized(self) -> bool:
+        """Whether it was trained on a quantized (QLoRA) base."""
+        return self.recipe is not None and self.recipe.quantization is not None
+
+
+def read_trained_adapter(path: str | Path) -> TrainedAdapter:
+    """Open an adapter folder written by `lorafit train` (or any PEFT save_pretrained); clear errors otherwise."""
+    path = Path(path).expanduser()
+    where = f"adapter: {path}"
+    if not path.exists():
+        raise LorafitError("adapter folder not found", where=where, hint="pass the adapter/ folder of a run, e.g. runs/<name>/adapter")
+    if not path.is_dir():
+        raise LorafitError("expected an adapter folder, got a file", where=where)
+    if not (path / "adapter_config.json").is_file():
+        hint = "pass its adapter/ subfolder" if (path / "adapter" / "adapter_config.json").is_file() else (
+            "point at a folder saved by lorafit train or PEFT save_pretrained")
+        raise LorafitError("no adapter_config.json in this folder", where=where, hint=hint)
+    try:
+        config = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise LorafitError(f"adapter_config.json is not valid JSON ({exc})", where=where) from None
+    if not (path / "adapter_model.safetensors").is_file():
+        raise LorafitError("no adapter_model.safetensors in the adapter folder", where=where,
+                           hint="lorafit reads safetensors adapters only (pickled .bin files can run code when loaded)")
+    run_recipe = path.parent / "recipe.yaml"
+    recipe = load_recipe(run_recipe) if run_recipe.is_file() else None
+    return TrainedAdapter(path=path, config=config, recipe=recipe)
+
+
+def base_model_section(adapter: TrainedAdapter, override: str | None = None) -> ModelSection:
+    """The base model to put under an adapter: `override` (--base), else the one recorded at training time.
+
+    Loading flags (revision, trust_remote_code, pickle weights) come from the run's recipe when there is one.
+    """
+    section = adapter.recipe.model if adapter.recipe is not None else None
+    path = override or adapter.base
+    if not override and adapter.base and section is not None and not Path(adapter.base).exists() and (
+            adapter.base.startswith(("/", ".", "~"))):
+        path = section.path  # the recorded folder moved (e.g. a cleared cache); the recipe's alias/id still works
+    if not path:
+        raise LorafitError("the adapter does not record its base model", where=f"adapter: {adapter.path}",
+                           hint="pass --base MODEL")
+    return section.model_copy(update={"path": path}) if section is not None else ModelSection(path=path)
+
+
+def check_adapter_fits(adapter: TrainedAdapter, model: nn.Module, config: Any, *, source: str,
+                       tokenizer: PreTrainedTokenizerBase | None = None) -> None:
+    """Refuse an adapter whose base (architecture, vocabulary, module shapes) differs from this model.
+
+    Checked on the adapter file's header and a (meta-device) model, before any weights are read, so a
+    mismatch is one clear line instead of a size-mismatch traceback from deep inside PEFT.
+    """
+    where = f"adapter: {adapter.path}"
+    recorded = Path(adapter.base).expanduser() if adapter.base else None
+    if recorded is not None and (recorded / "config.json").is_file() and recorded.resolve() != Path(source).resolve():
+        trained = json.loads((recorded / "config.json").read_text(encoding="utf-8"))
+        for key in ("model_type", "vocab_size", "hidden_size", "num_hidden_layers"):
+            if key in trained and trained[key] != getattr(config, key, None):
+                raise LorafitError(
+                    f"was trained on {adapter.base} ({key} {trained[key]}), but the base given has {key} "
+                    f"{getattr(config, key, None)}", where=where, hint="use the base model it was trained on (--base)")
+    mismatch = _shape_mismatch(adapter, model)
+    if mismatch:
+        raise LorafitError(f"does not fit base {source}: {mismatch}", where=where,
+                           hint="use the base model it was trained on (--base)")
+    vocab = getattr(config.get_text_config(), "vocab_size", None)
+    if tokenizer is not None and vocab and len(tokenizer) > vocab:
+        raise LorafitError(f"its tokenizer has {len(tokenizer)} tokens but base {source} has a vocabulary of "
+                           f"{vocab}", where=where, hint="use the base model it was trained on (--base)")
+
+
+def _shape_mismatch(adapter: TrainedAdapter, model: nn.Module) -> str | None:
+    """The first adapter tensor that has no place in the model (missing module or wrong width), if any."""
+    from safetensors import safe_open
+
+    modules = dict(model.named_modules())
+    params = dict(model.named_parameters())
+    with safe_open(str(adapter.path / "adapter_model.safetensors"), framework="pt") as handle:
+        for key in handle.keys():
+            shape = list(handle.get_slice(key).get_shape())
+            name = key.removeprefix("base_model.model.")
+            for marker, check in _ADAPTER_TENSORS.items():
+                if marker in name:
+                    module_name = name.split(marker)[0]
+                    module = modules.get(module_name)
+                    if module is None:
+                        return f"it adapts {module_name}, which this model does not have"
+                    expected = check(module)
+                    got = shape[1] if marker in (".lora_A.", ".lora_embedding_A") else shape[0]
+                    if expected is not None and got != expected:
+                        return f"{module_name} is {expected} wide here, {got} in the adapter"
+                    break
+            else:  # a full tensor (modules_to_save, trained embeddings): must match the base parameter
+                param = params.get(name.replace(".base_layer.", ".").replace(".modules_to_save.", "."))
+                if param is not None and list(param.shape) != shape:
+                    return f"{name} has shape {list(param.shape)} here, {shape} in the adapter"
+    return None
+
+
+def _in_features(module: nn.Module) -> int | None:
+    if hasattr(module, "in_features"):
+        return module.in_features
+    if hasattr(module, "nf"):  # transformers Conv1D: weight is (in, out)
+        return module.weight.shape[0]
+    return getattr(module, "num_embeddings", None)
+
+
+def _out_features(module: nn.Module) -> int | None:
+    return getattr(module, "out_features", None) or getattr(module, "nf", None) or getattr(module, "embedding_dim", None)
+
+
+# Adapter tensor name marker -> the module width it must equal (LoRA A is (r, in), LoRA B is (out, r)).
+_ADAPTER_TENSORS = {
+    ".lora_A.": _in_features,
+    ".lora_B.": _out_features,
+    ".lora_embedding_A": _in_features,
+    ".lora_embedding_B": _out_features,
+    ".lora_magnitude_vector": lambda module: None,
+    ".ia3_l": lambda module: None,
+}

@@ -44,7 +44,7 @@ def _execute(work: Callable[[], Any], *, debug: bool) -> Any:
     except LorafitError as exc:
         if debug:
             raise
-        err.print(Text(f"error: {exc}", style="bold red"))
+        err.print(Text(f"error: {exc}", style="bold red"), soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         err.print(Text("interrupted", style="bold red"))
@@ -70,6 +70,7 @@ def _quiet_libraries(debug: bool) -> None:
         return
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # also silences transformers' "Loading weights" bar
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore")
     for name in ("transformers", "peft", "trl", "datasets", "accelerate", "torch"):

@@ -251,3 +251,41 @@ def _local_cuda_device() -> int:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0][:300]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Config-only views of a model (inspect-modules, adapter checks in merge/eval)
+
+
+def load_config(section: ModelSection, source: str):
+    """The model's config alone: a few KB read, no weights."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source, revision=section.revision, trust_remote_code=section.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise LorafitError(f"cannot read the model config: {_first_line(exc)[:200]}", where=f"model.path: {section.path}",
+                           hint="check the folder (it needs a config.json) or the hub id and your network") from None
+
+
+def build_meta_model(config, *, trust_remote_code: bool = False) -> tuple[torch.nn.Module, str | None]:
+    """The model skeleton on the meta device (modules and shapes, zero memory) and its PEFT task type.
+
+    A causal LM as training loads it; a sequence classifier when the config says so; the bare model for
+    architectures that have no LM head class (encoders).
+    """
+    import torch
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    architectures = getattr(config, "architectures", None) or []
+    candidates = [(AutoModelForCausalLM, "CAUSAL_LM"), (AutoModel, None)]
+    if any(name.endswith("ForSequenceClassification") for name in architectures):
+        candidates.insert(0, (AutoModelForSequenceClassification, "SEQ_CLS"))
+    for auto_class, task_type in candidates:
+        try:
+            with torch.device("meta"):
+                return auto_class.from_config(config, trust_remote_code=trust_remote_code), task_type
+        except ValueError:  # "Unrecognized configuration class" for this Auto class: try the next one
+            continue
+    raise LorafitError(f"transformers has no model class for model_type {config.model_type!r}", where="model.path",
+                       hint="upgrade transformers, or set model.trust_remote_code if the model ships its own code")

@@ -18,8 +18,8 @@ class ProgressCallback(TrainerCallback):
 
     def __init__(self, console: Console, *, quiet: bool = False):
         self.console = console
-        self.quiet = quiet
-        self.live = console.is_terminal and not quiet
+        self.quiet = quiet or console.quiet
+        self.live = console.is_terminal and not self.quiet
         self.progress: Progress | None = None
         self.task = None
         self.started = 0.0
@@ -62,7 +62,8 @@ class ProgressCallback(TrainerCallback):
                 self.progress.console.print(f"step {state.global_step}: eval_loss {logs['eval_loss']:.4f}")
         elif "loss" in logs or "eval_loss" in logs:
             eta = self._eta(state)
-            print(f"step {state.global_step}/{state.max_steps}  {self._stats(state)}  eta {eta}", flush=True)
+            self.console.print(f"step {state.global_step}/{state.max_steps}  {self._stats(state)}  eta {eta}",
+                               markup=False)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.progress is not None:

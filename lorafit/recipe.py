@@ -232,6 +232,13 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     return validate_recipe(raw, source=str(path))
 
 
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Apply `--set section.key=value` overrides to a raw recipe dict (in place; also returned)."""
+    for override in overrides:
+        _apply_override(raw, override)
+    return raw
+
+
 def validate_recipe(raw: dict[str, Any], source: str = "recipe") -> Recipe:
     """Validate a plain dict into a Recipe, turning pydantic errors into one clear LorafitError."""
     try:
@@ -336,14 +343,12 @@ def _resolve_input_paths(raw: dict[str, Any], base_dir: Path) -> None:
 
     data = raw.get("data")
     if isinstance(data, dict):
-        train = data.get("train")
-        if isinstance(train, list):
-            data["train"] = [resolve(item, must_look_like_file=True) for item in train]
-        else:
-            data["train"] = resolve(train, must_look_like_file=True)
-        data["eval"] = resolve(data.get("eval"), must_look_like_file=True)
-        if data["eval"] is None:
-            del data["eval"]
+        for key in ("train", "eval"):
+            value = data.get(key)
+            if isinstance(value, list):
+                data[key] = [resolve(item, must_look_like_file=True) for item in value]
+            elif value is not None:
+                data[key] = resolve(value, must_look_like_file=True)
     model = raw.get("model")
     if isinstance(model, dict):
         model["path"] = resolve(model.get("path"), must_look_like_file=False)

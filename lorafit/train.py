@@ -181,6 +181,7 @@ def _use_gradient_checkpointing(recipe: Recipe, precision: Precision) -> bool:
 
 def _build_trainer(recipe: Recipe, model, tokenizer, prepared, precision: Precision, console: Console, *,
                    quiet: bool):
+    from transformers import PrinterCallback
     from trl import SFTConfig
 
     from lorafit.progress import ProgressCallback
@@ -223,7 +224,7 @@ def _build_trainer(recipe: Recipe, model, tokenizer, prepared, precision: Precis
         dataloader_num_workers=0,
     )
     callbacks.append(ProgressCallback(console, quiet=quiet))
-    return GuardedSFTTrainer(
+    trainer = GuardedSFTTrainer(
         max_nonfinite_steps=t.max_nonfinite_steps,
         model=model,
         args=args,
@@ -232,6 +233,9 @@ def _build_trainer(recipe: Recipe, model, tokenizer, prepared, precision: Precis
         processing_class=tokenizer,
         callbacks=callbacks,
     )
+    # With tqdm disabled HF prints raw log dicts; ProgressCallback already shows the same numbers readably.
+    trainer.remove_callback(PrinterCallback)
+    return trainer
 
 
 def _trackers(recipe: Recipe) -> tuple[list[str], list]:

@@ -225,7 +225,10 @@ def _tiny_config(arch: str, vocab_size: int, *, pad_id: int = 0, eos_id: int = 2
     import transformers as tf
 
     h, L, nh, kv, ff, mp = (_TINY[k] for k in ("hidden", "layers", "heads", "kv_heads", "intermediate", "max_pos"))
-    common = dict(vocab_size=vocab_size, pad_token_id=pad_id, eos_token_id=eos_id, bos_token_id=bos_id)
+    # initializer_range 0.02 (the default) gives a 64-wide model logits of at most ~1 after the final norm, so
+    # LoRA alone could never make it confident; real models' embeddings are far larger. 0.2 keeps tests learnable.
+    common = dict(vocab_size=vocab_size, pad_token_id=pad_id, eos_token_id=eos_id, bos_token_id=bos_id,
+                  initializer_range=0.2)
     if arch == "llama":
         return tf.LlamaConfig(
             hidden_size=h, num_hidden_layers=L, num_attention_heads=nh, num_key_value_heads=kv,

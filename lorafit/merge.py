@@ -1,0 +1,441 @@
+"""`lorafit merge`: adapter(s) -> one full model that plain transformers loads (or one combined adapter).
+
+Read `run_merge` top to bottom: read the adapters and their run folders -> check they fit the base (on the
+meta device, no weights read) -> load one base copy -> attach and, for several, combine the adapters with
+PEFT's `add_weighted_adapter` -> merge -> verify logits against base+adapter -> write, atomically.
+
+QLoRA adapters are never merged into 4-bit weights. They are merged into a 16/32-bit base: either the
+original weights, or the weights after the same 4-bit quantize -> de-quantize round trip training saw.
+`auto` measures both against the trained QLoRA model (4-bit base + adapter) and keeps the closer one.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import resource
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lorafit import adapters, models
+from lorafit.errors import LorafitError, RunFailed
+
+if TYPE_CHECKING:
+    import torch
+    from peft import PeftModel
+    from transformers import PreTrainedTokenizerBase
+
+    from lorafit.adapters import TrainedAdapter
+    from lorafit.recipe import ModelSection
+
+METHODS = ("linear", "cat", "svd", "ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd",
+           "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd")
+BASE_WEIGHTS = ("auto", "original", "dequantized")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+# What merge writes; --overwrite replaces only entries like these, anything else in the folder stays.
+_OUTPUT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json",
+                    "tokenizer*", "special_tokens_map.json", "chat_template.jinja", "added_tokens.json",
+                    "vocab.json", "merges.txt", "README.md", "adapter_config.json", "merge.json")
+# Max |logit difference| allowed between merged and base+adapter, relative to the largest logit: fp32
+# merges are exact up to summation order; 16-bit ones round every merged weight once.
+_TOLERANCE = {"float32": 1e-3, "bfloat16": 6e-2, "float16": 2e-2}
+_FALLBACK_PROMPTS = ("What is the capital of France?", "Write one sentence about the sea.",
+                     "List three colours.", "Translate 'good morning' into German.")
+_MAX_PROMPT_TOKENS = 128
+
+
+@dataclass
+class AdapterSpec:
+    """One adapter to merge and its weight in a weighted combination."""
+
+    path: Path
+    weight: float = 1.0
+
+
+@dataclass
+class MergeResult:
+    """What was merged, how it was verified, and what it cost."""
+
+    out_dir: Path
+    base: str
+    adapters: list[dict[str, Any]]
+    method: str | None
+    as_adapter: bool
+    dtype: str
+    base_weights: str  # original | dequantized | original (not QLoRA)
+    base_weights_reason: str
+    qlora_fidelity: dict[str, float]  # candidate base -> max |logit diff| vs the trained QLoRA model
+    max_logit_diff: float
+    tolerance: float
+    top1_agreement: float
+    prompts: int
+    files: list[str]
+    peak_memory_mb: float
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+
+def parse_adapter_spec(text: str) -> AdapterSpec:
+    """`path` or `path:weight` (the weight is a float after the last colon)."""
+    path, sep, weight = text.rpartition(":")
+    if sep and path:
+        try:
+            return AdapterSpec(Path(path), float(weight))
+        except ValueError:
+            pass  # a colon that is part of the path
+    return AdapterSpec(Path(text))
+
+
+def run_merge(specs: list[AdapterSpec], out_dir: str | Path, *, base: str | None = None, method: str = "linear",
+              density: float = 0.5, as_adapter: bool = False, base_weights: str = "auto", dtype: str = "auto",
+              overwrite: bool = False, max_shard_size: str = "5GB") -> MergeResult:
+    """Merge one adapter, or a weighted combination of several, into a full model (or one adapter) in out_dir."""
+    import torch
+
+    started = time.perf_counter()
+    out_dir = Path(out_dir).expanduser()
+    notes: list[str] = []
+    if not specs:
+        raise LorafitError("no adapter given", hint="lorafit merge runs/<name>/adapter --out merged/")
+    if method not in METHODS:
+        raise LorafitError(f"unknown method {method!r}", where="--method", hint=f"one of: {', '.join(METHODS)}")
+    if base_weights not in BASE_WEIGHTS:
+        raise LorafitError(f"unknown choice {base_weights!r}", where="--base-weights", hint=" | ".join(BASE_WEIGHTS))
+    if not 0.0 < density <= 1.0:
+        raise LorafitError(f"must be in (0, 1], got {density}", where="--density")
+
+    # 1. Read the adapters and check them against the base's config, before any weights are read.
+    trained = [adapters.read_trained_adapter(spec.path) for spec in specs]
+    section = adapters.base_model_section(trained[0], base)
+    source = models.resolve_model_source(section)
+    _check_out_dir(out_dir, overwrite=overwrite, inputs=[t.path for t in trained] + [Path(source)])
+    config = models.load_config(section, source)
+    meta_model, _ = models.build_meta_model(config, trust_remote_code=section.trust_remote_code)
+    tokenizer = _adapter_tokenizer(trained[0], section, source)
+    for adapter in trained:
+        adapters.check_adapter_fits(adapter, meta_model, config, source=source, tokenizer=_adapter_tokenizer(
+            adapter, section, source) if adapter is not trained[0] else tokenizer)
+    model_class = type(meta_model)
+    del meta_model
+    combine = len(specs) > 1 or specs[0].weight != 1.0
+    torch_dtype = _torch_dtype(dtype, config)
+    dtype_name = str(torch_dtype).removeprefix("torch.")
+    prompts = _verification_prompts(trained[0], tokenizer, notes)
+
+    # 2. One base copy with the adapter(s) attached, unmerged; for QLoRA the base weights are chosen here.
+    quantized = [t for t in trained if t.quantized]
+    fidelity: dict[str, float] = {}
+    if quantized and not as_adapter:
+        model, reference, chosen, reason = _qlora_base(quantized[0], trained, specs, section, source, model_class,
+                                                       torch_dtype, prompts, base_weights, method, density, fidelity)
+    else:
+        if base_weights == "dequantized":
+            notes.append("--base-weights dequantized only applies to QLoRA-trained adapters; used the original base")
+        chosen, reason = "original", ("the adapter was trained on an unquantized base" if not quantized else
+                                      "a combined adapter does not contain base weights")
+        model = _attach(_load_full(model_class, section, source, torch_dtype), trained, specs, method, density,
+                        combine)
+        reference = _logits(model, prompts)
+
+    # 3. Merge (or save the combined adapter) and verify against base+adapter before anything is written.
+    staging = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        if as_adapter:
+            model.save_pretrained(str(staging), selected_adapters=["default"], safe_serialization=True)
+            model.load_adapter(str(staging), adapter_name="reloaded")
+            model.set_adapter("reloaded")
+            merged_logits = _logits(model, prompts)
+        else:
+            try:
+                merged = model.merge_and_unload(safe_merge=True)  # safe_merge refuses NaN/inf weights
+            except ValueError as exc:
+                raise RunFailed(f"merging produced non-finite weights ({exc})", where="adapter",
+                                hint="the adapter holds NaN/inf weights; use an earlier checkpoint") from None
+            del model
+            merged_logits = _logits(merged, prompts)
+        max_diff, scale, top1 = _compare(merged_logits, reference)
+        tolerance = _TOLERANCE[dtype_name] * max(1.0, scale)
+        if not max_diff <= tolerance:  # also catches NaN
+            raise RunFailed(
+                f"verification failed: the {'saved adapter' if as_adapter else 'merged model'}'s logits differ "
+                f"from base+adapter by up to {max_diff:.4g} (tolerance {tolerance:.3g}); nothing was written",
+                where=str(out_dir), hint="re-run with --dtype float32, or report this with --debug output",
+            )
+        if not as_adapter:
+            merged.config.use_cache = True  # training switched the KV cache off; inference wants it
+            merged.save_pretrained(str(staging), max_shard_size=max_shard_size, safe_serialization=True)
+        tokenizer.save_pretrained(str(staging))
+        result = MergeResult(
+            out_dir=out_dir, base=source,
+            adapters=[{"path": str(s.path), "weight": s.weight, "quantized": t.quantized}
+                      for s, t in zip(specs, trained, strict=True)],
+            method=method if combine else None, as_adapter=as_adapter, dtype=dtype_name, base_weights=chosen,
+            base_weights_reason=reason, qlora_fidelity=fidelity, max_logit_diff=max_diff, tolerance=tolerance,
+            top1_agreement=top1, prompts=len(prompts), files=[], peak_memory_mb=_peak_memory_mb(),
+            seconds=0.0, notes=notes,
+        )
+        result.seconds = time.perf_counter() - started
+        (staging / "README.md").write_text(_model_card(result), encoding="utf-8")
+        (staging / "merge.json").write_text(json.dumps(asdict(result), indent=2, default=str) + "\n",
+                                            encoding="utf-8")
+        result.files = sorted(p.name for p in staging.iterdir())
+        _publish(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    result.peak_memory_mb = _peak_memory_mb()
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------
+# Inputs
+
+
+def _check_out_dir(out_dir: Path, *, overwrite: bool, inputs: list[Path]) -> None:
+    resolved = out_dir.resolve()
+    forbidden = {Path("/").resolve(): "the filesystem root", Path.home().resolve(): "your home folder",
+                 Path.cwd().resolve(): "the current folder"}
+    for path in inputs:
+        if path.exists():
+            forbidden[path.resolve()] = "an input folder (adapter or base model)"
+            if (path.parent / "recipe.yaml").is_file():
+                forbidden.setdefault(path.resolve().parent, "a run folder")
+    if resolved in forbidden:
+        raise LorafitError(f"refusing to write the merged model into {forbidden[resolved]}", where=f"--out {out_dir}",
+                           hint="choose a new folder, e.g. merged/<name>")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise LorafitError("exists and is not a folder", where=f"--out {out_dir}")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise LorafitError("the output folder is not empty", where=f"--out {out_dir}",
+                           hint="choose an empty or new folder, or pass --overwrite to replace a previous merge")
+
+
+def _adapter_tokenizer(adapter: TrainedAdapter, section: ModelSection, source: str) -> PreTrainedTokenizerBase:
+    """The adapter's own tokenizer (it carries the training chat template); the base's when it has none."""
+    from transformers import AutoTokenizer
+
+    if (adapter.path / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(str(adapter.path), trust_remote_code=section.trust_remote_code)
+    return AutoTokenizer.from_pretrained(source, revision=section.revision, trust_remote_code=section.trust_remote_code)
+
+
+def _torch_dtype(dtype: str, config) -> torch.dtype:
+    """--dtype, or (auto) the dtype the base checkpoint is stored in."""
+    import torch
+
+    if dtype not in DTYPES:
+        raise LorafitError(f"unknown dtype {dtype!r}", where="--dtype", hint=" | ".join(DTYPES))
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    stored = getattr(config, "dtype", None)
+    if isinstance(stored, str):
+        stored = getattr(torch, stored, None)
+    return stored if stored in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
+
+
+def _verification_prompts(adapter: TrainedAdapter, tokenizer: PreTrainedTokenizerBase, notes: list[str]) -> list[list[int]]:
+    """A few token sequences to compare logits on: rows of the run's own data, else generic prompts."""
+    from lorafit.data import detect_format, read_rows, row_to_messages
+    from lorafit.templates import render
+
+    texts: list[str] = []
+    recipe = adapter.recipe
+    if recipe is not None:
+        try:
+            spec = recipe.data.eval if isinstance(recipe.data.eval, str) else recipe.data.train
+            rows, _ = read_rows(spec, recipe.data)
+            fmt = detect_format(rows, recipe.data)
+            for row in rows[:20]:
+                if fmt == "text":
+                    text = row.get(recipe.data.fields.get("text", "text"))
+                else:
+                    messages = row_to_messages(row, fmt, recipe.data, recipe.template.system_prompt)
+                    text = render(tokenizer, messages) if messages else None
+                if isinstance(text, str) and text.strip():
+                    texts.append(text)
+                if len(texts) == len(_FALLBACK_PROMPTS):
+                    break
+        except LorafitError as exc:
+            notes.append(f"verification uses generic prompts: the run's data could not be read ({exc})")
+    if not texts:
+        for prompt in _FALLBACK_PROMPTS:
+            messages = [{"role": "user", "content": prompt}]
+            texts.append(render(tokenizer, messages, add_generation_prompt=True) if tokenizer.chat_template else prompt)
+    special = not tokenizer.chat_template  # chat-rendered text already holds its special tokens
+    return [tokenizer(t, add_special_tokens=special)["input_ids"][:_MAX_PROMPT_TOKENS] for t in texts]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Models
+
+
+def _load_full(model_class, section: ModelSection, source: str, dtype: torch.dtype):
+    """The base model in 16/32-bit as stored on disk (safetensors unless pickles are allowed)."""
+    try:
+        return model_class.from_pretrained(
+            source, revision=section.revision, trust_remote_code=section.trust_remote_code, dtype=dtype,
+            use_safetensors=None if section.allow_pickle_weights else True,
+        )
+    except (OSError, ValueError) as exc:
+        raise LorafitError(f"cannot load the base model: {str(exc).strip().splitlines()[0][:200]}",
+                           where=f"base: {section.path}", hint="check --base, or the folder recorded in the adapter") from None
+
+
+def _attach(model, trained: list[TrainedAdapter], specs: list[AdapterSpec], method: str, density: float,
+            combine: bool) -> PeftModel:
+    """Base + adapter(s); several (or a re-weighted one) are combined into one adapter named 'default'."""
+    import torch
+    from peft import PeftModel
+
+    if not combine:
+        peft_model = PeftModel.from_pretrained(model, str(trained[0].path))
+        peft_model.eval()
+        return peft_model
+    names = [f"a{i}" for i in range(len(trained))]
+    peft_model = PeftModel.from_pretrained(model, str(trained[0].path), adapter_name=names[0])
+    for name, adapter in zip(names[1:], trained[1:], strict=True):
+        peft_model.load_adapter(str(adapter.path), adapter_name=name)
+    torch.manual_seed(0)  # dare_* drop weights at random: the same command gives the same model
+    try:
+        peft_model.add_weighted_adapter(
+            names, [s.weight for s in specs], "default", combination_type=method,
+            density=density if method not in ("linear", "cat", "svd") else None,
+        )
+    except ValueError as exc:
+        hint = "use --method cat or svd for adapters of different ranks" if "same r" in str(exc) else None
+        raise LorafitError(f"cannot combine these adapters: {exc}", where="--method", hint=hint) from None
+    peft_model.set_adapter("default")
+    for name in names:  # the sources are folded into 'default'; dropping them frees their memory
+        peft_model.delete_adapter(name)
+    peft_model.eval()
+    return peft_model
+
+
+def _qlora_base(adapter: TrainedAdapter, trained, specs, section, source, model_class, dtype, prompts, choice,
+                method, density, fidelity: dict[str, float]):
+    """Pick the 16/32-bit base for a QLoRA adapter; returns (model with adapter attached, its logits, choice, why).
+
+    The trained QLoRA model (4-bit base + adapter) is the reference. Candidates are built one at a time so at
+    most one full-precision copy (plus the small 4-bit one) is in memory.
+    """
+    recipe = adapter.recipe.model_copy(update={"model": section})
+    precision, _ = models.choose_precision(recipe.training.precision)
+    quantized_base = models.load_base_model(recipe, source, precision)
+    combine = len(specs) > 1 or specs[0].weight != 1.0
+    qlora = _attach(quantized_base, trained, specs, method, density, combine)
+    qlora_logits = _logits(qlora, prompts)
+    quantized_base = qlora.unload()  # back to the bare 4-bit base, kept for de-quantizing
+    del qlora
+
+    def original():
+        return _attach(_load_full(model_class, section, source, dtype), trained, specs, method, density, combine)
+
+    def dequantized():
+        # The same 4-bit -> float round trip the adapter was trained against (bitsandbytes' own de-quantizer).
+        base = quantized_base.dequantize(dtype=dtype).to(dtype)
+        return _attach(base, trained, specs, method, density, combine)
+
+    build = {"original": original, "dequantized": dequantized}
+    # The de-quantized candidate goes last: it is usually the closer one, and then it needs no rebuild.
+    order = ["original", "dequantized"] if choice == "auto" else [choice]
+    model = logits = None
+    for name in order:
+        del model
+        gc.collect()
+        model = build[name]()
+        logits = _logits(model, prompts)
+        fidelity[name] = _compare(logits, qlora_logits)[0]
+    name = min(fidelity, key=fidelity.__getitem__)
+    if name != order[-1]:  # the kept model is the other candidate: rebuild the winner, one copy at a time
+        del model
+        quantized_base = None  # noqa: F841 - de-quantized in place above; frees it before the rebuild
+        gc.collect()
+        model = build[name]()
+        logits = _logits(model, prompts)
+    if choice != "auto":
+        reason = f"chosen with --base-weights {choice}"
+    else:
+        other = next(n for n in fidelity if n != name)
+        reason = (f"auto: its logits are closer to the trained QLoRA model (max diff {fidelity[name]:.4g} vs "
+                  f"{fidelity[other]:.4g} with the {other} base)")
+    return model, logits, name, reason
+
+
+def _logits(model, prompts: list[list[int]]) -> list[torch.Tensor]:
+    import torch
+
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        return [model(input_ids=torch.tensor([ids], device=device)).logits[0].float().cpu() for ids in prompts]
+
+
+def _compare(got: list[torch.Tensor], want: list[torch.Tensor]) -> tuple[float, float, float]:
+    """Max |difference|, the largest |logit| of the reference, and the share of positions whose argmax agrees."""
+    max_diff = max((g - w).abs().max().item() for g, w in zip(got, want, strict=True))
+    scale = max(w.abs().max().item() for w in want)
+    agree = sum((g.argmax(-1) == w.argmax(-1)).sum().item() for g, w in zip(got, want, strict=True))
+    total = sum(w.shape[0] for w in want)
+    return max_diff, scale, agree / total if total else 1.0
+
+
+# ----------------------------------------------------------------------------------------------------
+# Output
+
+
+def _publish(staging: Path, out_dir: Path) -> None:
+    """Move the verified files into out_dir, replacing only what an earlier merge wrote there."""
+    if not out_dir.exists():
+        os.replace(staging, out_dir)
+        return
+    for pattern in _OUTPUT_PATTERNS:
+        for old in out_dir.glob(pattern):
+            if old.is_file():
+                old.unlink()
+    for new in staging.iterdir():
+        os.replace(new, out_dir / new.name)
+
+
+def _peak_memory_mb() -> float:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _model_card(result: MergeResult) -> str:
+    sources = "\n".join(f"- `{a['path']}` (weight {a['weight']:g}{', QLoRA-trained' if a['quantized'] else ''})"
+                        for a in result.adapters)
+    how = f"combined with `{result.method}`" if result.method else "merged"
+    if result.as_adapter:
+        use = ("```python\nfrom peft import AutoPeftModelForCausalLM\n\n"
+               f'model = AutoPeftModelForCausalLM.from_pretrained("{result.out_dir}")\n```')
+    else:
+        use = ("```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+               f'model = AutoModelForCausalLM.from_pretrained("{result.out_dir}")\n'
+               f'tokenizer = AutoTokenizer.from_pretrained("{result.out_dir}")  # with the training chat template\n```')
+    return "\n".join([
+        f"# {result.out_dir.name}",
+        "",
+        f"{'A combined LoRA adapter' if result.as_adapter else 'A full model'}: base `{result.base}` with these "
+        f"adapter(s) {how}, written by [lorafit](https://pypi.org/project/lorafit/) `merge`.",
+        "",
+        sources,
+        "",
+        "| | |", "|---|---|",
+        f"| base weights | {result.base_weights} ({result.base_weights_reason}) |",
+        f"| dtype | {result.dtype} |",
+        f"| verification | max logit difference {result.max_logit_diff:.3g} vs base+adapter on {result.prompts} "
+        f"prompts (tolerance {result.tolerance:.3g}); top-1 agreement {100 * result.top1_agreement:.1f}% |",
+        "",
+        "## Use it",
+        "",
+        use,
+        "",
+    ])

@@ -1,0 +1,188 @@
+"""End-to-end training on tiny models built on the fly: the run folder, the adapter, and that it learned."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+from safetensors.torch import load_file
+
+from lorafit.errors import LorafitError
+from lorafit.recipe import load_recipe, validate_recipe
+from lorafit.train import run_train
+
+QUIET = Console(quiet=True)
+
+
+def tiny_recipe(model: Path, data_file: Path, out: Path, **sections) -> dict:
+    raw = {
+        "name": "tiny",
+        "model": {"path": str(model)},
+        "adapter": {"r": 8, "dropout": 0.0},
+        "data": {"train": str(data_file), "max_length": 64},
+        "training": {"max_steps": 40, "batch_size": 8, "grad_accum": 1, "learning_rate": 1e-2,
+                     "logging_steps": 5, "save_steps": 20, "warmup_ratio": 0.0, "scheduler": "constant"},
+        "output": {"dir": str(out), "report_to": ["tensorboard"]},
+    }
+    for key, value in sections.items():
+        raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
+    return raw
+
+
+def generate_answer(model, tokenizer, color: str) -> str:
+    messages = [{"role": "user", "content": color}]
+    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=8, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:])
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """One real training run on a tiny Llama, shared by the assertions below."""
+    from tiny_models import build_tiny_model, write_toy_dataset
+
+    root = tmp_path_factory.mktemp("trained")
+    model = build_tiny_model(root / "base", "llama")
+    data = write_toy_dataset(root / "toy.jsonl", n=64)
+    eval_data = write_toy_dataset(root / "toy_eval.jsonl", n=12, seed=1)
+    base_weights = load_file(model / "model.safetensors")
+    recipe = validate_recipe(tiny_recipe(model, data, root / "run", data={"eval": str(eval_data)}))
+    result = run_train(recipe, QUIET)
+    return {"result": result, "recipe": recipe, "model": model, "base_weights": base_weights, "run": root / "run"}
+
+
+def test_run_folder_holds_exactly_the_record(trained_run):
+    run = trained_run["run"]
+    assert sorted(p.name for p in run.iterdir()) == ["README.md", "adapter", "checkpoints", "logs", "metrics.json",
+                                                     "recipe.yaml"]
+    adapter_files = {p.name for p in (run / "adapter").iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
+            "chat_template.jinja"} <= adapter_files
+    assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in adapter_files)  # safetensors only
+    assert any(p.name.startswith("events.out.tfevents") for p in (run / "logs").iterdir())
+    card = (run / "README.md").read_text()
+    assert "PeftModel" in card or "AutoPeftModelForCausalLM" in card
+    assert "vllm" in card.lower() and "lorafit merge" in card
+
+
+def test_resolved_recipe_in_run_folder_reproduces_the_run(trained_run):
+    assert load_recipe(trained_run["run"] / "recipe.yaml") == trained_run["recipe"]
+
+
+def test_metrics_record_losses_speed_and_provenance(trained_run):
+    metrics = json.loads((trained_run["run"] / "metrics.json").read_text())
+    for key in ("train_loss_final", "eval_loss", "tokens_per_second", "peak_memory_mb", "train_seconds", "versions",
+                "hardware", "precision", "seed", "data_fingerprint", "trainable_params", "loss_history"):
+        assert metrics[key] is not None, key
+    assert metrics["precision"] == "fp32"  # this CPU has no native bf16
+    assert metrics["global_step"] == 40
+    assert all(len(digest) == 64 for digest in metrics["data_fingerprint"].values())
+    losses = [e["loss"] for e in metrics["loss_history"] if "loss" in e]
+    assert losses[-1] < losses[0] / 4, losses  # it learned
+
+
+def test_adapter_loads_with_plain_peft_and_only_lora_weights_moved(trained_run):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    adapter_dir = trained_run["run"] / "adapter"
+    base = AutoModelForCausalLM.from_pretrained(trained_run["model"])
+    model = PeftModel.from_pretrained(base, adapter_dir)
+    state = model.state_dict()
+    lora_b = [v for k, v in state.items() if "lora_B" in k]
+    assert lora_b and all(v.abs().sum() > 0 for v in lora_b)  # LoRA B starts at zero: it was trained
+    for name, original in trained_run["base_weights"].items():
+        matching = [v for k, v in state.items() if k.endswith(name.removesuffix(".weight") + ".base_layer.weight")
+                    or k.endswith(name)]
+        assert matching and torch.equal(matching[0], original), name  # base frozen
+    # It learned the task and learned to stop: the answer is followed by end-of-turn, nothing else.
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+    assert generate_answer(model, tokenizer, "red") == "apple<|im_end|>"
+    assert generate_answer(model, tokenizer, "blue") == "sky<|im_end|>"
+
+
+def test_finished_run_is_not_overwritten_without_the_flag(trained_run):
+    recipe = trained_run["recipe"]
+    with pytest.raises(LorafitError, match="already holds a finished run.*--overwrite"):
+        run_train(recipe, QUIET)
+
+
+def test_dry_run_checks_everything_and_writes_nothing(tiny_llama, toy_data, tmp_path):
+    recipe = validate_recipe(tiny_recipe(tiny_llama, toy_data, tmp_path / "dry"))
+    result = run_train(recipe, QUIET, dry_run=True)
+    assert not (tmp_path / "dry").exists()
+    assert result.trainable_params > 0 and result.report.train_examples == 64 and result.report.eos_trained
+    assert result.target_modules == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gpt2", "mistral"])
+def test_other_architectures_train(tiny_model_factory, toy_data, tmp_path, arch):
+    model = tiny_model_factory(arch)
+    recipe = validate_recipe(tiny_recipe(model, toy_data, tmp_path / "run", training={"max_steps": 3},
+                                         adapter={"target_modules": "attention"}, output={"report_to": ["none"]}))
+    result = run_train(recipe, QUIET)
+    assert result.metrics["global_step"] == 3
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").exists()
+    if arch == "gpt2":
+        assert result.target_modules == ["attn.c_proj", "c_attn"]  # Conv1D, and not mlp.c_proj
+
+
+@pytest.mark.parametrize("method", ["ia3", "prefix", "dora"])
+def test_other_peft_methods_train(tiny_llama, toy_data, tmp_path, method):
+    adapter = {"use_dora": True} if method == "dora" else {"method": method}
+    recipe = validate_recipe(tiny_recipe(tiny_llama, toy_data, tmp_path / "run", adapter=adapter,
+                                         training={"max_steps": 2}, output={"report_to": ["none"]}))
+    run_train(recipe, QUIET)
+    config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == {"ia3": "IA3", "prefix": "PREFIX_TUNING", "dora": "LORA"}[method]
+    assert config.get("use_dora", False) == (method == "dora")
+
+
+def test_qlora_4bit_trains_on_cpu(tiny_llama, toy_data, tmp_path):
+    recipe = validate_recipe(tiny_recipe(tiny_llama, toy_data, tmp_path / "run", quantization={"bits": 4},
+                                         training={"max_steps": 6}, output={"report_to": ["none"]}))
+    result = run_train(recipe, QUIET)
+    losses = [e["loss"] for e in result.metrics["loss_history"] if "loss" in e]
+    assert all(map(lambda x: x == x, losses))  # finite
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), tmp_path / "run" / "adapter")
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in model.state_dict().items())
+
+
+def test_target_modules_that_match_nothing_list_what_the_model_has(tiny_llama, toy_data, tmp_path):
+    recipe = validate_recipe(tiny_recipe(tiny_llama, toy_data, tmp_path / "run", adapter={"target_modules": ["qproj"]}))
+    with pytest.raises(LorafitError, match="qproj match no module.*q_proj x2"):
+        run_train(recipe, QUIET)
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_console_script_trains_and_reports_json(tiny_llama, toy_data, tmp_path):
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(json.dumps(tiny_recipe(tiny_llama, toy_data, tmp_path / "run")))  # JSON is YAML
+    proc = subprocess.run(["lorafit", "train", str(recipe_file), "--set", "training.max_steps=4", "--json"],
+                          capture_output=True, text=True, env={**os.environ, "NO_COLOR": "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    payload = json.loads(proc.stdout)
+    assert payload["ok"] and payload["metrics"]["global_step"] == 4
+    assert Path(payload["adapter"]).joinpath("adapter_model.safetensors").exists()
+
+
+def test_cli_user_errors_are_one_line_without_traceback(tmp_path):
+    recipe_file = tmp_path / "bad.yaml"
+    recipe_file.write_text("name: x\nmodel:\n  path: m\ndata:\n  train: t.jsonl\nadapter:\n  lora_r: 8\n")
+    proc = subprocess.run([sys.executable, "-m", "lorafit", "train", str(recipe_file)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "adapter.lora_r: unknown key; did you mean 'r'?" in lines[0]
