@@ -206,6 +206,18 @@ def load_tokenizer(recipe: Recipe, source: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+def generation_stop_ids(recipe: Recipe, source: str) -> set[int]:
+    """The token ids the model's generation_config stops on (empty when it has none)."""
+    from transformers import GenerationConfig
+
+    try:
+        config = GenerationConfig.from_pretrained(source, revision=recipe.model.revision)
+    except (OSError, ValueError):
+        return set()
+    eos = config.eos_token_id
+    return set(eos) if isinstance(eos, list) else ({eos} if eos is not None else set())
+
+
 def load_base_model(recipe: Recipe, source: str, precision: Precision) -> PreTrainedModel:
     """The base model for training, quantized with bitsandbytes when the recipe has a quantization section."""
     import torch

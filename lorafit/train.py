@@ -62,6 +62,11 @@ def run_train(recipe: Recipe, console: Console, *, dry_run: bool = False, resume
     # 2. The data, rendered and linted with the template, before spending compute.
     prepared = data.prepare_data(recipe, tokenizer)
     notes.extend(f"data: {warning}" for warning in prepared.report.warnings())
+    stop_ids = models.generation_stop_ids(recipe, source)
+    if stop_ids and tokenizer.eos_token_id not in stop_ids:
+        notes.append(f"warning: the model's generation_config stops on token ids {sorted(stop_ids)}, not on the "
+                     f"trained end-of-turn {tokenizer.eos_token!r} ({tokenizer.eos_token_id}); pass "
+                     "eos_token_id=tokenizer.eos_token_id when generating with the adapter (lorafit merge and eval do)")
 
     # 3. The model, wrapped with the adapter.
     gradient_checkpointing = _use_gradient_checkpointing(recipe, precision)
