@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -77,6 +78,12 @@ def _quiet_libraries(debug: bool) -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def _is_main_process() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
 def _print_json(payload: dict[str, Any]) -> None:
     sys.stdout.write(json.dumps(payload, indent=2, default=str) + "\n")
 
@@ -101,6 +108,8 @@ def train(
         recipe = load_recipe(recipe_path, overrides or [])
         result = run_train(recipe, console, dry_run=dry_run, resume=resume, overwrite=overwrite,
                            quiet=quiet or as_json)
+        if not _is_main_process():
+            return  # under torchrun / accelerate launch, rank 0 alone reports
         if as_json:
             _print_json(_train_payload(result, recipe))
             return
@@ -119,6 +128,102 @@ def validate(recipe_path: RecipeArg, overrides: SetOpt = None, debug: DebugOpt =
     def work() -> None:
         recipe = load_recipe(recipe_path, overrides or [])
         Console(highlight=False).print(f"[green]ok[/green] {recipe_path}: recipe '{recipe.name}' is valid")
+
+    _execute(work, debug=debug)
+
+
+@app.command("inspect-modules")
+def inspect_modules(
+    target: Annotated[str, typer.Argument(help="Model folder, hub id, built-in alias, or a recipe .yaml.",
+                                          show_default=False)],
+    overrides: SetOpt = None,
+    as_json: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """What can I target, and what will it cost? Module tree, presets, parameter counts, memory (config only)."""
+
+    def work() -> None:
+        from lorafit.inspect import run_inspect
+
+        result = run_inspect(target, overrides or [])
+        if as_json:
+            _print_json({"command": "inspect-modules", "ok": True, **asdict(result),
+                         "trainable_percent": result.trainable_percent})
+        else:
+            _render_inspect(Console(highlight=False), result)
+
+    _execute(work, debug=debug)
+
+
+@app.command()
+def merge(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write the merged model (or adapter) into.",
+                                      show_default=False)],
+    adapter: Annotated[Path | None, typer.Argument(help="Adapter folder, e.g. runs/<name>/adapter.",
+                                                   show_default=False)] = None,
+    more: Annotated[list[str] | None, typer.Option(
+        "--adapter", help="An adapter to combine, as PATH or PATH:WEIGHT (repeatable).")] = None,
+    method: Annotated[str, typer.Option(help="How several adapters are combined: linear, cat, svd, ties, ties_svd, "
+                                             "dare_linear, dare_ties, dare_*_svd, magnitude_prune(_svd).")] = "linear",
+    density: Annotated[float, typer.Option(help="Share of weights kept by ties / dare_* / magnitude_prune.")] = 0.5,
+    base: Annotated[str | None, typer.Option(help="Base model; default: the one recorded with the adapter.")] = None,
+    base_weights: Annotated[str, typer.Option(
+        "--base-weights", help="QLoRA adapters: merge into the original weights, the 4-bit round-tripped "
+        "(dequantized) weights training saw, or auto: whichever matches the trained model better.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="Dtype of the merged weights: auto (as the base is stored), "
+                                            "float32, bfloat16, float16.")] = "auto",
+    as_adapter: Annotated[bool, typer.Option("--as-adapter", help="Write the combined adapter instead of a "
+                                                                  "merged model.")] = False,
+    max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Safetensors shard size.")] = "5GB",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a previous merge in --out.")] = False,
+    as_json: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Merge adapter(s) into a full model that plain transformers loads; verified against base+adapter."""
+
+    def work() -> None:
+        from lorafit.merge import parse_adapter_spec, run_merge
+
+        specs = ([parse_adapter_spec(str(adapter))] if adapter else []) + [parse_adapter_spec(s) for s in more or []]
+        result = run_merge(specs, out, base=base, method=method, density=density, as_adapter=as_adapter,
+                           base_weights=base_weights, dtype=dtype, overwrite=overwrite, max_shard_size=max_shard_size)
+        if as_json:
+            _print_json({"command": "merge", "ok": True, **asdict(result)})
+        else:
+            _render_merge(Console(highlight=False), result)
+
+    _execute(work, debug=debug)
+
+
+@app.command("eval")
+def eval_command(
+    recipe_path: RecipeArg,
+    adapters: Annotated[list[Path], typer.Option("--adapter", help="Adapter folder to compare with the base "
+                                                                   "(repeatable).", show_default=False)],
+    data: Annotated[Path | None, typer.Option("--data", help="Eval file; default: the recipe's data.eval.")] = None,
+    samples: Annotated[int | None, typer.Option("--samples", help="Use only the first N eval rows.")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(
+        "--max-new-tokens", help="Generation length; default: the longest reference + 16 tokens.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Rows per forward pass.")] = 8,
+    out: Annotated[Path | None, typer.Option("--out", help="Where report.json and samples.jsonl go; "
+                                                           "default: <run dir>/eval.")] = None,
+    overrides: SetOpt = None,
+    as_json: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Base vs adapter(s), side by side: loss, perplexity, exact match, ROUGE-L on the eval set."""
+
+    def work() -> None:
+        from lorafit.evaluate import run_eval
+
+        recipe = load_recipe(recipe_path, overrides or [])
+        result = run_eval(recipe, list(adapters), data_file=data, samples=samples, max_new_tokens=max_new_tokens,
+                          batch_size=batch_size, out_dir=out)
+        if as_json:
+            payload = {key: value for key, value in asdict(result).items() if key != "samples"}
+            _print_json({"command": "eval", "ok": True, **payload})
+        else:
+            _render_eval(Console(highlight=False), result)
 
     _execute(work, debug=debug)
 
@@ -200,6 +305,96 @@ def _render_train(console: Console, result) -> None:
 
 def _fmt(value: float | None) -> str:
     return f"{value:.4f}" if isinstance(value, (int, float)) else "-"
+
+
+def _bytes(n: float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:,.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+def _render_inspect(console: Console, result) -> None:
+    summary = result.config_summary
+    console.print(f"[bold]{result.architecture}[/bold] from {result.source}: {summary['layers']} layers, hidden "
+                  f"{summary['hidden_size']}, vocab {summary['vocab_size']} [dim](config only, no weights read: "
+                  f"{result.seconds:.1f} s)[/dim]")
+    table = Table(title="modules, layer indices as * (LoRA: eligible / [green]targeted[/green] by the adapter)",
+                  title_justify="left")
+    table.add_column("module", overflow="fold")
+    table.add_column("type", overflow="fold")
+    table.add_column("shape")
+    table.add_column("count", justify="right")
+    table.add_column("params", justify="right")
+    table.add_column("LoRA")
+    table.add_column("in presets")
+    for g in result.groups:
+        lora = "[bold green]targeted[/bold green]" if g.targeted else "eligible" if g.eligible else ""
+        table.add_row(g.pattern, g.kind, g.shape, str(g.count), f"{g.params_each * g.count:,}", lora,
+                      ", ".join(g.presets))
+    console.print(table)
+    for preset, names in result.presets.items():
+        console.print(f"  preset [bold]{preset}[/bold] -> {', '.join(names) or '[yellow](matches nothing here)[/yellow]'}")
+    a = result.adapter
+    console.print(f"adapter ({result.adapter_source}): {a['method']} r={a['r']} "
+                  f"alpha={a['alpha']:g} target_modules={a['target_modules']} -> {', '.join(result.target_modules) or '-'}")
+    console.print(f"trainable parameters (counted by PEFT): [bold]{result.trainable_params:,}[/bold] of "
+                  f"{result.total_params:,} ({result.trainable_percent:.4f}%); adapter file ~{_bytes(result.adapter_file_bytes)}")
+    tokens = result.memory[0].tokens if result.memory else 0
+    table = Table(title=f"training memory, ESTIMATE: micro-batch of {tokens:,} tokens; excludes framework overhead",
+                  title_justify="left")
+    for column in ("setup", "weights", "adapter+grads+optim", "activations", "total"):
+        table.add_column(column, justify="left" if column == "setup" else "right")
+    for m in result.memory:
+        label = f"{m.setup} {m.precision}{' +ckpt' if m.gradient_checkpointing else ''}"
+        label += " [bold](this machine)[/bold]" if m.this_machine else ""
+        table.add_row(label, _bytes(m.weights), _bytes(m.adapter_states),
+                      f"{_bytes(m.activations_per_token * m.tokens)} ({_bytes(m.activations_per_token)}/tok)",
+                      f"[bold]{_bytes(m.total)}[/bold]")
+    console.print(table)
+    for note in result.notes:
+        console.print(Text(note, style="dim"))
+
+
+def _render_merge(console: Console, result) -> None:
+    for note in result.notes:
+        console.print(Text(note, style="yellow"))
+    table = Table(title=f"{'combined adapter' if result.as_adapter else 'merged model'} -> {result.out_dir}",
+                  show_header=False, title_justify="left")
+    table.add_row("base", result.base)
+    table.add_row("adapters", ", ".join(f"{a['path']} x{a['weight']:g}" for a in result.adapters)
+                  + (f" ({result.method})" if result.method else ""))
+    if not result.as_adapter:
+        table.add_row("base weights", f"{result.base_weights} - {result.base_weights_reason}")
+    for name, diff in result.qlora_fidelity.items():
+        table.add_row(f"vs trained QLoRA ({name})", f"max logit diff {diff:.4g}")
+    table.add_row("dtype", result.dtype)
+    table.add_row("verification", f"max logit diff {result.max_logit_diff:.3g} (tolerance {result.tolerance:.3g}) on "
+                  f"{result.prompts} prompts, top-1 agreement {100 * result.top1_agreement:.1f}%  [green]ok[/green]")
+    table.add_row("files", ", ".join(result.files))
+    table.add_row("peak memory", f"{result.peak_memory_mb:,.0f} MiB")
+    table.add_row("time", f"{result.seconds:.1f} s")
+    console.print(table)
+
+
+def _render_eval(console: Console, result) -> None:
+    for note in result.notes:
+        console.print(Text(note, style="yellow" if note.startswith("warning") else "dim"))
+    table = Table(title=f"{result.recipe}: {result.examples} eval rows from {result.data}", title_justify="left")
+    for column in ("model", "loss", "perplexity", "exact match", "norm. exact match", "ROUGE-L", "time"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    pct = lambda v: f"{100 * v:.1f}%" if isinstance(v, float) else "-"  # noqa: E731
+    for s in result.scores:
+        table.add_row(s.name, _fmt(s.loss), f"{s.perplexity:.2f}" if s.perplexity else "-", pct(s.exact_match),
+                      pct(s.normalized_exact_match), pct(s.rouge_l), f"{s.seconds:.1f} s")
+    console.print(table)
+    for row in result.samples[:3]:
+        console.rule(style="dim")
+        console.print(Text(f"prompt: {row['prompt']!r}\nreference: {row['reference']!r}", style="dim"))
+        for s in result.scores:
+            if s.name in row:
+                console.print(Text(f"{s.name}: {row[s.name]!r}"))
+    console.print(f"[dim]report: {result.report_path}; all generations: {result.samples_path}[/dim]")
 
 
 def main() -> None:

@@ -71,6 +71,11 @@ def run_train(recipe: Recipe, console: Console, *, dry_run: bool = False, resume
     # 3. The model, wrapped with the adapter.
     gradient_checkpointing = _use_gradient_checkpointing(recipe, precision)
     base = models.load_base_model(recipe, source, precision)
+    # The adapter's random init (LoRA A) must follow the recipe's seed too, not only the data order: the
+    # Trainer seeds only when it is built, after the adapter exists.
+    from transformers import set_seed
+
+    set_seed(recipe.training.seed)
     model = adapters.wrap_model(recipe, base, gradient_checkpointing=gradient_checkpointing)
     trainable, total = model.get_nb_trainable_parameters()
     targets = sorted(getattr(model.peft_config["default"], "target_modules", None) or [])
@@ -227,6 +232,9 @@ def _build_trainer(recipe: Recipe, model, tokenizer, prepared, precision: Precis
         disable_tqdm=True,
         include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=0,
+        # Every adapter parameter takes part in every forward pass; the unused-parameter search HF enables by
+        # default costs an extra autograd traversal per step under DDP.
+        ddp_find_unused_parameters=False,
     )
     callbacks.append(ProgressCallback(console, quiet=quiet))
     trainer = GuardedSFTTrainer(
