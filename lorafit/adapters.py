@@ -184,7 +184,8 @@ def read_trained_adapter(path: str | Path) -> TrainedAdapter:
     path = Path(path).expanduser()
     where = f"adapter: {path}"
     if not path.exists():
-        raise LorafitError("adapter folder not found", where=where, hint="pass the adapter/ folder of a run, e.g. runs/<name>/adapter")
+        raise LorafitError("adapter folder not found", where=where,
+                           hint="pass the adapter/ folder of a run, e.g. runs/<name>/adapter")
     if not path.is_dir():
         raise LorafitError("expected an adapter folder, got a file", where=where)
     if not (path / "adapter_config.json").is_file():
@@ -217,6 +218,16 @@ def base_model_section(adapter: TrainedAdapter, override: str | None = None) -> 
         raise LorafitError("the adapter does not record its base model", where=f"adapter: {adapter.path}",
                            hint="pass --base MODEL")
     return section.model_copy(update={"path": path}) if section is not None else ModelSection(path=path)
+
+
+def load_adapter_tokenizer(adapter: TrainedAdapter, *,
+                           trust_remote_code: bool = False) -> PreTrainedTokenizerBase | None:
+    """The tokenizer saved with the adapter (it carries the training chat template), or None if it has none."""
+    from transformers import AutoTokenizer
+
+    if not (adapter.path / "tokenizer_config.json").is_file():
+        return None
+    return AutoTokenizer.from_pretrained(str(adapter.path), trust_remote_code=trust_remote_code)
 
 
 def check_adapter_fits(adapter: TrainedAdapter, model: nn.Module, config: Any, *, source: str,
@@ -282,7 +293,10 @@ def _in_features(module: nn.Module) -> int | None:
 
 
 def _out_features(module: nn.Module) -> int | None:
-    return getattr(module, "out_features", None) or getattr(module, "nf", None) or getattr(module, "embedding_dim", None)
+    for attribute in ("out_features", "nf", "embedding_dim"):  # Linear, transformers Conv1D, Embedding
+        if getattr(module, attribute, None):
+            return getattr(module, attribute)
+    return None
 
 
 # Adapter tensor name marker -> the module width it must equal (LoRA A is (r, in), LoRA B is (out, r)).

@@ -7,6 +7,7 @@ and recipe errors are instant.
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 from collections.abc import Callable
 from dataclasses import asdict
@@ -19,7 +20,21 @@ from rich.table import Table
 from rich.text import Text
 
 from lorafit.errors import EXIT_INTERRUPTED, EXIT_RUN_FAILED, LorafitError
-from lorafit.recipe import dump_recipe, load_recipe
+
+
+# The recipe schema is imported on first use: building its pydantic models is half of `import lorafit.cli`
+# (~0.15 s), and `lorafit --help` needs none of it. Budget: --help and validate under 0.5 s (scripts/bench.py).
+def load_recipe(*args, **kwargs):
+    from lorafit.recipe import load_recipe as load
+
+    return load(*args, **kwargs)
+
+
+def dump_recipe(*args, **kwargs):
+    from lorafit.recipe import dump_recipe as dump
+
+    return dump(*args, **kwargs)
+
 
 app = typer.Typer(
     name="lorafit",
@@ -106,8 +121,10 @@ def train(
 
         console = Console(quiet=quiet or as_json, highlight=False)
         recipe = load_recipe(recipe_path, overrides or [])
+        resume_command = shlex.join(["lorafit", "train", str(recipe_path),
+                                     *[arg for item in overrides or [] for arg in ("--set", item)], "--resume"])
         result = run_train(recipe, console, dry_run=dry_run, resume=resume, overwrite=overwrite,
-                           quiet=quiet or as_json)
+                           quiet=quiet or as_json, resume_command=resume_command)
         if not _is_main_process():
             return  # under torchrun / accelerate launch, rank 0 alone reports
         if as_json:
@@ -117,6 +134,37 @@ def train(
             _render_dry_run(console, result, dump_recipe(recipe))
         else:
             _render_train(console, result)
+
+    _execute(work, debug=debug)
+
+
+@app.command()
+def init(
+    model: Annotated[str, typer.Argument(help="Base model: built-in alias, local folder or hub id.", show_default=False)],
+    data: Annotated[str, typer.Argument(help="Training data file (or hub dataset id).", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Recipe file to write.")] = Path("recipe.yaml"),
+    name: Annotated[str | None, typer.Option("--name", help="Run name (default: the file name).")] = None,
+    qlora: Annotated[bool, typer.Option("--qlora", help="Start from 4-bit QLoRA settings.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing file.")] = False,
+    as_json: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Write a commented starter recipe, detecting the data format and the model's target modules."""
+
+    def work() -> None:
+        from lorafit.starter import run_init
+
+        result = run_init(model, data, out, name=name, qlora=qlora, overwrite=overwrite)
+        if as_json:
+            _print_json({"command": "init", "ok": True, **asdict(result), "path": str(result.path)})
+            return
+        console = Console(highlight=False)
+        for note in result.notes:
+            console.print(Text(note, style="yellow"))
+        console.print(f"[green]wrote[/green] {result.path}: data format {result.data_format}, target_modules "
+                      f"{result.target_modules}" + (f" ({', '.join(result.resolved_targets)})"
+                                                    if result.resolved_targets else ""))
+        console.print(f"next: lorafit train {result.path} --dry-run")
 
     _execute(work, debug=debug)
 
@@ -334,12 +382,14 @@ def _render_inspect(console: Console, result) -> None:
                       ", ".join(g.presets))
     console.print(table)
     for preset, names in result.presets.items():
-        console.print(f"  preset [bold]{preset}[/bold] -> {', '.join(names) or '[yellow](matches nothing here)[/yellow]'}")
+        matched = ", ".join(names) or "[yellow](matches nothing here)[/yellow]"
+        console.print(f"  preset [bold]{preset}[/bold] -> {matched}")
     a = result.adapter
-    console.print(f"adapter ({result.adapter_source}): {a['method']} r={a['r']} "
-                  f"alpha={a['alpha']:g} target_modules={a['target_modules']} -> {', '.join(result.target_modules) or '-'}")
+    console.print(f"adapter ({result.adapter_source}): {a['method']} r={a['r']} alpha={a['alpha']:g} "
+                  f"target_modules={a['target_modules']} -> {', '.join(result.target_modules) or '-'}")
     console.print(f"trainable parameters (counted by PEFT): [bold]{result.trainable_params:,}[/bold] of "
-                  f"{result.total_params:,} ({result.trainable_percent:.4f}%); adapter file ~{_bytes(result.adapter_file_bytes)}")
+                  f"{result.total_params:,} ({result.trainable_percent:.4f}%); "
+                  f"adapter file ~{_bytes(result.adapter_file_bytes)}")
     tokens = result.memory[0].tokens if result.memory else 0
     table = Table(title=f"training memory, ESTIMATE: micro-batch of {tokens:,} tokens; excludes framework overhead",
                   title_justify="left")
@@ -369,7 +419,8 @@ def _render_merge(console: Console, result) -> None:
     for name, diff in result.qlora_fidelity.items():
         table.add_row(f"vs trained QLoRA ({name})", f"max logit diff {diff:.4g}")
     table.add_row("dtype", result.dtype)
-    table.add_row("verification", f"max logit diff {result.max_logit_diff:.3g} (tolerance {result.tolerance:.3g}) on "
+    table.add_row("verification", f"max logit diff {result.max_logit_diff:.3g} vs base+adapter (tolerance "
+                  f"{result.tolerance:.3g}; the adapter moves logits by up to {result.adapter_effect:.3g}) on "
                   f"{result.prompts} prompts, top-1 agreement {100 * result.top1_agreement:.1f}%  [green]ok[/green]")
     table.add_row("files", ", ".join(result.files))
     table.add_row("peak memory", f"{result.peak_memory_mb:,.0f} MiB")

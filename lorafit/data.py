@@ -112,6 +112,16 @@ def _hold_out(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict],
     return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)]
 
 
+def read_eval_rows(recipe: Recipe) -> list[dict[str, Any]]:
+    """The recipe's eval rows, unencoded: its eval file, or the same held-out share of train that training used."""
+    section = recipe.data
+    if isinstance(section.eval, str):
+        return read_rows(section.eval, section)[0]
+    if isinstance(section.eval, float):
+        return _hold_out(read_rows(section.train, section)[0], section.eval, recipe.training.seed)[1]
+    return []
+
+
 # ----------------------------------------------------------------------------------------------------
 # Reading
 

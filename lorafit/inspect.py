@@ -55,7 +55,7 @@ class MemoryEstimate:
     tokens: int  # batch_size * max_length of one forward pass
     gradient_checkpointing: bool
     total: int
-    this_recipe: bool = False
+    this_machine: bool = False  # the setup this recipe runs on this machine
 
 
 @dataclass
@@ -69,7 +69,7 @@ class InspectResult:
     groups: list[ModuleGroup]
     presets: dict[str, list[str]]
     adapter: dict[str, Any]
-    from_recipe: bool
+    adapter_source: str  # recipe | defaults | defaults + --set
     target_modules: list[str]
     trainable_params: int
     total_params: int
@@ -81,18 +81,18 @@ class InspectResult:
 
     @property
     def trainable_percent(self) -> float:
+        """Trainable parameters as a percentage of all parameters (PEFT's own figure)."""
         return 100 * self.trainable_params / self.total_params if self.total_params else 0.0
 
 
 def run_inspect(target: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> InspectResult:
     """Inspect a model (folder, hub id, alias) or a recipe's model + adapter without reading any weights."""
-    from peft import get_peft_model
-
     from lorafit import models
 
     started = time.perf_counter()
     recipe, from_recipe = _recipe_for(target, overrides)
     source = models.resolve_model_source(recipe.model)
+    from peft import get_peft_model  # after the checks above, so a typo in a path fails instantly
     config = models.load_config(recipe.model, source)
     model, task_type = models.build_meta_model(config, trust_remote_code=recipe.model.trust_remote_code)
     architecture = type(model).__name__
@@ -101,6 +101,9 @@ def run_inspect(target: str | Path, overrides: list[str] | tuple[str, ...] = ())
     presets, preset_members = _presets(model, eligible)
     base_params = sum(p.numel() for p in model.parameters())
     quantizable = _quantizable_params(model)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    # Width of the logits the loss is computed on: the vocabulary for LMs, the labels for classifiers.
+    head_width = getattr(head, "out_features", None) or getattr(config, "num_labels", 0)
     groups = _module_groups(model, eligible, preset_members)
 
     # PEFT counts on the very config training would build; low_cpu_mem_usage keeps the adapter on meta too.
@@ -113,10 +116,13 @@ def run_inspect(target: str | Path, overrides: list[str] | tuple[str, ...] = ())
     adapted_inputs = _adapted_input_features(peft_model)
 
     notes = []
-    if not from_recipe:
+    adapter_source = "recipe" if from_recipe else "defaults"
+    if not from_recipe and any(o.strip().startswith("adapter.") for o in overrides):
+        adapter_source = "defaults + --set"
+    elif not from_recipe:
         notes.append("adapter figures use the default adapter section (lora, r=16, all-linear); "
                      "pass a recipe or --set adapter.r=... to change it")
-    memory = _memory_estimates(recipe, config, base_params, quantizable, trainable, adapted_inputs)
+    memory = _memory_estimates(recipe, config, base_params, quantizable, trainable, adapted_inputs, head_width)
     return InspectResult(
         model=str(target),
         source=source,
@@ -125,12 +131,12 @@ def run_inspect(target: str | Path, overrides: list[str] | tuple[str, ...] = ())
         groups=groups,
         presets=presets,
         adapter=_adapter_summary(recipe.adapter),
-        from_recipe=from_recipe,
+        adapter_source=adapter_source,
         target_modules=sorted(getattr(peft_config, "target_modules", None) or []),
         trainable_params=trainable,
         total_params=total,
         base_params=base_params,
-        # PEFT saves adapter weights in float32 (it up-casts 16-bit adapters); the header is a few KB.
+        # PEFT saves adapter weights in float32 (it up-casts 16-bit adapters), plus a header of some KB.
         adapter_file_bytes=trainable * 4,
         memory=memory,
         seconds=time.perf_counter() - started,
@@ -200,11 +206,14 @@ def _presets(model: nn.Module, eligible: dict[str, str]) -> tuple[dict[str, list
     return resolved, members
 
 
-def _module_groups(model: nn.Module, eligible: dict[str, str], preset_members: dict[str, set[str]]) -> list[ModuleGroup]:
+def _module_groups(model: nn.Module, eligible: dict[str, str],
+                   preset_members: dict[str, set[str]]) -> list[ModuleGroup]:
     groups: dict[tuple[str, str, str], ModuleGroup] = {}
     for name, module in model.named_modules():
         is_leaf = next(module.children(), None) is None
-        if not name or not (is_leaf or name in eligible):
+        has_weights = next(module.parameters(recurse=False), None) is not None
+        # Dropout, activations and rotary tables hold no weights and cannot be targeted: not worth a row.
+        if not name or not ((is_leaf and has_weights) or name in eligible):
             continue
         kind, shape = type(module).__name__, _shape(module)
         key = (_pattern(name), kind, shape)
@@ -250,7 +259,7 @@ def _quantizable_params(model: nn.Module) -> int:
 
 
 def _memory_estimates(recipe: Recipe, config, base_params: int, quantizable: int, trainable: int,
-                      adapted_inputs: int) -> list[MemoryEstimate]:
+                      adapted_inputs: int, head_width: int) -> list[MemoryEstimate]:
     """LoRA vs QLoRA at the precision this machine would pick, and at bf16 (a GPU) when that differs.
 
     An estimate: weights + adapter weights/grads/optimizer states + activations of one micro-batch
@@ -284,12 +293,12 @@ def _memory_estimates(recipe: Recipe, config, base_params: int, quantizable: int
             # The extra bf16 rows stand for a GPU; the others for this machine.
             checkpointing = _checkpointing(recipe, on_gpu=gpu_here or precision != here, quantized=quantized)
             per_token = _activation_bytes_per_token(config, dtype_bytes, checkpointing, adapted_inputs,
-                                                    recipe.adapter.dropout > 0)
+                                                    recipe.adapter.dropout > 0, head_width)
             estimates.append(MemoryEstimate(
                 setup=setup, precision=precision, weights=weights, adapter_states=state,
                 activations_per_token=per_token, tokens=tokens, gradient_checkpointing=checkpointing,
                 total=weights + state + per_token * tokens,
-                this_recipe=precision == here and quantized == (quant is not None),
+                this_machine=precision == here and quantized == (quant is not None),
             ))
     return estimates
 
@@ -302,7 +311,7 @@ def _checkpointing(recipe: Recipe, *, on_gpu: bool, quantized: bool) -> bool:
 
 
 def _activation_bytes_per_token(config, dtype_bytes: int, checkpointing: bool, adapted_inputs: int,
-                                dropout: bool) -> int:
+                                dropout: bool, head_width: int) -> int:
     """Activations kept for backward, per token.
 
     Per decoder layer (SwiGLU/GeLU MLP, SDPA attention) about 6h + 2kv + 4f values: norm inputs, q/k/v
@@ -318,11 +327,10 @@ def _activation_bytes_per_token(config, dtype_bytes: int, checkpointing: bool, a
     head_dim = getattr(text, "head_dim", None) or hidden // heads
     kv = (getattr(text, "num_key_value_heads", None) or heads) * head_dim
     ffn = getattr(text, "intermediate_size", None) or getattr(text, "n_inner", None) or 4 * hidden
-    vocab = getattr(text, "vocab_size", 0) or 0
     dropout_copies = adapted_inputs if dropout else 0
     per_layer = 6 * hidden + 2 * kv + 4 * ffn
     if checkpointing:
         values = layers * hidden + per_layer + dropout_copies // layers
     else:
         values = layers * per_layer + dropout_copies
-    return int(values * dtype_bytes + vocab * (dtype_bytes + 4 + 4))
+    return int(values * dtype_bytes + head_width * (dtype_bytes + 4 + 4))

@@ -274,9 +274,11 @@ def load_config(section: ModelSection, source: str):
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(source, revision=section.revision, trust_remote_code=section.trust_remote_code)
+        return AutoConfig.from_pretrained(source, revision=section.revision,
+                                          trust_remote_code=section.trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise LorafitError(f"cannot read the model config: {_first_line(exc)[:200]}", where=f"model.path: {section.path}",
+        raise LorafitError(f"cannot read the model config: {_first_line(exc)[:200]}",
+                           where=f"model.path: {section.path}",
                            hint="check the folder (it needs a config.json) or the hub id and your network") from None
 
 

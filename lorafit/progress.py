@@ -95,3 +95,39 @@ class ProgressCallback(TrainerCallback):
         remaining = elapsed / done * max(state.max_steps - done, 0)
         return time.strftime("%M:%S", time.gmtime(remaining)) if remaining < 3600 else f"{remaining / 3600:.1f}h"
 
+
+
+class ThroughputMeter(TrainerCallback):
+    """Time to the first optimizer step, counted from process start, and tokens/s after it (warm-up excluded).
+
+    Both go into metrics.json; scripts/bench.py compares them with TRL and a hand-written loop.
+    """
+
+    def __init__(self):
+        self.first_step_seconds: float | None = None
+        self._first: tuple[float, int] | None = None  # (perf_counter, tokens seen) at the end of the first step
+        self._last: tuple[float, int] | None = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        now = (time.perf_counter(), state.num_input_tokens_seen or 0)
+        if self._first is None:
+            self._first = now
+            started = _process_start_time()
+            self.first_step_seconds = time.time() - started if started is not None else None
+        self._last = now
+
+    @property
+    def tokens_per_second_after_first_step(self) -> float | None:
+        if self._first is None or self._last is None or self._last[0] <= self._first[0]:
+            return None
+        return (self._last[1] - self._first[1]) / (self._last[0] - self._first[0])
+
+
+def _process_start_time() -> float | None:
+    """Wall-clock time this process started (psutil ships with accelerate), or None when unknown."""
+    try:
+        import psutil
+
+        return psutil.Process().create_time()
+    except Exception:  # noqa: BLE001 - a missing or failing psutil only costs this one metric
+        return None

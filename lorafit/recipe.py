@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import os
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,7 +23,8 @@ _DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # inf/NaN pass `gt=0`-style bounds (inf > 0), so they are refused explicitly: `.inf` is never a useful setting.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ModelSection(_Section):
@@ -107,6 +109,10 @@ class DataSection(_Section):
     packing: bool = Field(
         False, description="Pack several examples per row without cross-attention (padding-free); faster on ragged data."
     )
+    group_by_length: bool = Field(
+        False, description="Batch rows of similar length together, so little compute goes to padding; faster on "
+        "ragged data without packing (each batch then holds short or long rows, not a random mix)."
+    )
 
     @field_validator("eval")
     @classmethod
@@ -166,6 +172,13 @@ class OutputSection(_Section):
         "auto", description="Trackers (tensorboard, wandb, mlflow, ...); auto = tensorboard when installed."
     )
 
+    @field_validator("dir")
+    @classmethod
+    def _usable_path(cls, value: str | None) -> str | None:
+        if value is not None and "\0" in value:  # path calls raise on it, deep inside the run-folder checks
+            raise ValueError("a folder path cannot contain a NUL character")
+        return value
+
 
 class Recipe(_Section):
     name: str = Field(description="Run name; names the default run folder.")
@@ -177,6 +190,13 @@ class Recipe(_Section):
     training: TrainingSection = Field(default_factory=TrainingSection)
     output: OutputSection = Field(default_factory=OutputSection)
 
+    @field_validator("name")
+    @classmethod
+    def _usable_as_folder_name(cls, value: str) -> str:
+        if not value.strip() or "\0" in value:  # it names the default run folder, runs/<name>
+            raise ValueError("must be a non-empty name without NUL characters")
+        return value
+
     @model_validator(mode="after")
     def _cross_field_checks(self) -> Recipe:
         if self.quantization and self.adapter.init in ("pissa", "olora", "orthogonal"):
@@ -186,6 +206,11 @@ class Recipe(_Section):
             )
         if self.adapter.method != "lora" and (self.adapter.use_dora or self.adapter.use_rslora):
             raise ValueError("adapter.use_dora / use_rslora only apply to method: lora")
+        if self.data.packing and self.adapter.method == "prefix":
+            # The prefix reaches attention as a KV cache, and with a cache transformers does not split packed rows
+            # at their sequence boundaries: packed examples would attend to each other (tests/test_packing.py).
+            raise ValueError("data.packing: prefix tuning cannot be packed (packed examples would attend to each "
+                             "other); set packing: false, or use data.group_by_length for speed")
         return self
 
     @property
@@ -288,6 +313,10 @@ class _StrictLoader(yaml.SafeLoader):
         seen: dict[Any, Any] = {}
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):  # `? [a, b]: 1`; SafeLoader would say the same, after a TypeError here
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"a key must be a plain value, not a {type(key).__name__}", key_node.start_mark
+                )
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"duplicate key '{key}' (each key may appear once per mapping)", key_node.start_mark
@@ -311,7 +340,7 @@ def _load_with_extends(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
     parent = raw.pop("extends", None)
     if parent is None:
         return raw
-    if not isinstance(parent, str):
+    if not isinstance(parent, str) or not parent.strip() or "\0" in parent:  # NUL: no OS accepts it in a path
         raise LorafitError("extends must be a path to another recipe file", where=f"{path}: extends")
     parent_path = Path(parent) if os.path.isabs(parent) else path.parent / parent
     base = _load_with_extends(parent_path, (*seen, resolved))
@@ -333,8 +362,8 @@ def _resolve_input_paths(raw: dict[str, Any], base_dir: Path) -> None:
     """Make the input paths a file names relative to that file, so recipes can be shared and extended."""
 
     def resolve(value: Any, *, must_look_like_file: bool) -> Any:
-        if not isinstance(value, str) or os.path.isabs(value) or value in BUILTIN_MODELS:
-            return value
+        if not isinstance(value, str) or "\0" in value or os.path.isabs(value) or value in BUILTIN_MODELS:
+            return value  # (a NUL byte makes path calls raise; such a value is reported as not found later)
         candidate = base_dir / value
         looks_local = value.startswith(("./", "../")) or value.lower().endswith(_DATA_SUFFIXES + (".jinja",))
         if candidate.exists() or (must_look_like_file and looks_local):

@@ -5,7 +5,7 @@ Read `run_train` top to bottom: each step is one call into the module that owns 
 
 from __future__ import annotations
 
-import math
+import functools
 import os
 import resource
 import time
@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lorafit.errors import LorafitError, RunFailed
-from lorafit.recipe import Recipe
+from lorafit.recipe import Recipe, dump_recipe
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -42,9 +42,13 @@ class TrainResult:
 
 
 def run_train(recipe: Recipe, console: Console, *, dry_run: bool = False, resume: bool = False,
-              overwrite: bool = False, quiet: bool = False) -> TrainResult:
-    """Train the recipe's adapter and write the run folder (or, with dry_run, only check and describe it)."""
-    from lorafit import adapters, data, models
+              overwrite: bool = False, quiet: bool = False,
+              resume_command: str = "lorafit train <recipe.yaml> --resume") -> TrainResult:
+    """Train the recipe's adapter and write the run folder (or, with dry_run, only check and describe it).
+
+    `resume_command` is the exact command line shown when the run is interrupted.
+    """
+    from lorafit import adapters, checkpoints, data, export, models
 
     started = time.perf_counter()
     run_dir = recipe.run_dir
@@ -67,6 +71,10 @@ def run_train(recipe: Recipe, console: Console, *, dry_run: bool = False, resume
         notes.append(f"warning: the model's generation_config stops on token ids {sorted(stop_ids)}, not on the "
                      f"trained end-of-turn {tokenizer.eos_token!r} ({tokenizer.eos_token_id}); pass "
                      "eos_token_id=tokenizer.eos_token_id when generating with the adapter (lorafit merge and eval do)")
+    checkpoint = None
+    if resume and not dry_run:  # a resume with another model/adapter/data is refused before any weights load
+        checkpoint, resume_notes = checkpoints.check_resume(recipe, prepared.report.fingerprint)
+        notes.extend(resume_notes)
 
     # 3. The model, wrapped with the adapter.
     gradient_checkpointing = _use_gradient_checkpointing(recipe, precision)
@@ -80,23 +88,38 @@ def run_train(recipe: Recipe, console: Console, *, dry_run: bool = False, resume
     trainable, total = model.get_nb_trainable_parameters()
     targets = sorted(getattr(model.peft_config["default"], "target_modules", None) or [])
     result = TrainResult(run_dir, precision, prepared.report, trainable, total, targets, dry_run, notes=notes)
+    if _one_packed_row_per_forward(recipe, model):
+        notes.append(f"packing: one packed row per forward pass ({model.config._attn_implementation} attention has no "
+                     f"variable-length kernel); {recipe.training.batch_size} rows are accumulated per step")
     if dry_run:
         return result
 
-    # 4. Train.
+    # 4. Train: atomic checkpoints, clean Ctrl-C, and out-of-memory / disk-full explained (see checkpoints.py).
     _prepare_run_dir(run_dir, overwrite=overwrite)
+    if _is_main_process():
+        checkpoints.record_run(run_dir, recipe, prepared.report.fingerprint)
+        # Written now, not only at export: `lorafit train runs/x/recipe.yaml --overwrite` must not lose the file it
+        # runs from if training then fails, and an interrupted run can be resumed from its own folder.
+        export.write_text_atomic(run_dir / "recipe.yaml", dump_recipe(recipe))
     trainer = _build_trainer(recipe, model, tokenizer, prepared, precision, console, quiet=quiet)
-    checkpoint = _last_checkpoint(run_dir) if resume else None
-    if resume and checkpoint is None:
-        notes.append("resume: no checkpoint found, starting from step 0")
-    train_started = time.perf_counter()
-    output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    train_seconds = time.perf_counter() - train_started
-    eval_metrics = trainer.evaluate() if prepared.eval is not None else {}
+    from lorafit.progress import ThroughputMeter
+
+    throughput = ThroughputMeter()
+    trainer.add_callback(throughput)
+    explained = functools.partial(checkpoints.explained_failures, recipe, gradient_checkpointing=gradient_checkpointing,
+                                  precision=precision.name, resume_command=resume_command)
+    with explained():
+        train_started = time.perf_counter()
+        output = checkpoints.train(trainer, recipe, resume_from=checkpoint, resume_command=resume_command)
+        train_seconds = time.perf_counter() - train_started
+        eval_metrics = trainer.evaluate() if prepared.eval is not None else {}
+    nonfinite = checkpoints.nonfinite_parameters(model)
+    if nonfinite:
+        raise RunFailed(f"the trained weights hold NaN/inf ({', '.join(nonfinite[:3])}); no adapter was exported",
+                        where="training", hint=f"lower training.learning_rate (now {recipe.training.learning_rate:g}); "
+                        f"{checkpoints.last_saved(run_dir)}")
 
     # 5. Export the run folder.
-    from lorafit import export
-
     metrics = {
         "name": recipe.name,
         "base_model": source,
@@ -110,6 +133,8 @@ def run_train(recipe: Recipe, console: Console, *, dry_run: bool = False, resume
         ],
         "tokens_seen": trainer.state.num_input_tokens_seen,
         "tokens_per_second": trainer.state.num_input_tokens_seen / train_seconds if train_seconds else None,
+        "tokens_per_second_after_first_step": throughput.tokens_per_second_after_first_step,
+        "first_step_seconds": throughput.first_step_seconds,  # from process start: imports, data, model, step 1
         "train_seconds": train_seconds,
         "wall_seconds": time.perf_counter() - started,
         "peak_memory_mb": _peak_memory_mb(precision.device),
@@ -127,7 +152,8 @@ def run_train(recipe: Recipe, console: Console, *, dry_run: bool = False, resume
         **export.environment_info(),
     }
     if trainer.is_world_process_zero():
-        export.export_run(run_dir, model, tokenizer, recipe, metrics)
+        with explained():
+            export.export_run(run_dir, model, tokenizer, recipe, metrics)
     result.metrics = metrics
     return result
 
@@ -140,14 +166,27 @@ def check_run_dir(recipe: Recipe, *, resume: bool, overwrite: bool, dry_run: boo
     model_path = Path(recipe.model.path).expanduser()
     if model_path.exists():
         forbidden[model_path.resolve()] = "the base model folder"
-    data_files = [recipe.data.train] if isinstance(recipe.data.train, str) else recipe.data.train
+    data_files = [recipe.data.train] if isinstance(recipe.data.train, str) else list(recipe.data.train)
+    if isinstance(recipe.data.eval, str):
+        data_files.append(recipe.data.eval)
     for item in data_files:
         if Path(item).exists():
             forbidden[Path(item).resolve().parent] = "the data folder"
     if run_dir in forbidden:
         raise LorafitError(f"refusing to write a run into {forbidden[run_dir]}", where=f"output.dir: {run_dir}",
                            hint="use a dedicated folder such as runs/<name>")
-    if dry_run or resume:
+    if resume and overwrite:
+        raise LorafitError("--resume continues the run in output.dir and --overwrite starts it again; pass one",
+                           where=f"output.dir: {run_dir}")
+    if dry_run:
+        return
+    is_run = (run_dir / "metrics.json").exists() or (run_dir / "checkpoints").exists()
+    foreign = [name for name in RUN_FOLDER_ENTRIES if (run_dir / name).exists()] if not is_run else []
+    if foreign:
+        raise LorafitError(f"this folder already holds {', '.join(foreign)}, which lorafit did not write",
+                           where=f"output.dir: {run_dir}",
+                           hint="choose a new or empty output.dir; lorafit never replaces files it did not create")
+    if resume:
         return
     if (run_dir / "metrics.json").exists() and not overwrite:
         raise LorafitError("this folder already holds a finished run", where=f"output.dir: {run_dir}",
@@ -160,9 +199,15 @@ def check_run_dir(recipe: Recipe, *, resume: bool, overwrite: bool, dry_run: boo
 def _prepare_run_dir(run_dir: Path, *, overwrite: bool) -> None:
     import shutil
 
-    if overwrite and run_dir.exists():
-        for name in RUN_FOLDER_ENTRIES:  # only what lorafit wrote; anything else the user put there stays
+    from lorafit import checkpoints
+
+    if overwrite and run_dir.exists() and _is_main_process():
+        # Only what lorafit wrote; anything else the user put there (even inside checkpoints/) stays.
+        checkpoints.remove_own_checkpoints(run_dir)
+        for name in RUN_FOLDER_ENTRIES:
             target = run_dir / name
+            if name == checkpoints.CHECKPOINTS:
+                continue
             if target.is_dir():
                 shutil.rmtree(target)
             elif target.exists():
@@ -170,14 +215,9 @@ def _prepare_run_dir(run_dir: Path, *, overwrite: bool) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
-def _last_checkpoint(run_dir: Path) -> Path | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    folder = run_dir / "checkpoints"
-    if not folder.is_dir():
-        return None
-    last = get_last_checkpoint(str(folder))
-    return Path(last) if last else None
+def _is_main_process() -> bool:
+    """Rank 0 under torchrun / accelerate launch (set before the Trainer exists); True when not distributed."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _use_gradient_checkpointing(recipe: Recipe, precision: Precision) -> bool:
@@ -189,22 +229,39 @@ def _use_gradient_checkpointing(recipe: Recipe, precision: Precision) -> bool:
     return bool(setting)
 
 
+def _one_packed_row_per_forward(recipe: Recipe, model) -> bool:
+    """Packing without a variable-length attention kernel: each forward pass takes one packed row.
+
+    TRL's padding-free collator concatenates a batch's packed rows into one long row. FlashAttention splits it at
+    the sequence boundaries, but SDPA and eager attention compute the whole (batch_size x max_length)^2 score
+    matrix under a block-diagonal mask: on a CPU, batch 8 x 512 spent more time in attention than in all the
+    linear layers. One row per forward keeps attention at max_length^2, and accumulating batch_size rows per
+    optimizer step keeps the step the same (docs/performance.md).
+    """
+    return recipe.data.packing and "flash" not in str(getattr(model.config, "_attn_implementation", "") or "")
+
+
 def _build_trainer(recipe: Recipe, model, tokenizer, prepared, precision: Precision, console: Console, *,
                    quiet: bool):
     from transformers import PrinterCallback
     from trl import SFTConfig
 
+    from lorafit import checkpoints
     from lorafit.progress import ProgressCallback
 
     t = recipe.training
+    row_per_forward = _one_packed_row_per_forward(recipe, model)
     report_to, callbacks = _trackers(recipe)
     args = SFTConfig(
-        output_dir=str(recipe.run_dir / "checkpoints"),
+        # Checkpoints are written into a staging folder and renamed into place once complete; HF's rotation
+        # (which deletes any checkpoint-* it finds) is off: checkpoints.train rotates only lorafit's own.
+        output_dir=str(checkpoints.staging_dir(recipe.run_dir)),
         num_train_epochs=t.epochs,
         max_steps=t.max_steps or -1,
-        per_device_train_batch_size=t.batch_size,
-        per_device_eval_batch_size=t.batch_size,
-        gradient_accumulation_steps=t.grad_accum,
+        per_device_train_batch_size=1 if row_per_forward else t.batch_size,
+        per_device_eval_batch_size=1 if row_per_forward else t.batch_size,
+        gradient_accumulation_steps=t.grad_accum * t.batch_size if row_per_forward else t.grad_accum,
+        train_sampling_strategy="group_by_length" if recipe.data.group_by_length else "random",
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.scheduler,
         warmup_steps=t.warmup_ratio,
@@ -223,21 +280,24 @@ def _build_trainer(recipe: Recipe, model, tokenizer, prepared, precision: Precis
         eval_steps=t.eval_steps,
         save_strategy="steps",
         save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
+        save_total_limit=None,
         report_to=report_to,
         # Gradient checkpointing is already set up by adapters.wrap_model (non-reentrant, PEFT-aware).
         gradient_checkpointing=False,
         max_length=recipe.data.max_length,
         packing=recipe.data.packing,
         disable_tqdm=True,
-        include_num_input_tokens_seen="non_padding",
+        logging_nan_inf_filter=False,  # show a NaN/inf loss as it is (checkpoints.GuardedSFTTrainer stops on them)
+        # Padding-free (packed) batches hold no padding, and counting "non_padding" there would skip every real
+        # token equal to the pad id (often eos).
+        include_num_input_tokens_seen="all" if recipe.data.packing else "non_padding",
         dataloader_num_workers=0,
         # Every adapter parameter takes part in every forward pass; the unused-parameter search HF enables by
         # default costs an extra autograd traversal per step under DDP.
         ddp_find_unused_parameters=False,
     )
     callbacks.append(ProgressCallback(console, quiet=quiet))
-    trainer = GuardedSFTTrainer(
+    trainer = checkpoints.GuardedSFTTrainer(
         max_nonfinite_steps=t.max_nonfinite_steps,
         model=model,
         args=args,
@@ -271,48 +331,6 @@ def _trackers(recipe: Recipe) -> tuple[list[str], list]:
             callbacks.append(TensorBoardCallback(tb_writer=SummaryWriter(str(recipe.run_dir / "logs"))))
         wanted = [w for w in wanted if w != "tensorboard"]
     return wanted or ["none"], callbacks
-
-
-def _guarded_trainer_class():
-    from trl import SFTTrainer
-
-    class _Guarded(SFTTrainer):
-        """SFTTrainer that refuses to keep stepping on NaN/inf losses.
-
-        `compute_loss` is the documented extension point: a non-finite loss is replaced by a zero loss
-        (zero gradients, so the weights stay finite) and after `max_nonfinite_steps` in a row the run stops.
-        """
-
-        def __init__(self, *args, max_nonfinite_steps: int = 3, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.max_nonfinite_steps = max_nonfinite_steps
-            self.nonfinite_in_a_row = 0
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            result = super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                          num_items_in_batch=num_items_in_batch)
-            if not model.training:
-                return result
-            loss = result[0] if return_outputs else result
-            if math.isfinite(loss.detach().float().item()):
-                self.nonfinite_in_a_row = 0
-                return result
-            self.nonfinite_in_a_row += 1
-            if self.nonfinite_in_a_row >= self.max_nonfinite_steps:
-                raise RunFailed(
-                    f"loss was NaN/inf for {self.nonfinite_in_a_row} steps in a row (at step {self.state.global_step})",
-                    where="training", hint=f"lower training.learning_rate (now {self.args.learning_rate:g}) or check "
-                    "the data; the last good checkpoint is kept and no adapter was exported",
-                )
-            zero = loss.nan_to_num(0.0, posinf=0.0, neginf=0.0) * 0.0
-            return (zero, *result[1:]) if return_outputs else zero
-
-    return _Guarded
-
-
-def GuardedSFTTrainer(**kwargs):  # noqa: N802 - reads like the class it builds; trl is imported lazily
-    """An SFTTrainer that stops on repeated non-finite losses (see `_guarded_trainer_class`)."""
-    return _guarded_trainer_class()(**kwargs)
 
 
 def _last_logged(history: list[dict], key: str) -> float | None:

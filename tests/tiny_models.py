@@ -45,6 +45,7 @@ __all__ = [
     "build_config_only",
     "build_tiny_model",
     "build_tokenizer",
+    "write_lora_run",
     "write_toy_dataset",
 ]
 
@@ -433,3 +434,49 @@ def write_toy_dataset(path: Path | str, n: int = 64, fmt: str = "messages", seed
         for c in rows:
             f.write(json.dumps(_toy_record(c, TOY_PAIRS[c], fmt)) + "\n")
     return path
+
+
+# --------------------------------------------------------------------------------------
+# Run folders with an (untrained) adapter, for merge / eval tests that do not need learning
+# --------------------------------------------------------------------------------------
+
+
+def write_lora_run(
+    path: Path | str,
+    base: Path | str,
+    *,
+    r: int = 4,
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj"),
+    seed: int = 0,
+    quantization: dict[str, Any] | None = None,
+) -> Path:
+    """Write a run folder shaped like ``lorafit train``'s (``adapter/`` + ``recipe.yaml`` + toy data)
+    holding a random, non-zero LoRA adapter for ``base`` (no training: ~1 s). Returns the adapter folder.
+
+    ``quantization`` (e.g. ``{"bits": 4}``) is recorded in the recipe, as for a QLoRA run; the adapter
+    tensors of a QLoRA run have the same shapes as a LoRA run's.
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path, base = Path(path), Path(base)
+    path.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(str(base))
+    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(target_modules), init_lora_weights=False,
+                        lora_dropout=0.0, task_type="CAUSAL_LM")
+    get_peft_model(model, config).save_pretrained(str(path / "adapter"))
+    AutoTokenizer.from_pretrained(str(base)).save_pretrained(str(path / "adapter"))
+    data = write_toy_dataset(path / "toy.jsonl", n=12, seed=seed)
+    recipe: dict[str, Any] = {
+        "name": path.name,
+        "model": {"path": str(base)},
+        "adapter": {"r": r, "alpha": 2 * r, "dropout": 0.0, "target_modules": list(target_modules)},
+        "data": {"train": str(data), "eval": str(data), "max_length": 64},
+        "output": {"dir": str(path), "report_to": ["none"]},
+    }
+    if quantization is not None:
+        recipe["quantization"] = quantization
+    (path / "recipe.yaml").write_text(json.dumps(recipe, indent=2), encoding="utf-8")  # JSON is valid YAML
+    return path / "adapter"

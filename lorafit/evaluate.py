@@ -1,0 +1,350 @@
+"""`lorafit eval`: did the adapter help, in numbers — base vs each adapter on the same eval rows.
+
+One base load; the adapters are attached side by side with PEFT and switched with `set_adapter`, the base
+is measured under `disable_adapter()`. Every model gets the same rows, rendered with the recipe's template
+exactly as in training: loss / perplexity on the completion tokens, then greedy generation scored against
+the references (exact match, normalised exact match, ROUGE-L F1).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import re
+import string
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lorafit import adapters, data, models
+from lorafit.errors import LorafitError
+from lorafit.recipe import Recipe
+from lorafit.templates import apply_template
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerBase
+
+    from lorafit.templates import Messages
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+
+@dataclass
+class Scores:
+    """One model's metrics on the eval rows."""
+
+    name: str
+    adapter: str | None
+    loss: float | None
+    perplexity: float | None
+    exact_match: float | None
+    normalized_exact_match: float | None
+    rouge_l: float | None
+    examples: int
+    completion_tokens: int
+    seconds: float
+
+
+@dataclass
+class EvalResult:
+    """Base and adapter scores side by side, plus where the report and the sample generations are."""
+
+    recipe: str
+    base: str
+    data: str
+    template: str
+    examples: int
+    max_new_tokens: int
+    scores: list[Scores]
+    report_path: Path
+    samples_path: Path
+    samples: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+@dataclass
+class _Example:
+    prompt: str
+    prompt_ids: list[int]
+    reference: str
+    input_ids: list[int]  # the whole conversation, for the loss
+    labels: list[int]
+
+
+def run_eval(recipe: Recipe, adapter_dirs: list[str | Path], *, data_file: str | Path | None = None,
+             samples: int | None = None, max_new_tokens: int | None = None, batch_size: int = 8,
+             out_dir: str | Path | None = None) -> EvalResult:
+    """Score the recipe's base model and each adapter on the eval rows; writes report.json and samples.jsonl."""
+    started = time.perf_counter()
+    notes: list[str] = []
+    if not adapter_dirs:
+        raise LorafitError("no adapter given", where="--adapter", hint="e.g. --adapter runs/<name>/adapter")
+    for option, value in (("--samples", samples), ("--max-new-tokens", max_new_tokens), ("--batch-size", batch_size)):
+        if value is not None and value <= 0:
+            raise LorafitError(f"must be a positive number, got {value}", where=option)
+    trained = [adapters.read_trained_adapter(path) for path in adapter_dirs]
+    names = _adapter_names(trained)
+    out_dir = Path(out_dir) if out_dir else recipe.run_dir / "eval"
+
+    # 1. Tokenizer + template as in training, and every adapter checked against the base (meta device).
+    precision, warning = models.choose_precision(recipe.training.precision)
+    if warning:
+        notes.append(f"warning: {warning}")
+    source = models.resolve_model_source(recipe.model)
+    tokenizer = models.load_tokenizer(recipe, source)
+    config = models.load_config(recipe.model, source)
+    meta_model, _ = models.build_meta_model(config, trust_remote_code=recipe.model.trust_remote_code)
+    saved_tokenizers = [adapters.load_adapter_tokenizer(a, trust_remote_code=recipe.model.trust_remote_code)
+                        for a in trained]
+    for adapter, name, own in zip(trained, names, saved_tokenizers, strict=True):
+        adapters.check_adapter_fits(adapter, meta_model, config, source=source, tokenizer=own)
+        if adapter.recipe is not None and adapter.recipe.model.path != recipe.model.path:
+            notes.append(f"warning: {name} was trained on {adapter.recipe.model.path}, "
+                         f"evaluated on {recipe.model.path}")
+        if adapter.quantized != (recipe.quantization is not None):
+            notes.append(f"warning: {name} was trained {'with' if adapter.quantized else 'without'} 4/8-bit "
+                         f"quantization, evaluated {'with' if recipe.quantization else 'without'} it (this recipe)")
+    del meta_model
+
+    # 2. The eval rows, rendered with the recipe's template.
+    rows, described = _eval_rows(recipe, data_file)
+    fmt = data.detect_format(rows, recipe.data)
+    template = "none" if fmt == "text" else apply_template(recipe.template, tokenizer)
+    for name, own in zip(names, saved_tokenizers, strict=True):
+        if fmt != "text" and own is not None and own.chat_template and own.chat_template != tokenizer.chat_template:
+            notes.append(f"warning: {name} was trained with a different chat template than this recipe renders")
+    examples, dropped = _examples(rows[:samples] if samples else rows, fmt, recipe, tokenizer)
+    if dropped:
+        notes.append(f"skipped {dropped} row(s) with no assistant answer to compare against")
+    if not examples:
+        raise LorafitError("no usable eval rows", where=described, hint="rows need a final assistant turn / completion")
+    generate = fmt != "text"
+    if not generate:
+        notes.append("format text: no prompt/reference split, so only loss and perplexity are measured")
+    if max_new_tokens is None:  # enough for the longest reference; greedy text past it cannot raise exact match
+        max_new_tokens = max(len(tokenizer(e.reference, add_special_tokens=False)["input_ids"]) for e in examples) + 16
+
+    # 3. One base, the adapters beside it.
+    from peft import PeftModel
+
+    base = models.load_base_model(recipe, source, precision)
+    if recipe.quantization is None and precision.device != "cpu":
+        base.to(precision.device)  # quantized bases are placed when loaded; in training the Trainer moves the rest
+    base.config.use_cache = True  # training turns the KV cache off; generation needs it
+    model = PeftModel.from_pretrained(base, str(trained[0].path), adapter_name=names[0])
+    for adapter, name in zip(trained[1:], names[1:], strict=True):
+        model.load_adapter(str(adapter.path), adapter_name=name)
+    model.eval()
+    eos_ids = _eos_ids(tokenizer, base)
+
+    scores: list[Scores] = []
+    outputs: dict[str, list[str]] = {}
+    for name, adapter in [("base", None), *zip(names, trained, strict=True)]:
+        if adapter is None:
+            context = model.disable_adapter()  # the base, with the same weights in memory
+        else:
+            model.set_adapter(name)
+            context = contextlib.nullcontext()
+        with context:
+            score, outputs[name] = _score(model, name, adapter, examples, tokenizer, batch_size,
+                                          max_new_tokens if generate else 0, eos_ids)
+        scores.append(score)
+
+    # 4. The report and the sample generations.
+    sample_rows = [{"prompt": e.prompt, "reference": e.reference, **{n: outputs[n][i] for n in outputs if outputs[n]}}
+                   for i, e in enumerate(examples)]
+    result = EvalResult(
+        recipe=recipe.name, base=source, data=described, template=template, examples=len(examples),
+        max_new_tokens=max_new_tokens if generate else 0, scores=scores, report_path=out_dir / "report.json",
+        samples_path=out_dir / "samples.jsonl", samples=sample_rows, notes=notes,
+    )
+    result.seconds = time.perf_counter() - started
+    _write(result)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------
+# Inputs
+
+
+def _adapter_names(trained: list[adapters.TrainedAdapter]) -> list[str]:
+    """Short, unique labels: the run folder's name for runs/<name>/adapter, else the folder's own name."""
+    names: list[str] = []
+    for adapter in trained:
+        folder = adapter.path.resolve()
+        label = folder.parent.name if folder.name == "adapter" and adapter.recipe is not None else folder.name
+        label = re.sub(r"[^A-Za-z0-9_-]", "_", label) or "adapter"
+        if label == "base" or label in names:  # "base" names the model without adapters
+            label = f"{label}_{len(names) + 1}"
+        names.append(label)
+    return names
+
+
+def _eval_rows(recipe: Recipe, data_file: str | Path | None) -> tuple[list[dict[str, Any]], str]:
+    if data_file is not None:
+        return data.read_rows(str(data_file), recipe.data)[0], str(data_file)
+    rows = data.read_eval_rows(recipe)
+    if not rows:
+        raise LorafitError("the recipe has no eval data", where="data.eval",
+                           hint="set data.eval to a file or a held-out fraction, or pass --data FILE")
+    described = recipe.data.eval if isinstance(recipe.data.eval, str) else (
+        f"{recipe.data.eval:g} of {recipe.data.train} held out (seed {recipe.training.seed})")
+    return rows, str(described)
+
+
+def _examples(rows: list[dict[str, Any]], fmt: str, recipe: Recipe,
+              tokenizer: PreTrainedTokenizerBase) -> tuple[list[_Example], int]:
+    """Each row as a prompt (everything before the last answer), its reference, and loss labels."""
+    from lorafit.templates import encode_messages, encode_text, render
+
+    section, max_length = recipe.data, recipe.data.max_length
+    examples, dropped = [], 0
+    for row in rows:
+        if fmt == "text":
+            text = row.get(section.fields.get("text", "text"))
+            if not isinstance(text, str) or not text.strip():
+                dropped += 1
+                continue
+            encoded = encode_text(tokenizer, text)
+            examples.append(_Example(text, [], "", encoded.input_ids[:max_length], encoded.labels[:max_length]))
+            continue
+        messages: Messages | None = data.row_to_messages(row, fmt, section, recipe.template.system_prompt)
+        if not messages or messages[-1]["role"] != "assistant" or len(messages) < 2:
+            dropped += 1
+            continue
+        prompt = render(tokenizer, messages[:-1], add_generation_prompt=True)
+        # Loss on the completion tokens, whatever template.train_on says: that is what "did it learn" means.
+        encoded = encode_messages(tokenizer, messages, train_on="completions")
+        examples.append(_Example(
+            prompt=prompt, prompt_ids=tokenizer(prompt, add_special_tokens=False)["input_ids"][-max_length:],
+            reference=messages[-1]["content"], input_ids=encoded.input_ids[:max_length],
+            labels=encoded.labels[:max_length],
+        ))
+    return examples, dropped
+
+
+def _eos_ids(tokenizer: PreTrainedTokenizerBase, model) -> list[int]:
+    """Stop on the template's end-of-turn token and on whatever the model's generation config calls eos."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids += configured if isinstance(configured, list) else [configured] if configured is not None else []
+    return list(dict.fromkeys(ids))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Measuring
+
+
+def _score(model, name: str, adapter: adapters.TrainedAdapter | None, examples: list[_Example], tokenizer,
+           batch_size: int, max_new_tokens: int, eos_ids: list[int]) -> tuple[Scores, list[str]]:
+    """One model's loss on the completions and, when max_new_tokens > 0, its greedy answers and their scores."""
+    started = time.perf_counter()
+    loss_sum, tokens = _completion_loss(model, examples, tokenizer, batch_size)
+    loss = loss_sum / tokens if tokens else None
+    predictions = _generate(model, examples, tokenizer, batch_size, max_new_tokens, eos_ids) if max_new_tokens else []
+    generation = _generation_scores(predictions, [e.reference for e in examples]) if predictions else {
+        "exact_match": None, "normalized_exact_match": None, "rouge_l": None}
+    return Scores(
+        name=name, adapter=str(adapter.path) if adapter else None, loss=loss,
+        perplexity=math.exp(min(loss, 50.0)) if loss is not None else None,  # capped: exp overflows past ~700
+        **generation, examples=len(examples), completion_tokens=tokens, seconds=time.perf_counter() - started,
+    ), predictions
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _completion_loss(model, examples: list[_Example], tokenizer, batch_size: int) -> tuple[float, int]:
+    """Summed next-token loss over the completion tokens, and how many there were."""
+    import torch
+    import torch.nn.functional as F
+
+    total, count = 0.0, 0
+    device = _device(model)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    for start in range(0, len(examples), batch_size):
+        batch = examples[start:start + batch_size]
+        width = max(len(e.input_ids) for e in batch)
+        ids = torch.tensor([e.input_ids + [pad] * (width - len(e.input_ids)) for e in batch], device=device)
+        labels = torch.tensor([e.labels + [-100] * (width - len(e.labels)) for e in batch], device=device)
+        mask = torch.tensor([[1] * len(e.input_ids) + [0] * (width - len(e.input_ids)) for e in batch], device=device)
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        shifted = labels[:, 1:]
+        total += F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), shifted.reshape(-1),
+                                 ignore_index=-100, reduction="sum").item()
+        count += int((shifted != -100).sum().item())
+    return total, count
+
+
+def _generate(model, examples: list[_Example], tokenizer, batch_size: int, max_new_tokens: int,
+              eos_ids: list[int]) -> list[str]:
+    """Greedy completions of each prompt (left-padded batches), decoded without special tokens."""
+    import torch
+    from transformers import GenerationConfig
+
+    device = _device(model)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos_ids,
+                              pad_token_id=pad, use_cache=True)
+    outputs = []
+    for start in range(0, len(examples), batch_size):
+        batch = examples[start:start + batch_size]
+        width = max(len(e.prompt_ids) for e in batch)
+        ids = torch.tensor([[pad] * (width - len(e.prompt_ids)) + e.prompt_ids for e in batch], device=device)
+        mask = torch.tensor([[0] * (width - len(e.prompt_ids)) + [1] * len(e.prompt_ids) for e in batch], device=device)
+        with torch.no_grad():
+            generated = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+        for row in generated[:, width:].tolist():
+            outputs.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+    return outputs
+
+
+def normalize_answer(text: str) -> str:
+    """Lower-case, drop punctuation and articles, collapse whitespace (SQuAD-style normalisation)."""
+    text = _ARTICLES.sub(" ", text.lower().translate(_PUNCTUATION))
+    return " ".join(text.split())
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F1 over whitespace tokens of the normalised texts (longest common subsequence)."""
+    pred, ref = normalize_answer(prediction).split(), normalize_answer(reference).split()
+    if not pred or not ref:
+        return float(pred == ref)
+    previous = [0] * (len(ref) + 1)
+    for token in pred:
+        current = [0]
+        for j, other in enumerate(ref, start=1):
+            current.append(previous[j - 1] + 1 if token == other else max(previous[j], current[j - 1]))
+        previous = current
+    lcs = previous[-1]
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(pred), lcs / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def _generation_scores(predictions: list[str], references: list[str]) -> dict[str, float]:
+    n = len(references)
+    return {
+        "exact_match": sum(p.strip() == r.strip() for p, r in zip(predictions, references, strict=True)) / n,
+        "normalized_exact_match": sum(normalize_answer(p) == normalize_answer(r)
+                                      for p, r in zip(predictions, references, strict=True)) / n,
+        "rouge_l": sum(rouge_l(p, r) for p, r in zip(predictions, references, strict=True)) / n,
+    }
+
+
+def _write(result: EvalResult) -> None:
+    from lorafit.export import write_text_atomic
+
+    result.report_path.parent.mkdir(parents=True, exist_ok=True)
+    report = {key: value for key, value in asdict(result).items() if key != "samples"}
+    write_text_atomic(result.report_path, json.dumps(report, indent=2, default=str) + "\n")
+    lines = [json.dumps(row, ensure_ascii=False) + "\n" for row in result.samples]
+    write_text_atomic(result.samples_path, "".join(lines))

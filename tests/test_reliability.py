@@ -1,0 +1,666 @@
+"""Every case of shared/RELIABILITY.md, each with its own test (named test_caseNN_...).
+
+The rule checked throughout: a non-zero exit code, one message naming the field, file or value and what to
+do, no traceback (unless --debug), and nothing the user had is lost or changed. Faults that cannot be caused
+for real on a CPU test machine (out of memory, disk full, a crash mid-save) are simulated by patching
+torch or our own progress callback inside the test only.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from lorafit import checkpoints, models
+from lorafit.cli import app
+from lorafit.errors import EXIT_INTERRUPTED, EXIT_RUN_FAILED, EXIT_USER_ERROR, Interrupted, LorafitError, RunFailed
+from lorafit.progress import ProgressCallback
+from lorafit.recipe import load_recipe, validate_recipe
+from lorafit.train import run_train
+
+QUIET = Console(quiet=True)
+MINIMAL = "name: demo\nmodel:\n  path: smollm2-135m-instruct\ndata:\n  train: train.jsonl\n"
+
+
+def raw_recipe(model_dir: Path, data_file: Path, out: Path, **sections) -> dict:
+    """A recipe for a few quick steps on a tiny model: 6 steps, a checkpoint every 2."""
+    raw = {
+        "name": "rel",
+        "model": {"path": str(model_dir)},
+        "adapter": {"r": 4, "dropout": 0.0},
+        "data": {"train": str(data_file), "max_length": 48},
+        "training": {"max_steps": 6, "batch_size": 4, "grad_accum": 1, "learning_rate": 1e-2, "logging_steps": 1,
+                     "save_steps": 2, "warmup_ratio": 0.0, "scheduler": "constant"},
+        "output": {"dir": str(out), "report_to": ["none"]},
+    }
+    for key, value in sections.items():
+        raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
+    return raw
+
+
+def make_recipe(model_dir: Path, data_file: Path, out: Path, **sections):
+    return validate_recipe(raw_recipe(model_dir, data_file, out, **sections))
+
+
+def write_recipe(path: Path, raw: dict) -> Path:
+    path.write_text(json.dumps(raw))  # JSON is YAML
+    return path
+
+
+def cli(*args: str) -> tuple[int, list[str]]:
+    """Run the CLI in-process; the exit code and the non-empty stderr lines."""
+    result = CliRunner().invoke(app, list(args))
+    return result.exit_code, [line for line in result.stderr.splitlines() if line.strip()]
+
+
+def assert_one_line_error(code: int, lines: list[str], *expected: str, exit_code: int = EXIT_USER_ERROR) -> str:
+    assert code == exit_code, lines
+    assert len(lines) == 1, lines
+    assert "Traceback" not in lines[0]
+    for text in expected:
+        assert text in lines[0], lines[0]
+    return lines[0]
+
+
+def adapter_weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "adapter" / "adapter_model.safetensors")
+
+
+def checkpoint_steps(run: Path) -> list[int]:
+    return [int(p.name.split("-")[1]) for p in checkpoints.complete_checkpoints(run / "checkpoints")]
+
+
+def digest_tree(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(autouse=True)
+def _cli_in_this_process(monkeypatch):
+    """The CLI turns library progress bars off through the environment before they are imported; in this process
+    they already are, so do what it does directly (a bar on stderr is not an error line). What the CLI changes
+    for the process (environment, library log levels) is put back afterwards, for the tests that follow."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    for name in ("TRANSFORMERS_VERBOSITY", "HF_DATASETS_DISABLE_PROGRESS_BARS", "HF_HUB_DISABLE_PROGRESS_BARS"):
+        original = os.environ.get(name)
+        monkeypatch.setenv(name, original or "")  # recorded: monkeypatch puts the variable back as it was
+        if original is None:
+            monkeypatch.delenv(name)
+    loggers = {name: logging.getLogger(name).level for name in ("transformers", "peft", "trl", "datasets",
+                                                               "accelerate", "torch")}
+    was_enabled = hf_logging.is_progress_bar_enabled(), datasets.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    yield
+    if was_enabled[0]:
+        hf_logging.enable_progress_bar()
+    if was_enabled[1]:
+        datasets.enable_progress_bars()
+    for name, level in loggers.items():
+        logging.getLogger(name).setLevel(level)
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fail the test if a base model is loaded: recipe and data errors must come before that."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the error was found")
+
+    monkeypatch.setattr(models, "load_base_model", refuse)
+
+
+def signal_at_step(monkeypatch, step: int, times: int = 1, sig: int = signal.SIGINT) -> None:
+    """Deliver `sig` to this process at the end of optimizer step `step`, as a user pressing Ctrl-C would."""
+    original = ProgressCallback.on_step_end
+
+    def on_step_end(self, args, state, control, **kwargs):
+        result = original(self, args, state, control, **kwargs)
+        if state.global_step == step:
+            for _ in range(times):
+                os.kill(os.getpid(), sig)
+        return result
+
+    monkeypatch.setattr(ProgressCallback, "on_step_end", on_step_end)
+
+
+def fail_at_step(monkeypatch, step: int, exc: BaseException) -> None:
+    original = ProgressCallback.on_step_end
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == step:
+            raise exc
+        return original(self, args, state, control, **kwargs)
+
+    monkeypatch.setattr(ProgressCallback, "on_step_end", on_step_end)
+
+
+def fail_saving(monkeypatch, checkpoint_name: str, exc: BaseException) -> None:
+    """Make torch.save fail half-way through writing `checkpoint_name` (after its adapter weights are written)."""
+    real_save = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if checkpoint_name in str(f):
+            raise exc
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Recipes (1-5): checked before any model is loaded or folder created
+
+
+def test_case01_unsafe_yaml_tags_are_refused_and_never_executed(tmp_path):
+    marker = tmp_path / "pwned"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(MINIMAL + f"output:\n  dir: !!python/object/apply:os.system ['touch {marker}']\n")
+    for command in ("validate", "train"):
+        assert_one_line_error(*cli(command, str(recipe)), str(recipe), "python/object/apply")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [(MINIMAL + "adapter:\n  lora_r: 8\n", "adapter.lora_r: unknown key; did you mean 'r'?"),
+     (MINIMAL + "training:\n  learnig_rate: 0.1\n",
+      "training.learnig_rate: unknown key; did you mean 'learning_rate'?"),
+     (MINIMAL + "training:\n  epochs: 1\n  epochs: 2\n", "duplicate key 'epochs'")],
+)
+def test_case02_unknown_misspelled_and_duplicate_keys(tmp_path, text, expected):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(text)
+    assert_one_line_error(*cli("train", str(recipe)), expected)
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    ("section", "expected"),
+    [({"adapter": {"r": 0}}, "adapter.r: must be greater than 0"),
+     ({"adapter": {"dropout": 1.0}}, "adapter.dropout: must be less than 1"),
+     ({"training": {"learning_rate": 0}}, "training.learning_rate: must be greater than 0"),
+     ({"training": {"learning_rate": "INF"}}, "training.learning_rate: must be a finite number"),
+     ({"training": {"bf16": True, "fp16": True}}, "did you mean 'precision'"),
+     ({"quantization": {"bits": 4}, "adapter": {"init": "pissa"}}, "cannot start from a quantized model"),
+     ({"training": {"precision": "fp16"}}, "training.precision: fp16: fp16 mixed precision needs a GPU")],
+)
+def test_case03_out_of_range_or_contradictory_values_fail_before_any_model_load(
+        tiny_llama, toy_data, tmp_path, no_model_load, section, expected):
+    recipe = write_recipe(tmp_path / "r.yaml", raw_recipe(tiny_llama, toy_data, tmp_path / "run", **section))
+    recipe.write_text(recipe.read_text().replace('"INF"', ".inf"))  # YAML's spelling of infinity; JSON has none
+    assert_one_line_error(*cli("train", str(recipe)), expected)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "directory", "not-utf8", "truncated"])
+def test_case04_missing_empty_directory_binary_or_truncated_recipe(tmp_path, case):
+    path = tmp_path / "r.yaml"
+    if case == "empty":
+        path.write_text("")
+    elif case == "directory":
+        path.mkdir()
+    elif case == "not-utf8":
+        path.write_bytes(b"name: caf\xe9\n")
+    elif case == "truncated":
+        path.write_text(MINIMAL + 'training:\n  scheduler: "cos')  # cut off in the middle of a value
+    expected = {"missing": "file not found", "empty": "the file is empty", "directory": "is a directory",
+                "not-utf8": "not UTF-8", "truncated": "line 7"}[case]
+    assert_one_line_error(*cli("train", str(path)), str(path), expected)
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [("adapter.lora_r=8", "adapter.lora_r: unknown key; did you mean 'r'?"),
+     ("training.max_steps=many", "training.max_steps: must be a valid integer"),
+     ("training.learning_rate=[1, 2]", "training.learning_rate: must be a valid number"),
+     ("max_steps", "expected section.key=value"),
+     ("name.sub=1", "'name' is not a section")],
+)
+def test_case05_bad_set_overrides(tmp_path, override, expected):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(MINIMAL)
+    assert_one_line_error(*cli("train", str(recipe), "--set", override), expected)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Models and adapters (6-11)
+
+
+@pytest.mark.parametrize("path", ["/no/such/model/folder", "no-such-org/no-such-model"])
+def test_case06_missing_model_or_unreachable_hub_id_fails_before_the_output_folder(
+        toy_data, tmp_path, no_model_load, path):
+    recipe = write_recipe(tmp_path / "r.yaml", raw_recipe(Path(path), toy_data, tmp_path / "run"))
+    assert_one_line_error(*cli("train", str(recipe)), f"model.path: {path}")
+    assert not (tmp_path / "run").exists()
+
+
+def copy_model(source: Path, target: Path) -> Path:
+    import shutil
+
+    shutil.copytree(source, target)
+    return target
+
+
+def test_case07_model_with_custom_code_is_refused_unless_trusted(tiny_llama, toy_data, tmp_path, no_model_load):
+    model = copy_model(tiny_llama, tmp_path / "remote")
+    config = json.loads((model / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}
+    (model / "config.json").write_text(json.dumps(config))
+    recipe = write_recipe(tmp_path / "r.yaml", raw_recipe(model, toy_data, tmp_path / "run"))
+    assert_one_line_error(*cli("train", str(recipe)), "ships its own Python code", "model.trust_remote_code: true")
+    assert not (tmp_path / "run").exists()
+    trusted = make_recipe(model, toy_data, tmp_path / "run", model={"trust_remote_code": True})
+    assert models.resolve_model_source(trusted.model) == str(model)  # the flag is what allows it
+
+
+def test_case08_pickle_only_weights_are_refused_unless_allowed(tiny_llama, toy_data, tmp_path, no_model_load):
+    model = copy_model(tiny_llama, tmp_path / "pickled")
+    torch.save(load_file(model / "model.safetensors"), model / "pytorch_model.bin")
+    (model / "model.safetensors").unlink()
+    recipe = write_recipe(tmp_path / "r.yaml", raw_recipe(model, toy_data, tmp_path / "run"))
+    assert_one_line_error(*cli("train", str(recipe)), "pickle", "model.allow_pickle_weights: true")
+    assert not (tmp_path / "run").exists()
+    allowed = make_recipe(model, toy_data, tmp_path / "run", model={"allow_pickle_weights": True})
+    assert models.resolve_model_source(allowed.model) == str(model)
+
+
+def test_case09_target_modules_matching_nothing_list_what_the_model_has(tiny_llama, toy_data, tmp_path):
+    raw = raw_recipe(tiny_llama, toy_data, tmp_path / "run", adapter={"target_modules": ["query", "value"]})
+    message = assert_one_line_error(*cli("train", str(write_recipe(tmp_path / "r.yaml", raw))),
+                                    "adapter.target_modules", "query, value match no module")
+    assert "q_proj x2" in message and "v_proj x2" in message and "all-linear" in message
+    assert not (tmp_path / "run").exists()
+
+
+def save_untrained_adapter(base: Path, folder: Path) -> Path:
+    """A PEFT adapter for `base` without training (shapes are all that matter here)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=4, target_modules=["q_proj"]))
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize(("override", "expected"), [({"hidden_size": 32}, "hidden_size"),
+                                                    ({"vocab_size": 600}, "vocab_size")])
+def test_case10_adapter_for_another_base_is_refused_by_merge_and_eval(
+        tiny_llama, tiny_model_factory, toy_data, tmp_path, override, expected):
+    adapter = save_untrained_adapter(tiny_llama, tmp_path / "adapter")
+    other = tiny_model_factory("llama", **override)
+    code, lines = cli("merge", str(adapter), "--base", str(other), "--out", str(tmp_path / "merged"))
+    assert_one_line_error(code, lines, str(adapter), expected)
+    assert not (tmp_path / "merged").exists()
+    raw = raw_recipe(other, toy_data, tmp_path / "run", data={"eval": str(toy_data)})
+    recipe = write_recipe(tmp_path / "r.yaml", raw)
+    code, lines = cli("eval", str(recipe), "--adapter", str(adapter), "--out", str(tmp_path / "eval"))
+    assert_one_line_error(code, lines, str(adapter), expected)
+
+
+def test_case11_precision_or_quantization_the_hardware_cannot_do(tiny_llama, toy_data, tmp_path, monkeypatch):
+    monkeypatch.setattr(models, "detect_device", lambda: "cpu")
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: False)
+    # bf16 without native support: trains, but with a visible note (never a silent 20x slowdown).
+    result = run_train(make_recipe(tiny_llama, toy_data, tmp_path / "run", training={"precision": "bf16"}), QUIET,
+                       dry_run=True)
+    assert any(note.startswith("warning:") and "~20x slower" in note for note in result.notes)
+    auto = run_train(make_recipe(tiny_llama, toy_data, tmp_path / "run"), QUIET, dry_run=True)
+    assert auto.precision.name == "fp32" and "no native bf16" in auto.precision.reason
+    # fp16 on a CPU: refused with the reason.
+    with pytest.raises(LorafitError, match="training.precision: fp16: fp16 mixed precision needs a GPU"):
+        run_train(make_recipe(tiny_llama, toy_data, tmp_path / "run", training={"precision": "fp16"}), QUIET)
+    # 4-bit without a usable bitsandbytes: refused, naming the section and the fix.
+    from transformers import AutoModelForCausalLM
+
+    def no_bitsandbytes(*args, **kwargs):
+        raise ImportError("Using `bitsandbytes` 4-bit quantization requires bitsandbytes")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_bitsandbytes)
+    with pytest.raises(LorafitError, match="quantization: .*bitsandbytes.*pip install bitsandbytes"):
+        run_train(make_recipe(tiny_llama, toy_data, tmp_path / "run", quantization={"bits": 4}), QUIET)
+    assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data (12-13)
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [(None, "data file not found"),
+     ("", "the data file is empty"),
+     ('{"prompt": "a", "completion": "b"}\n{"prompt": \n', "bad.jsonl:2: malformed JSON line"),
+     ('{"question": "a", "answer": "b"}\n', "cannot tell the data format from columns answer, question"),
+     ('{"prompt": "' + "word " * 200 + '", "completion": "b"}\n', "no trainable rows remain (1 no completion tokens")],
+)
+def test_case12_bad_data_is_reported_before_any_model_load_or_folder(tiny_llama, tmp_path, no_model_load,
+                                                                     content, expected):
+    data = tmp_path / "bad.jsonl"
+    if content is not None:
+        data.write_text(content)
+    recipe = write_recipe(tmp_path / "r.yaml", raw_recipe(tiny_llama, data, tmp_path / "run"))
+    assert_one_line_error(*cli("train", str(recipe)), expected)
+    assert not (tmp_path / "run").exists()
+
+
+def test_case12_dropped_rows_are_counted_and_training_goes_on(tiny_llama, tmp_path):
+    data = tmp_path / "mixed.jsonl"
+    rows = [{"prompt": "red", "completion": "apple"}] * 4 + [{"prompt": "word " * 200, "completion": "x"},
+                                                             {"prompt": "red", "completion": 5}]
+    data.write_text("\n".join(json.dumps(row) for row in rows))
+    result = run_train(make_recipe(tiny_llama, data, tmp_path / "run"), QUIET, dry_run=True)
+    assert result.report.train_examples == 4
+    assert "data: dropped 1 row(s): no completion tokens left after truncation to data.max_length" in result.notes
+    assert "data: dropped 1 row(s): empty or malformed prompt-completion row" in result.notes
+
+
+def test_case13_tokenizer_without_pad_token_still_trains_end_of_turn(tiny_model_factory, toy_data, tmp_path):
+    from transformers import AutoTokenizer
+
+    folder = tiny_model_factory("llama")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.pop("pad_token", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    assert AutoTokenizer.from_pretrained(folder).pad_token is None
+    recipe = make_recipe(folder, toy_data, tmp_path / "run")
+    tokenizer = models.load_tokenizer(recipe, str(folder))
+    assert tokenizer.pad_token == tokenizer.eos_token  # pad == eos ...
+    from lorafit.data import prepare_data
+
+    prepared = prepare_data(recipe, tokenizer)
+    assert prepared.report.eos_trained  # ... and the end-of-turn is still a trained label
+    assert all(tokenizer.eos_token_id in row["labels"] for row in prepared.train)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Runs and files (14-20)
+
+
+def test_case14_finished_run_is_refused_without_overwrite_and_kept(tiny_llama, toy_data, tmp_path, no_model_load):
+    run = tmp_path / "run"
+    (run / "adapter").mkdir(parents=True)
+    (run / "metrics.json").write_text("{}")
+    (run / "adapter" / "adapter_model.safetensors").write_bytes(b"weights")
+    before = digest_tree(run)
+    recipe = write_recipe(tmp_path / "r.yaml", raw_recipe(tiny_llama, toy_data, run))
+    assert_one_line_error(*cli("train", str(recipe)), "already holds a finished run", "--overwrite")
+    assert digest_tree(run) == before
+
+
+@pytest.mark.parametrize("where", ["root", "home", "cwd", "model", "data"])
+def test_case14_dangerous_output_folders_are_refused(tiny_llama, toy_data, tmp_path, no_model_load, where):
+    out = {"root": Path("/"), "home": Path.home(), "cwd": Path.cwd(), "model": tiny_llama,
+           "data": toy_data.parent}[where]
+    recipe = write_recipe(tmp_path / "r.yaml", raw_recipe(tiny_llama, toy_data, out))
+    for flag in ("--overwrite", "--dry-run"):
+        assert_one_line_error(*cli("train", str(recipe), flag), "refusing to write a run into", "output.dir")
+
+
+def test_case14_files_lorafit_did_not_write_are_never_replaced(tiny_llama, toy_data, tmp_path, no_model_load):
+    run = tmp_path / "project"
+    run.mkdir()
+    (run / "README.md").write_text("my notes")
+    recipe = write_recipe(tmp_path / "r.yaml", raw_recipe(tiny_llama, toy_data, run))
+    assert_one_line_error(*cli("train", str(recipe), "--overwrite"),
+                          "already holds README.md, which lorafit did not write")
+    assert (run / "README.md").read_text() == "my notes"
+
+
+def test_case14_overwrite_and_rotation_delete_only_what_lorafit_wrote(tiny_llama, toy_data, tmp_path):
+    run = tmp_path / "run"
+    recipe = make_recipe(tiny_llama, toy_data, run, training={"max_steps": 4, "save_steps": 1, "save_total_limit": 1})
+    foreign = run / "checkpoints" / "checkpoint-100"  # looks like an HF checkpoint; HF's rotation would delete it
+    foreign.mkdir(parents=True)
+    (foreign / "mine.txt").write_text("keep me")
+    (run / "notes.txt").write_text("keep me too")
+    run_train(recipe, QUIET, overwrite=True)
+    assert checkpoint_steps(run) == [4]  # rotated down to save_total_limit ...
+    assert (foreign / "mine.txt").read_text() == "keep me"  # ... without touching what is not ours
+    run_train(recipe, QUIET, overwrite=True)  # --overwrite replaces only lorafit's files
+    assert (foreign / "mine.txt").read_text() == "keep me" and (run / "notes.txt").read_text() == "keep me too"
+    assert (run / "metrics.json").exists() and checkpoint_steps(run) == [4]
+    assert not (run / "checkpoints" / checkpoints.STAGING).exists()
+
+
+def test_case15_resume_with_a_different_recipe_is_refused_with_the_diff(tiny_llama, toy_data, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    raw = raw_recipe(tiny_llama, toy_data, run, training={"max_steps": 2})
+    signal_at_step(monkeypatch, 2)
+    with pytest.raises(Interrupted):
+        run_train(validate_recipe(raw), QUIET)
+    monkeypatch.undo()
+    before = digest_tree(run)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the recipe was compared")
+
+    monkeypatch.setattr(models, "load_base_model", refuse)
+    changed = {**raw, "adapter": {**raw["adapter"], "r": 8}, "data": {**raw["data"], "max_length": 32}}
+    recipe = write_recipe(tmp_path / "changed.yaml", changed)
+    message = assert_one_line_error(*cli("train", str(recipe), "--resume"), "refusing to resume", "different recipe")
+    assert "adapter.r: 4 -> 8" in message and "data.max_length: 48 -> 32" in message and "adapter.alpha" in message
+    # The data file itself is fingerprinted too.
+    extra_row = {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}
+    toy_data.write_text(toy_data.read_text().rstrip("\n") + "\n" + json.dumps(extra_row) + "\n")
+    message = assert_one_line_error(*cli("train", str(write_recipe(tmp_path / "same.yaml", raw)), "--resume"))
+    assert f"data file {toy_data}: contents changed" in message
+    assert digest_tree(run) == before
+
+
+def test_case16_interrupt_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(
+        tiny_llama, toy_data, tmp_path, monkeypatch):
+    straight = run_train(make_recipe(tiny_llama, toy_data, tmp_path / "straight"), QUIET)
+    handlers = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
+
+    recipe = make_recipe(tiny_llama, toy_data, tmp_path / "run")
+    signal_at_step(monkeypatch, 3, sig=signal.SIGTERM)
+    with pytest.raises(Interrupted) as info:
+        run_train(recipe, QUIET, resume_command="lorafit train r.yaml --resume")
+    assert str(info.value) == "interrupted at step 3; checkpoint saved; resume with: lorafit train r.yaml --resume"
+    assert info.value.exit_code == EXIT_INTERRUPTED
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers  # restored
+    assert checkpoint_steps(tmp_path / "run") == [2, 3]  # stopped at the step boundary, with a checkpoint
+    assert not (tmp_path / "run" / "adapter").exists() and not (tmp_path / "run" / "metrics.json").exists()
+    assert load_recipe(tmp_path / "run" / "recipe.yaml") == recipe  # the run folder alone can resume it
+    monkeypatch.undo()
+
+    resumed = run_train(recipe, QUIET, resume=True)
+    assert resumed.metrics["global_step"] == straight.metrics["global_step"] == 6
+    expected, got = adapter_weights(tmp_path / "straight"), adapter_weights(tmp_path / "run")
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.allclose(expected[name], got[name], atol=1e-6), name
+
+
+def test_case16_second_interrupt_stops_at_once_keeping_the_last_complete_checkpoint(
+        tiny_llama, toy_data, tmp_path, monkeypatch):
+    recipe = make_recipe(tiny_llama, toy_data, tmp_path / "run")
+    signal_at_step(monkeypatch, 3, times=2)
+    with pytest.raises(Interrupted, match=r"interrupted again: stopped at once at step 3; the last complete "
+                                          r"checkpoint \(.*checkpoint-2\) is kept; resume with"):
+        run_train(recipe, QUIET)
+    assert checkpoint_steps(tmp_path / "run") == [2]
+    monkeypatch.undo()
+    assert run_train(recipe, QUIET, resume=True).metrics["global_step"] == 6
+
+
+def test_case16_cli_interrupt_exits_130_with_the_resume_command(tiny_llama, toy_data, tmp_path, monkeypatch):
+    recipe = write_recipe(tmp_path / "r.yaml", raw_recipe(tiny_llama, toy_data, tmp_path / "run"))
+    signal_at_step(monkeypatch, 2)
+    code, lines = cli("train", str(recipe), "--set", "training.max_steps=5")
+    expected = f"interrupted at step 2; checkpoint saved; resume with: lorafit train {recipe} --set " \
+               f"training.max_steps=5 --resume"
+    assert_one_line_error(code, lines, expected, exit_code=EXIT_INTERRUPTED)
+    monkeypatch.undo()
+    code, lines = cli(*shlex.split(expected.split("resume with: ")[1])[1:])
+    assert code == 0, lines
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["global_step"] == 5
+
+
+def test_case17_a_crash_during_a_save_leaves_the_previous_checkpoint_and_resume_skips_it(
+        tiny_llama, toy_data, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    recipe = make_recipe(tiny_llama, toy_data, run)
+    fail_saving(monkeypatch, "checkpoint-4", RuntimeError("simulated crash in the middle of a save"))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_train(recipe, QUIET)
+    monkeypatch.undo()
+    assert checkpoint_steps(run) == [2] and not (run / "checkpoints" / "checkpoint-4").exists()
+    partial = run / "checkpoints" / checkpoints.STAGING / "checkpoint-4"
+    assert (partial / "adapter_model.safetensors").exists() and not (partial / "trainer_state.json").exists()
+    state = json.loads((run / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["global_step"] == 2
+
+    result = run_train(recipe, QUIET, resume=True)
+    assert any("skipped the incomplete checkpoint-4" in note for note in result.notes)
+    assert result.metrics["global_step"] == 6 and checkpoint_steps(run) == [4, 6]
+    assert not partial.exists()
+
+
+@pytest.mark.slow
+def test_case17_sigkill_during_a_save_leaves_the_previous_checkpoint_and_resume_skips_it(tiny_llama, toy_data,
+                                                                                         tmp_path):
+    run = tmp_path / "run"
+    raw = raw_recipe(tiny_llama, toy_data, run)
+    child = textwrap.dedent("""
+        import json, os, signal, sys
+        import torch
+        from rich.console import Console
+        from lorafit.recipe import validate_recipe
+        from lorafit.train import run_train
+
+        real_save = torch.save
+
+        def save(obj, f, *args, **kwargs):  # killed half-way through writing checkpoint-4
+            real_save(obj, f, *args, **kwargs)
+            if "checkpoint-4" in str(f):
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        torch.save = save
+        run_train(validate_recipe(json.loads(sys.argv[1])), Console(quiet=True))
+    """)
+    proc = subprocess.run([sys.executable, "-c", child, json.dumps(raw)], capture_output=True, text=True, timeout=300,
+                          check=False)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert checkpoint_steps(run) == [2] and not (run / "checkpoints" / "checkpoint-4").exists()
+    assert (run / "checkpoints" / checkpoints.STAGING / "checkpoint-4").exists()
+    state = json.loads((run / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["global_step"] == 2
+    result = run_train(validate_recipe(raw), QUIET, resume=True)
+    assert any("skipped the incomplete checkpoint-4" in note for note in result.notes)
+    assert result.metrics["global_step"] == 6
+
+
+@pytest.mark.slow
+def test_case16_sigterm_to_the_cli_process_saves_and_resumes(tiny_llama, toy_data, tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", raw_recipe(tiny_llama, toy_data, tmp_path / "run",
+                                                          training={"max_steps": 400, "save_steps": 1000}))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "NO_COLOR": "1"}
+    proc = subprocess.Popen(["lorafit", "train", str(recipe)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    for line in proc.stdout:
+        if line.startswith("step 2/"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == EXIT_INTERRUPTED, stderr
+    assert "Traceback" not in stderr
+    assert f"checkpoint saved; resume with: lorafit train {recipe} --resume" in stderr
+    step = checkpoint_steps(tmp_path / "run")[-1]
+    assert 2 <= step < 400
+    done = subprocess.run(["lorafit", "train", str(recipe), "--resume", "--set", f"training.max_steps={step + 2}"],
+                          capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["global_step"] == step + 2
+
+
+def test_case18_nan_loss_stops_keeps_the_last_good_checkpoint_and_exports_nothing(tiny_llama, toy_data, tmp_path):
+    run = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", raw_recipe(
+        tiny_llama, toy_data, run, training={"learning_rate": 1e30, "save_steps": 1, "max_nonfinite_steps": 2}))
+    message = assert_one_line_error(*cli("train", str(recipe)), "training: loss was NaN/inf for 2 steps in a row",
+                                    "no adapter was exported", "training.learning_rate", exit_code=EXIT_RUN_FAILED)
+    assert "the last complete checkpoint" in message
+    assert not (run / "adapter").exists() and not (run / "metrics.json").exists()
+    steps = checkpoint_steps(run)
+    assert steps and max(steps) < 6
+    for checkpoint in checkpoints.complete_checkpoints(run / "checkpoints"):
+        weights = load_file(checkpoint / "adapter_model.safetensors")
+        assert all(torch.isfinite(w).all() for w in weights.values()), checkpoint
+
+
+def test_case18_nan_weights_are_never_exported(tiny_llama, toy_data, tmp_path, monkeypatch):
+    original = ProgressCallback.on_train_end
+
+    def poison(self, args, state, control, model=None, **kwargs):
+        with torch.no_grad():
+            next(p for n, p in model.named_parameters() if "lora_B" in n).fill_(float("nan"))
+        return original(self, args, state, control, model=model, **kwargs)
+
+    monkeypatch.setattr(ProgressCallback, "on_train_end", poison)
+    with pytest.raises(RunFailed, match="the trained weights hold NaN/inf .*lora_B.*no adapter was exported"):
+        run_train(make_recipe(tiny_llama, toy_data, tmp_path / "run", training={"max_steps": 2}), QUIET)
+    assert not (tmp_path / "run" / "adapter").exists()
+
+
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+                                   RuntimeError("MPS backend out of memory (MPS allocated: 17 GB)")])
+def test_case19_out_of_memory_names_the_knobs_and_their_values(tiny_llama, toy_data, tmp_path, monkeypatch, error):
+    recipe = write_recipe(tmp_path / "r.yaml", raw_recipe(tiny_llama, toy_data, tmp_path / "run",
+                                                          training={"precision": "fp32"}))
+    fail_at_step(monkeypatch, 3, error)
+    message = assert_one_line_error(*cli("train", str(recipe)), "out of memory", exit_code=EXIT_RUN_FAILED)
+    for knob in ("training.batch_size=4", "training.grad_accum=1", "data.max_length=48",
+                 "training.gradient_checkpointing=off", "quantization=none", "precision=fp32",
+                 "lower training.batch_size", "quantization: {bits: 4}"):
+        assert knob in message, knob
+    assert checkpoint_steps(tmp_path / "run") == [2]
+
+
+def test_case19_disk_full_during_a_save_is_explained_and_the_last_checkpoint_kept(
+        tiny_llama, toy_data, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", raw_recipe(tiny_llama, toy_data, run))
+    fail_saving(monkeypatch, "checkpoint-4", OSError(errno.ENOSPC, "No space left on device"))
+    message = assert_one_line_error(*cli("train", str(recipe)), f"output.dir: {run}", "disk full", "free",
+                                    "checkpoint-2) is kept", "save_total_limit", exit_code=EXIT_RUN_FAILED)
+    assert f"resume with: lorafit train {recipe} --resume" in message
+    assert checkpoint_steps(run) == [2] and not (run / "checkpoints" / checkpoints.STAGING).exists()
+
+
+def test_case20_secrets_from_the_environment_never_reach_the_run_folder(tiny_llama, toy_data, tmp_path, monkeypatch):
+    secrets = {"HF_TOKEN": "hf_PLANTEDsecret0123456789", "HUGGING_FACE_HUB_TOKEN": "hf_PLANTEDsecret9876543210",
+               "WANDB_API_KEY": "wandb-PLANTED-key-4242", "MLFLOW_TRACKING_TOKEN": "mlflow-PLANTED-token-77",
+               "COMET_API_KEY": "comet-PLANTED-key-11"}
+    for name, value in secrets.items():
+        monkeypatch.setenv(name, value)
+    run = tmp_path / "run"
+    recipe = make_recipe(tiny_llama, toy_data, run, training={"max_steps": 2, "save_steps": 1},
+                         output={"report_to": ["tensorboard"]})
+    run_train(recipe, QUIET)
+    files = [p for p in run.rglob("*") if p.is_file()]
+    assert {"training_args.bin", "recipe.yaml", "README.md", "metrics.json"} <= {p.name for p in files}
+    assert any(p.name.startswith("events.out.tfevents") for p in files)
+    for path in files:
+        content = path.read_bytes()
+        for name, value in secrets.items():
+            assert value.encode() not in content, f"{name} leaked into {path}"
+    args = torch.load(next(p for p in files if p.name == "training_args.bin"), weights_only=False)
+    assert args.hub_token is None and not args.push_to_hub
