@@ -51,8 +51,11 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON result obj
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print only the result and errors.")]
 
 
-def _execute(work: Callable[[], Any], *, debug: bool) -> Any:
-    """Run a command body; user errors become one line on stderr and an exit code, bugs keep a traceback."""
+def _execute(work: Callable[[], Any], *, debug: bool, as_json: bool = False) -> Any:
+    """Run a command body; user errors become one line on stderr and an exit code, bugs keep a traceback.
+
+    With --json, a failure also prints one {"ok": false, ...} object on stdout, so CI always gets a result.
+    """
     err = Console(stderr=True, highlight=False)
     _quiet_libraries(debug)
     try:
@@ -61,9 +64,14 @@ def _execute(work: Callable[[], Any], *, debug: bool) -> Any:
         if debug:
             raise
         err.print(Text(f"error: {exc}", style="bold red"), soft_wrap=True)
+        if as_json:
+            _print_json({"ok": False, "error": str(exc), "where": exc.where, "hint": exc.hint,
+                         "exit_code": exc.exit_code})
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         err.print(Text("interrupted", style="bold red"))
+        if as_json:
+            _print_json({"ok": False, "error": "interrupted", "exit_code": EXIT_INTERRUPTED})
         raise typer.Exit(EXIT_INTERRUPTED) from None
     except (typer.Exit, typer.Abort):
         raise
@@ -135,7 +143,7 @@ def train(
         else:
             _render_train(console, result)
 
-    _execute(work, debug=debug)
+    _execute(work, debug=debug, as_json=as_json)
 
 
 @app.command()
@@ -166,18 +174,22 @@ def init(
                                                     if result.resolved_targets else ""))
         console.print(f"next: lorafit train {result.path} --dry-run")
 
-    _execute(work, debug=debug)
+    _execute(work, debug=debug, as_json=as_json)
 
 
 @app.command()
-def validate(recipe_path: RecipeArg, overrides: SetOpt = None, debug: DebugOpt = False) -> None:
-    """Check a recipe (schema, values, files named) without loading any model."""
+def validate(recipe_path: RecipeArg, overrides: SetOpt = None, as_json: JsonOpt = False,
+             debug: DebugOpt = False) -> None:
+    """Check a recipe (schema, values, cross-field rules) without loading any model."""
 
     def work() -> None:
         recipe = load_recipe(recipe_path, overrides or [])
-        Console(highlight=False).print(f"[green]ok[/green] {recipe_path}: recipe '{recipe.name}' is valid")
+        if as_json:
+            _print_json({"command": "validate", "ok": True, "recipe": recipe.model_dump(mode="json")})
+        else:
+            Console(highlight=False).print(f"[green]ok[/green] {recipe_path}: recipe '{recipe.name}' is valid")
 
-    _execute(work, debug=debug)
+    _execute(work, debug=debug, as_json=as_json)
 
 
 @app.command("inspect-modules")
@@ -200,7 +212,7 @@ def inspect_modules(
         else:
             _render_inspect(Console(highlight=False), result)
 
-    _execute(work, debug=debug)
+    _execute(work, debug=debug, as_json=as_json)
 
 
 @app.command()
@@ -240,7 +252,7 @@ def merge(
         else:
             _render_merge(Console(highlight=False), result)
 
-    _execute(work, debug=debug)
+    _execute(work, debug=debug, as_json=as_json)
 
 
 @app.command("eval")
@@ -273,7 +285,7 @@ def eval_command(
         else:
             _render_eval(Console(highlight=False), result)
 
-    _execute(work, debug=debug)
+    _execute(work, debug=debug, as_json=as_json)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -131,3 +131,13 @@ def _process_start_time() -> float | None:
         return psutil.Process().create_time()
     except Exception:  # noqa: BLE001 - a missing or failing psutil only costs this one metric
         return None
+
+
+class EvaluateAtEnd(TrainerCallback):
+    """Evaluate once at the last step, inside training, so the eval loss reaches the progress display and every
+    tracker (HF closes tensorboard writers at train end; an evaluate() afterwards would log nowhere)."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps:
+            control.should_evaluate = True
+        return control

@@ -112,7 +112,6 @@ def run_train(recipe: Recipe, console: Console, *, dry_run: bool = False, resume
         train_started = time.perf_counter()
         output = checkpoints.train(trainer, recipe, resume_from=checkpoint, resume_command=resume_command)
         train_seconds = time.perf_counter() - train_started
-        eval_metrics = trainer.evaluate() if prepared.eval is not None else {}
     nonfinite = checkpoints.nonfinite_parameters(model)
     if nonfinite:
         raise RunFailed(f"the trained weights hold NaN/inf ({', '.join(nonfinite[:3])}); no adapter was exported",
@@ -126,7 +125,7 @@ def run_train(recipe: Recipe, console: Console, *, dry_run: bool = False, resume
         "global_step": trainer.state.global_step,
         "train_loss_final": _last_logged(trainer.state.log_history, "loss"),
         "train_loss_mean": output.training_loss,
-        "eval_loss": eval_metrics.get("eval_loss"),
+        "eval_loss": _last_logged(trainer.state.log_history, "eval_loss"),
         "loss_history": [
             {"step": e["step"], **{k: e[k] for k in ("loss", "eval_loss", "learning_rate", "grad_norm") if k in e}}
             for e in trainer.state.log_history if "loss" in e or "eval_loss" in e
@@ -247,7 +246,7 @@ def _build_trainer(recipe: Recipe, model, tokenizer, prepared, precision: Precis
     from trl import SFTConfig
 
     from lorafit import checkpoints
-    from lorafit.progress import ProgressCallback
+    from lorafit.progress import EvaluateAtEnd, ProgressCallback
 
     t = recipe.training
     row_per_forward = _one_packed_row_per_forward(recipe, model)
@@ -276,8 +275,9 @@ def _build_trainer(recipe: Recipe, model, tokenizer, prepared, precision: Precis
         data_seed=t.seed,
         logging_steps=t.logging_steps,
         logging_first_step=True,
-        eval_strategy="steps" if (t.eval_steps and prepared.eval is not None) else "no",
-        eval_steps=t.eval_steps,
+        # With no eval_steps, EvaluateAtEnd still evaluates once, at the last step.
+        eval_strategy="steps" if prepared.eval is not None else "no",
+        eval_steps=t.eval_steps or 10**9,
         save_strategy="steps",
         save_steps=t.save_steps,
         save_total_limit=None,
@@ -297,6 +297,8 @@ def _build_trainer(recipe: Recipe, model, tokenizer, prepared, precision: Precis
         ddp_find_unused_parameters=False,
     )
     callbacks.append(ProgressCallback(console, quiet=quiet))
+    if prepared.eval is not None:
+        callbacks.append(EvaluateAtEnd())
     trainer = checkpoints.GuardedSFTTrainer(
         max_nonfinite_steps=t.max_nonfinite_steps,
         model=model,

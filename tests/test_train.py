@@ -67,7 +67,13 @@ def test_run_folder_holds_exactly_the_record(trained_run):
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
             "chat_template.jinja"} <= adapter_files
     assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in adapter_files)  # safetensors only
-    assert any(p.name.startswith("events.out.tfevents") for p in (run / "logs").iterdir())
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "logs"))
+    events.Reload()
+    losses = events.Scalars("train/loss")
+    assert [e.step for e in losses][:2] == [1, 5] and losses[-1].value < losses[0].value  # logged every 5 steps
+    assert "eval/loss" in events.Tags()["scalars"]
     card = (run / "README.md").read_text()
     assert "PeftModel" in card or "AutoPeftModelForCausalLM" in card
     assert "vllm" in card.lower() and "lorafit merge" in card
