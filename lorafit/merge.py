@@ -168,6 +168,7 @@ def run_merge(specs: list[AdapterSpec], out_dir: str | Path, *, base: str | None
                                             what="saved adapter" if as_adapter else "merged model")
         if not as_adapter:
             merged.config.use_cache = True  # training switched the KV cache off; inference wants it
+            _stop_on_end_of_turn(merged, tokenizer)
             merged.save_pretrained(str(staging), max_shard_size=max_shard_size, safe_serialization=True)
         tokenizer.save_pretrained(str(staging))
         result = MergeResult(
@@ -458,3 +459,17 @@ def _model_card(result: MergeResult) -> str:
         use,
         "",
     ])
+
+
+def _stop_on_end_of_turn(model, tokenizer) -> None:
+    """Make plain `generate()` stop where the adapter learned to stop: the template's end-of-turn token."""
+    eos = tokenizer.eos_token_id
+    config = model.generation_config
+    if eos is None or config is None:
+        return
+    current = config.eos_token_id
+    current = current if isinstance(current, list) else [current] if current is not None else []
+    if eos not in current:
+        config.eos_token_id = [*current, eos] if current else eos
+    if config.pad_token_id is None:
+        config.pad_token_id = tokenizer.pad_token_id

@@ -203,3 +203,17 @@ def test_cli_merges_and_reports_json_and_errors_in_one_line(runs, tmp_path):
     assert again.output.strip().startswith("error:") and len(again.output.strip().splitlines()) == 1
     missing = CliRunner().invoke(app, ["merge", "--out", str(tmp_path / "x")])
     assert missing.exit_code == 1 and "no adapter given" in missing.output
+
+
+def test_merged_generation_config_stops_on_the_trained_end_of_turn(tmp_path):
+    from transformers import GenerationConfig
+
+    base = build_tiny_model(tmp_path / "base", "llama")
+    config = GenerationConfig.from_pretrained(base)
+    config.eos_token_id = 0  # a base model whose own generation config stops on another token
+    config.save_pretrained(base)
+    adapter = write_lora_run(tmp_path / "run", base, r=4, seed=1)
+    run_merge([AdapterSpec(adapter)], tmp_path / "merged")
+    merged = GenerationConfig.from_pretrained(tmp_path / "merged")
+    end_of_turn = AutoTokenizer.from_pretrained(adapter).eos_token_id
+    assert merged.eos_token_id == [0, end_of_turn]
