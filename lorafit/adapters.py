@@ -143,11 +143,20 @@ def build_peft_config(section: AdapterSection, model: nn.Module, task_type: str 
     )
 
 
+def peft_task_type(task: str) -> str:
+    """PEFT's name for a recipe task."""
+    return "SEQ_CLS" if task == "sequence-classification" else "CAUSAL_LM"
+
+
 def wrap_model(recipe: Recipe, model: nn.Module, *, gradient_checkpointing: bool) -> PeftModel:
-    """The base model frozen and wrapped with the recipe's adapter (prepared for k-bit training under QLoRA)."""
+    """The base model frozen and wrapped with the recipe's adapter (prepared for k-bit training under QLoRA).
+
+    For sequence classification PEFT's SEQ_CLS task adds the classifier head (`classifier`, or `score` on decoders)
+    to modules_to_save: it is trained fully and saved with the adapter; presets never target it with LoRA.
+    """
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    config = build_peft_config(recipe.adapter, model)
+    config = build_peft_config(recipe.adapter, model, task_type=peft_task_type(recipe.task))
     if recipe.quantization is not None:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     elif gradient_checkpointing:

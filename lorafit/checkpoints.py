@@ -11,7 +11,7 @@
 - Ctrl-C / SIGTERM finish the current step, save a checkpoint and stop with the resume command; a second
   signal stops at once, leaving the last complete checkpoint;
 - NaN/inf losses are skipped (zero gradients) and stop the run after `training.max_nonfinite_steps` in a
-  row (`GuardedSFTTrainer`); no checkpoint is saved during such a streak or with non-finite weights.
+  row (`GuardedSFTTrainer`, `GuardedTrainer`); no checkpoint is saved during such a streak or with non-finite weights.
 
 Around it, `check_resume` (before any model is loaded) refuses to resume with a different recipe and
 picks the newest complete checkpoint, `record_run` writes the recipe fingerprint it compares against,
@@ -265,16 +265,25 @@ def _fsync(path: Path) -> None:
 
 def GuardedSFTTrainer(**kwargs):  # reads like the class it builds; trl is imported lazily
     """An SFTTrainer that stops on repeated non-finite losses (see `_guarded_trainer_class`)."""
-    return _guarded_trainer_class()(**kwargs)
+    return _guarded_trainer_class("sft")(**kwargs)
+
+
+def GuardedTrainer(**kwargs):
+    """A plain transformers Trainer (sequence classification) with the same guard."""
+    return _guarded_trainer_class("plain")(**kwargs)
 
 
 @functools.cache
-def _guarded_trainer_class():
-    from lorafit.loss import sft_trainer_class
+def _guarded_trainer_class(kind: str):
+    if kind == "sft":
+        from lorafit.loss import sft_trainer_class
 
-    # SFTTrainer, with a faster loss where TRL's fused LM head has no kernel (CPU); see lorafit/loss.py.
-    class _Guarded(sft_trainer_class()):
-        """SFTTrainer that refuses to keep stepping on NaN/inf losses.
+        base = sft_trainer_class()  # SFTTrainer, with a faster loss where TRL's fused LM head has no kernel (CPU)
+    else:
+        from transformers import Trainer as base
+
+    class _Guarded(base):
+        """A Trainer (SFT or plain) that refuses to keep stepping on NaN/inf losses.
 
         `compute_loss` is the documented extension point: a non-finite loss is replaced by a zero loss
         (zero gradients, so the weights stay finite) and after `max_nonfinite_steps` in a row the run stops,

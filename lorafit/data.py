@@ -4,6 +4,9 @@
 chat messages (or plain text), renders and tokenizes it with the template, truncates, and drops rows that
 cannot teach anything, counting why. The returned `DataReport` is what `--dry-run` and the pre-flight
 lint show; training aborts when nothing trainable remains.
+
+For task sequence-classification, rows are a text column (and optionally a text pair) tokenized as they are,
+and a label column mapped to class ids; a label outside the classes stops with the row that holds it.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import math
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -33,6 +37,7 @@ FORMAT_COLUMNS = {
     "text": ("text",),
 }
 _ROLE_ALIASES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant"}
+CLASSIFICATION = "text+label"  # the DataReport format of sequence-classification data
 
 
 @dataclass
@@ -51,6 +56,7 @@ class DataReport:
     eos_token: str | None = None
     samples: list[list[tuple[str, bool]]] = field(default_factory=list)  # (token text, trained?) per token
     fingerprint: dict[str, str] = field(default_factory=dict)
+    label_counts: dict[str, int] = field(default_factory=dict)  # sequence-classification: train rows per class
 
     @property
     def supervised_share(self) -> float:
@@ -59,9 +65,10 @@ class DataReport:
     def warnings(self) -> list[str]:
         """Problems worth showing before training starts."""
         notes = [f"dropped {n} row(s): {reason}" for reason, n in self.dropped.items()]
-        if not self.eos_trained and self.format != "text":
+        if not self.eos_trained and self.format not in ("text", CLASSIFICATION):
             notes.append(f"the end-of-turn token {self.eos_token!r} is never a trained label: the model will not "
                          "learn to stop; check template.name")
+        notes.extend(f"class {name!r} has no training rows" for name, n in self.label_counts.items() if not n)
         return notes
 
 
@@ -72,12 +79,15 @@ class PreparedData:
     train: Dataset
     eval: Dataset | None
     report: DataReport
+    labels: list[str] | None = None  # sequence-classification: the class names, in id order
 
 
 def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> PreparedData:
     """Read, normalise, render, tokenize and lint the recipe's data."""
     from datasets import Dataset
 
+    if recipe.task == "sequence-classification":
+        return _prepare_classification(recipe, tokenizer)
     section = recipe.data
     train_rows, fingerprint = read_rows(section.train, section)
     if isinstance(section.eval, str):
@@ -104,7 +114,7 @@ def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> Prepared
     return PreparedData(to_dataset(train), to_dataset(evaluation) if evaluation else None, report)
 
 
-def _hold_out(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+def _hold_out(rows: list, fraction: float, seed: int) -> tuple[list, list]:
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     n_eval = max(1, round(len(rows) * fraction)) if len(rows) > 1 else 0
@@ -294,3 +304,145 @@ def _encode_rows(rows: list[dict[str, Any]], fmt: str, recipe: Recipe, tokenizer
                 report.samples.append([(tokenizer.decode([t]), label != -100) for t, label in zip(ids, labels)])
         encoded.append(example)
     return encoded
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sequence classification: a text column (and optionally a text pair) and a label column
+
+
+@dataclass(frozen=True)
+class LabelledText:
+    """One sequence-classification example: the text (and pair) as read, its tokens and its class id."""
+
+    text: str
+    text_pair: str | None
+    input_ids: list[int]
+    token_type_ids: list[int] | None  # only with a text pair: which tokens belong to which text
+    label: int
+
+
+def _prepare_classification(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> PreparedData:
+    section = recipe.data
+    train_rows, fingerprint = read_rows(section.train, section)
+    labels = class_labels(recipe, train_rows)
+    # Labels are checked before any row is held out, so an error names the row's place in the file.
+    where = f"data.train: {section.train}" if isinstance(section.train, str) else "data.train"
+    train = list(zip(train_rows, label_ids(train_rows, labels, section, where), strict=True))
+    evaluation: list[tuple[dict[str, Any], int]] = []
+    if isinstance(section.eval, str):
+        eval_rows, eval_fingerprint = read_rows(section.eval, section)
+        fingerprint.update(eval_fingerprint)
+        ids = label_ids(eval_rows, labels, section, f"data.eval: {section.eval}")
+        evaluation = list(zip(eval_rows, ids, strict=True))
+    elif isinstance(section.eval, float):
+        train, evaluation = _hold_out(train, section.eval, recipe.training.seed)
+    report = DataReport(format=CLASSIFICATION, template="none", rows_read=len(train) + len(evaluation),
+                        eos_token=tokenizer.eos_token, fingerprint=fingerprint, label_counts=dict.fromkeys(labels, 0))
+    train_examples, empty = encode_labelled(train, section, tokenizer)
+    eval_examples, eval_empty = encode_labelled(evaluation, section, tokenizer)
+    if empty + eval_empty:
+        report.dropped["empty or missing text"] += empty + eval_empty
+    if not train_examples:
+        raise LorafitError(f"no trainable rows remain ({empty} with an empty or missing text)", where="data.train",
+                           hint="check data.fields.text")
+    for example in train_examples:
+        report.label_counts[labels[example.label]] += 1
+        report.total_tokens += len(example.input_ids)
+        if len(report.samples) < 2:  # the text as the model reads it, then the label it learns (highlighted)
+            report.samples.append([(tokenizer.decode([t]), False) for t in example.input_ids]
+                                  + [(f"  -> {labels[example.label]}", True)])
+    report.train_examples, report.eval_examples = len(train_examples), len(eval_examples)
+    return PreparedData(_labelled_dataset(train_examples),
+                        _labelled_dataset(eval_examples) if eval_examples else None, report, labels)
+
+
+def class_labels(recipe: Recipe, train_rows: list[dict[str, Any]] | None = None) -> list[str]:
+    """The class names in id order: data.labels, else the distinct label values of data.train, sorted."""
+    section = recipe.data
+    if section.labels is not None:
+        return list(section.labels)
+    rows = read_rows(section.train, section)[0] if train_rows is None else train_rows
+    _require_columns(rows, section, "data.train")
+    column = _column(section, "label")
+    names = {_label_name(row.get(column)) for row in rows} - {None}
+    if len(names) < 2:
+        raise LorafitError(f"the {column!r} column holds {len(names)} distinct label(s); a classifier needs at "
+                           "least two", where="data.train", hint="check data.fields.label, or list data.labels")
+    return sorted(names, key=_class_order)  # type: ignore[arg-type]
+
+
+def label_ids(rows: list[dict[str, Any]], labels: list[str], section: DataSection, where: str) -> list[int]:
+    """Each row's class id; a missing label, or one that is not a class, is an error naming its row."""
+    _require_columns(rows, section, where)
+    column = _column(section, "label")
+    index = {name: i for i, name in enumerate(labels)}
+    ids = []
+    for number, row in enumerate(rows, start=1):
+        value = row.get(column)
+        name = _label_name(value)
+        if name not in index:
+            problem = (f"no {column!r} value" if value is None or value == "" else
+                       f"label {value!r} is not one of the classes ({', '.join(labels)})")
+            raise LorafitError(f"row {number}: {problem}", where=where,
+                               hint="fix the row, or list every class in data.labels")
+        ids.append(index[name])
+    return ids
+
+
+def encode_labelled(rows: list[tuple[dict[str, Any], int]], section: DataSection,
+                    tokenizer: PreTrainedTokenizerBase) -> tuple[list[LabelledText], int]:
+    """Tokenize (row, class id) pairs, truncated to data.max_length; also returns how many rows had no text."""
+    text_column, pair_column = _column(section, "text"), _column(section, "text_pair")
+    examples, empty = [], 0
+    for row, label in rows:
+        text, pair = row.get(text_column), row.get(pair_column)
+        if not isinstance(text, str) or not text.strip():
+            empty += 1
+            continue
+        pair = pair if isinstance(pair, str) else None
+        encoding = tokenizer(text, pair, truncation=True, max_length=section.max_length)
+        types = encoding.get("token_type_ids") if pair is not None else None
+        examples.append(LabelledText(text, pair, list(encoding["input_ids"]), list(types) if types else None, label))
+    return examples, empty
+
+
+def _labelled_dataset(examples: list[LabelledText]) -> Dataset:
+    from datasets import Dataset
+
+    columns: dict[str, list] = {"input_ids": [e.input_ids for e in examples], "labels": [e.label for e in examples]}
+    if any(e.token_type_ids for e in examples):
+        columns["token_type_ids"] = [e.token_type_ids or [0] * len(e.input_ids) for e in examples]
+    return Dataset.from_dict(columns)
+
+
+def _column(section: DataSection, name: str) -> str:
+    return section.fields.get(name, name)
+
+
+def _require_columns(rows: list[dict[str, Any]], section: DataSection, where: str) -> None:
+    columns = set(rows[0]) if rows else set()
+    missing = [_column(section, name) for name in ("text", "label") if _column(section, name) not in columns]
+    if missing:
+        raise LorafitError(f"no {' or '.join(repr(m) for m in missing)} column; the data has "
+                           f"{', '.join(sorted(columns)) or 'no columns'}", where=where,
+                           hint="map your columns with data.fields, e.g. {text: review, label: sentiment}")
+
+
+def _label_name(value: Any) -> str | None:
+    """A label value as a class name: text as written, whole numbers as digits; None when missing or unusable."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, int) or (isinstance(value, float) and value.is_integer()):
+        return str(int(value))
+    if isinstance(value, str) and value.strip():
+        return value
+    return None
+
+
+def _class_order(name: str) -> tuple[int, float, str]:
+    """Numbers numerically (2 before 10), then names alphabetically."""
+    try:
+        number = float(name)
+    except ValueError:
+        return (1, 0.0, name)
+    return (0, number, name) if math.isfinite(number) else (1, 0.0, name)

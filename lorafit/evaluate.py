@@ -340,6 +340,18 @@ def _generation_scores(predictions: list[str], references: list[str]) -> dict[st
     }
 
 
+def classification_scores(predicted: list[int], references: list[int]) -> dict[str, float]:
+    """Accuracy and macro-F1 (the mean F1 over the classes that occur in the references or the predictions)."""
+    pairs = list(zip(predicted, references, strict=True))
+    f1 = []
+    for label in sorted(set(predicted) | set(references)):
+        true_positive = sum(p == r == label for p, r in pairs)
+        wrong = sum((p == label) != (r == label) for p, r in pairs)  # false positives + false negatives
+        f1.append(2 * true_positive / (2 * true_positive + wrong))
+    return {"accuracy": sum(p == r for p, r in pairs) / len(pairs) if pairs else 0.0,
+            "f1": sum(f1) / len(f1) if f1 else 0.0}
+
+
 def _write(result: EvalResult) -> None:
     from lorafit.export import write_text_atomic
 

@@ -218,10 +218,15 @@ def generation_stop_ids(recipe: Recipe, source: str) -> set[int]:
     return set(eos) if isinstance(eos, list) else ({eos} if eos is not None else set())
 
 
-def load_base_model(recipe: Recipe, source: str, precision: Precision) -> PreTrainedModel:
-    """The base model for training, quantized with bitsandbytes when the recipe has a quantization section."""
+def load_base_model(recipe: Recipe, source: str, precision: Precision, *,
+                    pad_token_id: int | None = None) -> PreTrainedModel:
+    """The base model for training, quantized with bitsandbytes when the recipe has a quantization section.
+
+    For task sequence-classification it is loaded with a classifier head for `recipe.data.labels` (fresh when the
+    checkpoint has none or one of another size), and `pad_token_id` must be the tokenizer's pad id.
+    """
     import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, BitsAndBytesConfig
 
     section = recipe.model
     dtype = precision.torch_dtype if section.dtype == "auto" else getattr(torch, section.dtype)
@@ -245,8 +250,12 @@ def load_base_model(recipe: Recipe, source: str, precision: Precision) -> PreTra
             kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
         if precision.device == "cuda":
             kwargs["device_map"] = {"": _local_cuda_device()}
+    auto_class = AutoModelForCausalLM
+    if recipe.task == "sequence-classification":
+        auto_class = AutoModelForSequenceClassification
+        kwargs.update(classifier_config(recipe.data.labels, pad_token_id), ignore_mismatched_sizes=True)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        model = auto_class.from_pretrained(source, **kwargs)
     except ImportError as exc:
         raise LorafitError(_first_line(exc), where="quantization",
                            hint="pip install bitsandbytes, or remove the quantization section") from None
@@ -254,6 +263,18 @@ def load_base_model(recipe: Recipe, source: str, precision: Precision) -> PreTra
         raise LorafitError(_first_line(exc), where=f"model.path: {section.path}") from None
     model.config.use_cache = False  # the KV cache is useless in training and costs memory
     return model
+
+
+def classifier_config(labels: list[str] | None, pad_token_id: int | None) -> dict:
+    """Config values of a sequence classifier over `labels` (in id order).
+
+    `pad_token_id` must be the id the batches are padded with: decoder classifiers (Llama, Qwen, GPT-2...) read
+    the logits at the last token that is not padding, and Llama-style configs define no pad token at all.
+    """
+    if not labels:
+        raise LorafitError("a sequence classifier needs its class names", where="data.labels")
+    values = {"id2label": dict(enumerate(labels)), "label2id": {name: i for i, name in enumerate(labels)}}
+    return values if pad_token_id is None else {**values, "pad_token_id": pad_token_id}
 
 
 def _local_cuda_device() -> int:
@@ -282,18 +303,23 @@ def load_config(section: ModelSection, source: str):
                            hint="check the folder (it needs a config.json) or the hub id and your network") from None
 
 
-def build_meta_model(config, *, trust_remote_code: bool = False) -> tuple[torch.nn.Module, str | None]:
+def build_meta_model(config, *, trust_remote_code: bool = False,
+                     labels: list[str] | None = None) -> tuple[torch.nn.Module, str | None]:
     """The model skeleton on the meta device (modules and shapes, zero memory) and its PEFT task type.
 
-    A causal LM as training loads it; a sequence classifier when the config says so; the bare model for
-    architectures that have no LM head class (encoders).
+    A causal LM as training loads it; a sequence classifier when the config says so, or over `labels` when they
+    are given (task sequence-classification); the bare model for architectures that have no LM head class (encoders).
     """
     import torch
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     architectures = getattr(config, "architectures", None) or []
     candidates = [(AutoModelForCausalLM, "CAUSAL_LM"), (AutoModel, None)]
-    if any(name.endswith("ForSequenceClassification") for name in architectures):
+    if labels is not None:
+        for key, value in classifier_config(labels, getattr(config, "pad_token_id", None)).items():
+            setattr(config, key, value)
+        candidates = [(AutoModelForSequenceClassification, "SEQ_CLS")]
+    elif any(name.endswith("ForSequenceClassification") for name in architectures):
         candidates.insert(0, (AutoModelForSequenceClassification, "SEQ_CLS"))
     for auto_class, task_type in candidates:
         try:

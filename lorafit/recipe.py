@@ -102,7 +102,12 @@ class DataSection(_Section):
     )
     fields: dict[str, str] = Field(
         default_factory=dict,
-        description="Map this format's column names to yours, e.g. {prompt: question, completion: answer}.",
+        description="Map this format's column names to yours, e.g. {prompt: question, completion: answer}; "
+        "sequence-classification reads text (and optionally text_pair) and label, e.g. {text: review, label: stars}.",
+    )
+    labels: list[str] | None = Field(
+        None, description="sequence-classification: the class names in id order; default: the distinct label "
+        "values of data.train, sorted (numbers numerically).",
     )
     split: str = Field("train", description="Split to read from a hub dataset.")
     max_length: int = Field(1024, gt=0, description="Tokens per example; longer rows are truncated.")
@@ -119,6 +124,21 @@ class DataSection(_Section):
     def _fraction_in_range(cls, value: str | float | None) -> str | float | None:
         if isinstance(value, float) and not 0.0 < value < 1.0:
             raise ValueError("a held-out fraction must be between 0 and 1 (exclusive), or give a file")
+        return value
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _integer_labels_as_names(cls, value: Any) -> Any:
+        # `labels: [0, 1, 2]` names classes as the data's integer labels do; they are matched as text.
+        if isinstance(value, list):
+            return [str(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value]
+        return value
+
+    @field_validator("labels")
+    @classmethod
+    def _distinct_classes(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and (len(value) < 2 or len(set(value)) != len(value)):
+            raise ValueError("must list at least two distinct class names")
         return value
 
 
@@ -182,6 +202,10 @@ class OutputSection(_Section):
 
 class Recipe(_Section):
     name: str = Field(description="Run name; names the default run folder.")
+    task: Literal["causal-lm", "sequence-classification"] = Field(
+        "causal-lm", description="causal-lm: learn to write the completions (SFT). sequence-classification: learn "
+        "to predict a label column from a text column; the classifier head is trained fully.",
+    )
     model: ModelSection
     quantization: QuantizationSection | None = Field(None, description="Absent: plain LoRA. Present: QLoRA.")
     adapter: AdapterSection = Field(default_factory=AdapterSection)
@@ -211,7 +235,27 @@ class Recipe(_Section):
             # at their sequence boundaries: packed examples would attend to each other (tests/test_packing.py).
             raise ValueError("data.packing: prefix tuning cannot be packed (packed examples would attend to each "
                              "other); set packing: false, or use data.group_by_length for speed")
+        if self.task == "sequence-classification":
+            self._check_classification()
+        elif self.data.labels is not None:
+            raise ValueError("data.labels: class names only apply to task: sequence-classification")
         return self
+
+    def _check_classification(self) -> None:
+        # Settings that would silently do nothing for a classifier are refused, each naming its key.
+        if self.data.packing:
+            raise ValueError("data.packing: sequence-classification has one label per row and cannot pack rows; "
+                             "set packing: false (data.group_by_length batches similar lengths for speed)")
+        if self.data.format != "auto":
+            raise ValueError("data.format: only applies to task: causal-lm; sequence-classification reads the text "
+                             "and label columns (rename yours with data.fields)")
+        unknown = sorted(set(self.data.fields) - {"text", "text_pair", "label"})
+        if unknown:
+            raise ValueError(f"data.fields: {', '.join(unknown)} is not a sequence-classification column; "
+                             "map text, text_pair (optional) and label to your column names")
+        if self.template != TemplateSection():
+            raise ValueError("template: sequence-classification feeds the text column to the model as it is, without "
+                             "a prompt template; remove the template section")
 
     @property
     def run_dir(self) -> Path:

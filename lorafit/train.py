@@ -1,4 +1,4 @@
-"""`lorafit train`: recipe -> base model -> adapter -> data -> SFT trainer -> run folder.
+"""`lorafit train`: recipe -> base model -> adapter -> data -> SFT (or classifier) trainer -> run folder.
 
 Read `run_train` top to bottom: each step is one call into the module that owns it.
 """
@@ -65,8 +65,10 @@ def run_train(recipe: Recipe, console: Console, *, dry_run: bool = False, resume
 
     # 2. The data, rendered and linted with the template, before spending compute.
     prepared = data.prepare_data(recipe, tokenizer)
+    if prepared.labels is not None:  # the class ids, recorded in the run's recipe.yaml for eval and merge
+        recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"labels": prepared.labels})})
     notes.extend(f"data: {warning}" for warning in prepared.report.warnings())
-    stop_ids = models.generation_stop_ids(recipe, source)
+    stop_ids = models.generation_stop_ids(recipe, source) if recipe.task == "causal-lm" else set()
     if stop_ids and tokenizer.eos_token_id not in stop_ids:
         notes.append(f"warning: the model's generation_config stops on token ids {sorted(stop_ids)}, not on the "
                      f"trained end-of-turn {tokenizer.eos_token!r} ({tokenizer.eos_token_id}); pass "
@@ -78,12 +80,12 @@ def run_train(recipe: Recipe, console: Console, *, dry_run: bool = False, resume
 
     # 3. The model, wrapped with the adapter.
     gradient_checkpointing = _use_gradient_checkpointing(recipe, precision)
-    base = models.load_base_model(recipe, source, precision)
-    # The adapter's random init (LoRA A) must follow the recipe's seed too, not only the data order: the
-    # Trainer seeds only when it is built, after the adapter exists.
+    # The adapter's random init (LoRA A) and a new classifier head (sequence classification, created as the model
+    # loads) must follow the recipe's seed too, not only the data order: the Trainer seeds only when it is built.
     from transformers import set_seed
 
     set_seed(recipe.training.seed)
+    base = models.load_base_model(recipe, source, precision, pad_token_id=tokenizer.pad_token_id)
     model = adapters.wrap_model(recipe, base, gradient_checkpointing=gradient_checkpointing)
     trainable, total = model.get_nb_trainable_parameters()
     targets = sorted(getattr(model.peft_config["default"], "target_modules", None) or [])
@@ -150,6 +152,10 @@ def run_train(recipe: Recipe, console: Console, *, dry_run: bool = False, resume
         "recipe_git_commit": export.git_commit_of(Path.cwd()),
         **export.environment_info(),
     }
+    if prepared.labels is not None:
+        metrics.update(labels=prepared.labels, label_counts=prepared.report.label_counts,
+                       eval_accuracy=_last_logged(trainer.state.log_history, "eval_accuracy"),
+                       eval_f1=_last_logged(trainer.state.log_history, "eval_f1"))
     if trainer.is_world_process_zero():
         with explained():
             export.export_run(run_dir, model, tokenizer, recipe, metrics)
@@ -242,16 +248,22 @@ def _one_packed_row_per_forward(recipe: Recipe, model) -> bool:
 
 def _build_trainer(recipe: Recipe, model, tokenizer, prepared, precision: Precision, console: Console, *,
                    quiet: bool):
-    from transformers import PrinterCallback
-    from trl import SFTConfig
+    from transformers import DataCollatorWithPadding, PrinterCallback
 
     from lorafit import checkpoints
     from lorafit.progress import EvaluateAtEnd, ProgressCallback
 
+    # Sequence classification trains with the plain transformers Trainer; SFTConfig is its arguments plus SFT's.
+    classify = recipe.task == "sequence-classification"
+    if classify:
+        from transformers import TrainingArguments as arguments
+    else:
+        from trl import SFTConfig as arguments
     t = recipe.training
     row_per_forward = _one_packed_row_per_forward(recipe, model)
     report_to, callbacks = _trackers(recipe)
-    args = SFTConfig(
+    sft_options = {} if classify else {"max_length": recipe.data.max_length, "packing": recipe.data.packing}
+    args = arguments(
         # Checkpoints are written into a staging folder and renamed into place once complete; HF's rotation
         # (which deletes any checkpoint-* it finds) is off: checkpoints.train rotates only lorafit's own.
         output_dir=str(checkpoints.staging_dir(recipe.run_dir)),
@@ -284,8 +296,6 @@ def _build_trainer(recipe: Recipe, model, tokenizer, prepared, precision: Precis
         report_to=report_to,
         # Gradient checkpointing is already set up by adapters.wrap_model (non-reentrant, PEFT-aware).
         gradient_checkpointing=False,
-        max_length=recipe.data.max_length,
-        packing=recipe.data.packing,
         disable_tqdm=True,
         logging_nan_inf_filter=False,  # show a NaN/inf loss as it is (checkpoints.GuardedSFTTrainer stops on them)
         # Padding-free (packed) batches hold no padding, and counting "non_padding" there would skip every real
@@ -295,11 +305,15 @@ def _build_trainer(recipe: Recipe, model, tokenizer, prepared, precision: Precis
         # Every adapter parameter takes part in every forward pass; the unused-parameter search HF enables by
         # default costs an extra autograd traversal per step under DDP.
         ddp_find_unused_parameters=False,
+        **sft_options,
     )
     callbacks.append(ProgressCallback(console, quiet=quiet))
     if prepared.eval is not None:
         callbacks.append(EvaluateAtEnd())
-    trainer = checkpoints.GuardedSFTTrainer(
+    # A classifier's rows are padded per batch, and each evaluation also logs eval_accuracy and eval_f1.
+    classifier_options = {"data_collator": DataCollatorWithPadding(tokenizer),
+                          "compute_metrics": _classification_metrics} if classify else {}
+    trainer = (checkpoints.GuardedTrainer if classify else checkpoints.GuardedSFTTrainer)(
         max_nonfinite_steps=t.max_nonfinite_steps,
         model=model,
         args=args,
@@ -307,10 +321,19 @@ def _build_trainer(recipe: Recipe, model, tokenizer, prepared, precision: Precis
         eval_dataset=prepared.eval,
         processing_class=tokenizer,
         callbacks=callbacks,
+        **classifier_options,
     )
     # With tqdm disabled HF prints raw log dicts; ProgressCallback already shows the same numbers readably.
     trainer.remove_callback(PrinterCallback)
     return trainer
+
+
+def _classification_metrics(prediction) -> dict[str, float]:
+    """The Trainer's compute_metrics for a classifier: accuracy and macro-F1 of the argmax class."""
+    from lorafit.evaluate import classification_scores
+
+    logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
+    return classification_scores(logits.argmax(-1).tolist(), prediction.label_ids.tolist())
 
 
 def _trackers(recipe: Recipe) -> tuple[list[str], list]:
