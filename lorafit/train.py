@@ -5,6 +5,7 @@ Read `run_train` top to bottom: each step is one call into the module that owns 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import resource
@@ -24,6 +25,8 @@ if TYPE_CHECKING:
 
 # What lorafit itself creates in a run folder; --overwrite removes only these.
 RUN_FOLDER_ENTRIES = ("adapter", ".adapter.tmp", "recipe.yaml", "metrics.json", "README.md", "checkpoints", "logs")
+# `lorafit eval`'s default output: scores of the adapter being replaced would be stale, so they go too.
+EVAL_OUTPUTS = ("eval/report.json", "eval/samples.jsonl")
 
 
 @dataclass
@@ -39,6 +42,7 @@ class TrainResult:
     dry_run: bool
     metrics: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    recipe: Recipe | None = None  # as resolved for the run (sequence-classification: data.labels filled in)
 
 
 def run_train(recipe: Recipe, console: Console, *, dry_run: bool = False, resume: bool = False,
@@ -89,7 +93,8 @@ def run_train(recipe: Recipe, console: Console, *, dry_run: bool = False, resume
     model = adapters.wrap_model(recipe, base, gradient_checkpointing=gradient_checkpointing)
     trainable, total = model.get_nb_trainable_parameters()
     targets = sorted(getattr(model.peft_config["default"], "target_modules", None) or [])
-    result = TrainResult(run_dir, precision, prepared.report, trainable, total, targets, dry_run, notes=notes)
+    result = TrainResult(run_dir, precision, prepared.report, trainable, total, targets, dry_run, notes=notes,
+                         recipe=recipe)
     if _one_packed_row_per_forward(recipe, model):
         notes.append(f"packing: one packed row per forward pass ({model.config._attn_implementation} attention has no "
                      f"variable-length kernel); {recipe.training.batch_size} rows are accumulated per step")
@@ -121,6 +126,8 @@ def run_train(recipe: Recipe, console: Console, *, dry_run: bool = False, resume
                         f"{checkpoints.last_saved(run_dir)}")
 
     # 5. Export the run folder.
+    classify = prepared.labels is not None
+    history_keys = ("loss", "eval_loss", "eval_accuracy", "eval_f1", "learning_rate", "grad_norm")
     metrics = {
         "name": recipe.name,
         "base_model": source,
@@ -129,7 +136,7 @@ def run_train(recipe: Recipe, console: Console, *, dry_run: bool = False, resume
         "train_loss_mean": output.training_loss,
         "eval_loss": _last_logged(trainer.state.log_history, "eval_loss"),
         "loss_history": [
-            {"step": e["step"], **{k: e[k] for k in ("loss", "eval_loss", "learning_rate", "grad_norm") if k in e}}
+            {"step": e["step"], **{k: e[k] for k in history_keys if k in e}}
             for e in trainer.state.log_history if "loss" in e or "eval_loss" in e
         ],
         "tokens_seen": trainer.state.num_input_tokens_seen,
@@ -147,12 +154,13 @@ def run_train(recipe: Recipe, console: Console, *, dry_run: bool = False, resume
         "target_modules": targets,
         "train_examples": prepared.report.train_examples,
         "eval_examples": prepared.report.eval_examples,
-        "supervised_token_share": prepared.report.supervised_share,
+        # A classifier learns one label per row, not tokens: the share of supervised tokens does not apply.
+        "supervised_token_share": None if classify else prepared.report.supervised_share,
         "data_fingerprint": prepared.report.fingerprint,
         "recipe_git_commit": export.git_commit_of(Path.cwd()),
         **export.environment_info(),
     }
-    if prepared.labels is not None:
+    if classify:
         metrics.update(labels=prepared.labels, label_counts=prepared.report.label_counts,
                        eval_accuracy=_last_logged(trainer.state.log_history, "eval_accuracy"),
                        eval_f1=_last_logged(trainer.state.log_history, "eval_f1"))
@@ -217,6 +225,10 @@ def _prepare_run_dir(run_dir: Path, *, overwrite: bool) -> None:
                 shutil.rmtree(target)
             elif target.exists():
                 target.unlink()
+        for name in EVAL_OUTPUTS:
+            (run_dir / name).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # kept when the user put anything else there
+            (run_dir / "eval").rmdir()
     run_dir.mkdir(parents=True, exist_ok=True)
 
 

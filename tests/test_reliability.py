@@ -433,8 +433,11 @@ def test_case14_overwrite_and_rotation_delete_only_what_lorafit_wrote(tiny_llama
     run_train(recipe, QUIET, overwrite=True)
     assert checkpoint_steps(run) == [4]  # rotated down to save_total_limit ...
     assert (foreign / "mine.txt").read_text() == "keep me"  # ... without touching what is not ours
+    (run / "eval").mkdir()
+    (run / "eval" / "report.json").write_text("{}")  # `lorafit eval` of the adapter about to be replaced: stale
     run_train(recipe, QUIET, overwrite=True)  # --overwrite replaces only lorafit's files
     assert (foreign / "mine.txt").read_text() == "keep me" and (run / "notes.txt").read_text() == "keep me too"
+    assert not (run / "eval").exists()
     assert (run / "metrics.json").exists() and checkpoint_steps(run) == [4]
     assert not (run / "checkpoints" / checkpoints.STAGING).exists()
 
