@@ -68,6 +68,8 @@ def fingerprint(recipe: Recipe, data_sha256: dict[str, str]) -> dict[str, Any]:
     """What a checkpoint was trained from: the weight-defining recipe sections and the data files' sha256."""
     sections = {name: (None if getattr(recipe, name) is None else getattr(recipe, name).model_dump(mode="json"))
                 for name in _FINGERPRINTED}
+    if recipe.task != "causal-lm":  # recorded only when not the default, so runs recorded before `task` still resume
+        sections["task"] = recipe.task
     body = {"recipe": sections, "data_sha256": dict(sorted(data_sha256.items()))}
     digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
     return {"fingerprint": digest, **body}
@@ -123,8 +125,11 @@ def check_resume(recipe: Recipe, data_sha256: dict[str, str]) -> tuple[Path | No
 
 def _differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     old, new = _flatten(saved.get("recipe", {})), _flatten(current["recipe"])
+    # A key the record lacks and the recipe leaves at None is a field added to lorafit since (e.g. data.labels),
+    # not a change: it must not block resuming a run recorded by an older version.
     changes = [f"{key}: {old.get(key, '(unset)')!r} -> {new.get(key, '(unset)')!r}"
-               for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key) and key not in _NOT_COMPARED]
+               for key in sorted(set(old) | set(new))
+               if old.get(key) != new.get(key) and key not in _NOT_COMPARED and (key in old or new[key] is not None)]
     old_data, new_data = saved.get("data_sha256", {}), current["data_sha256"]
     for path in sorted(set(old_data) | set(new_data)):
         if path not in new_data:

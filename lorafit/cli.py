@@ -122,7 +122,7 @@ def train(
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Train an adapter: recipe -> model -> LoRA/QLoRA -> SFT -> runs/<name>/adapter."""
+    """Train an adapter: recipe -> model -> LoRA/QLoRA -> SFT (or a classifier) -> runs/<name>/adapter."""
 
     def work() -> None:
         from lorafit.train import run_train
@@ -139,7 +139,7 @@ def train(
             _print_json(_train_payload(result, recipe))
             return
         if dry_run:
-            _render_dry_run(console, result, dump_recipe(recipe))
+            _render_dry_run(console, result, dump_recipe(result.recipe or recipe))
         else:
             _render_train(console, result)
 
@@ -271,7 +271,7 @@ def eval_command(
     as_json: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Base vs adapter(s), side by side: loss, perplexity, exact match, ROUGE-L on the eval set."""
+    """Base vs adapter(s), side by side: loss, perplexity, exact match, ROUGE-L (classifiers: accuracy, F1)."""
 
     def work() -> None:
         from lorafit.evaluate import run_eval
@@ -306,7 +306,8 @@ def _train_payload(result, recipe) -> dict[str, Any]:
         "data": {"format": result.report.format, "template": result.report.template,
                  "train_examples": result.report.train_examples, "eval_examples": result.report.eval_examples,
                  "dropped": dict(result.report.dropped), "supervised_token_share": result.report.supervised_share,
-                 "eos_trained": result.report.eos_trained},
+                 "eos_trained": result.report.eos_trained,
+                 **({"label_counts": result.report.label_counts} if result.report.label_counts else {})},
         "notes": result.notes,
         "metrics": result.metrics,
     }
@@ -331,12 +332,17 @@ def _render_dry_run(console: Console, result, recipe_yaml: str) -> None:
     table.add_row("data", f"{report.train_examples} train / {report.eval_examples} eval examples, format "
                   f"{report.format}, template {report.template}")
     table.add_row("dropped rows", ", ".join(f"{n} {why}" for why, n in report.dropped.items()) or "none")
-    table.add_row("supervised tokens", f"{report.trained_tokens:,} of {report.total_tokens:,} "
-                  f"({100 * report.supervised_share:.1f}%)")
-    table.add_row("end-of-turn trained", f"{'yes' if report.eos_trained else 'NO'} ({report.eos_token!r})")
+    if report.label_counts:  # sequence classification: one label per row, no supervised tokens or end-of-turn
+        table.add_row("classes", ", ".join(f"{name} ({n} rows)" for name, n in report.label_counts.items()))
+        table.add_row("tokens", f"{report.total_tokens:,} in the training rows")
+    else:
+        table.add_row("supervised tokens", f"{report.trained_tokens:,} of {report.total_tokens:,} "
+                      f"({100 * report.supervised_share:.1f}%)")
+        table.add_row("end-of-turn trained", f"{'yes' if report.eos_trained else 'NO'} ({report.eos_token!r})")
     console.print(table)
+    what = "[reverse] label [/reverse] it learns" if report.label_counts else "[reverse] trained tokens [/reverse]"
     for i, sample in enumerate(report.samples, start=1):
-        console.rule(f"sample {i}: [reverse] trained tokens [/reverse] highlighted")
+        console.rule(f"sample {i}: {what} highlighted")
         console.print(_highlight_trained(sample))
     console.print("[dim]dry run: nothing was trained or written[/dim]")
 
@@ -356,6 +362,8 @@ def _render_train(console: Console, result) -> None:
     table.add_row("steps", str(m["global_step"]))
     table.add_row("train loss (last log)", _fmt(m.get("train_loss_final")))
     table.add_row("eval loss", _fmt(m.get("eval_loss")))
+    if "eval_accuracy" in m:  # sequence classification
+        table.add_row("eval accuracy / macro-F1", f"{_pct(m.get('eval_accuracy'))} / {_pct(m.get('eval_f1'))}")
     table.add_row("tokens/s", f"{m['tokens_per_second']:,.0f}" if m.get("tokens_per_second") else "-")
     table.add_row("train time", f"{m['train_seconds']:.1f} s (wall {m['wall_seconds']:.1f} s)")
     table.add_row("peak memory", f"{m['peak_memory_mb']:,.0f} MiB")
@@ -365,6 +373,10 @@ def _render_train(console: Console, result) -> None:
 
 def _fmt(value: float | None) -> str:
     return f"{value:.4f}" if isinstance(value, (int, float)) else "-"
+
+
+def _pct(value: float | None) -> str:
+    return f"{100 * value:.1f}%" if isinstance(value, (int, float)) else "-"
 
 
 def _bytes(n: float) -> str:
@@ -379,7 +391,8 @@ def _render_inspect(console: Console, result) -> None:
     console.print(f"[bold]{result.architecture}[/bold] from {result.source}: {summary['layers']} layers, hidden "
                   f"{summary['hidden_size']}, vocab {summary['vocab_size']} [dim](config only, no weights read: "
                   f"{result.seconds:.1f} s)[/dim]")
-    table = Table(title="modules, layer indices as * (LoRA: eligible / [green]targeted[/green] by the adapter)",
+    table = Table(title="modules, layer indices as * (LoRA: eligible / [green]targeted[/green] by the adapter / "
+                  "[cyan]trained fully[/cyan]: modules_to_save)",
                   title_justify="left")
     table.add_column("module", overflow="fold")
     table.add_column("type", overflow="fold")
@@ -390,6 +403,7 @@ def _render_inspect(console: Console, result) -> None:
     table.add_column("in presets")
     for g in result.groups:
         lora = "[bold green]targeted[/bold green]" if g.targeted else "eligible" if g.eligible else ""
+        lora = "[bold cyan]trained fully[/bold cyan]" if g.saved else lora  # modules_to_save
         table.add_row(g.pattern, g.kind, g.shape, str(g.count), f"{g.params_each * g.count:,}", lora,
                       ", ".join(g.presets))
     console.print(table)
@@ -399,6 +413,8 @@ def _render_inspect(console: Console, result) -> None:
     a = result.adapter
     console.print(f"adapter ({result.adapter_source}): {a['method']} r={a['r']} alpha={a['alpha']:g} "
                   f"target_modules={a['target_modules']} -> {', '.join(result.target_modules) or '-'}")
+    if result.modules_to_save:
+        console.print(f"modules_to_save (trained fully, saved with the adapter): {', '.join(result.modules_to_save)}")
     console.print(f"trainable parameters (counted by PEFT): [bold]{result.trainable_params:,}[/bold] of "
                   f"{result.total_params:,} ({result.trainable_percent:.4f}%); "
                   f"adapter file ~{_bytes(result.adapter_file_bytes)}")
@@ -443,6 +459,9 @@ def _render_merge(console: Console, result) -> None:
 def _render_eval(console: Console, result) -> None:
     for note in result.notes:
         console.print(Text(note, style="yellow" if note.startswith("warning") else "dim"))
+    if result.labels is not None:
+        _render_classification_eval(console, result)
+        return
     table = Table(title=f"{result.recipe}: {result.examples} eval rows from {result.data}", title_justify="left")
     for column in ("model", "loss", "perplexity", "exact match", "norm. exact match", "ROUGE-L", "time"):
         table.add_column(column, justify="left" if column == "model" else "right")
@@ -458,6 +477,22 @@ def _render_eval(console: Console, result) -> None:
             if s.name in row:
                 console.print(Text(f"{s.name}: {row[s.name]!r}"))
     console.print(f"[dim]report: {result.report_path}; all generations: {result.samples_path}[/dim]")
+
+
+def _render_classification_eval(console: Console, result) -> None:
+    table = Table(title=f"{result.recipe}: {result.examples} eval rows from {result.data}, classes "
+                  f"{', '.join(result.labels)}", title_justify="left")
+    for column in ("model", "loss", "accuracy", "macro-F1", "correct per class", "time"):
+        table.add_column(column, justify="left" if column in ("model", "correct per class") else "right")
+    for s in result.scores:
+        per_class = ", ".join(f"{name} {c['correct']}/{c['rows']}" for name, c in (s.per_class or {}).items())
+        table.add_row(s.name, _fmt(s.loss), _pct(s.accuracy), _pct(s.f1), per_class, f"{s.seconds:.1f} s")
+    console.print(table)
+    for row in result.samples[:3]:
+        console.rule(style="dim")
+        console.print(Text(f"text: {row['text']!r}\nreference: {row['reference']}", style="dim"))
+        console.print(Text("  ".join(f"{s.name}: {row[s.name]}" for s in result.scores if s.name in row)))
+    console.print(f"[dim]report: {result.report_path}; every row's predictions: {result.samples_path}[/dim]")
 
 
 def main() -> None:

@@ -326,8 +326,7 @@ def _prepare_classification(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) 
     train_rows, fingerprint = read_rows(section.train, section)
     labels = class_labels(recipe, train_rows)
     # Labels are checked before any row is held out, so an error names the row's place in the file.
-    where = f"data.train: {section.train}" if isinstance(section.train, str) else "data.train"
-    train = list(zip(train_rows, label_ids(train_rows, labels, section, where), strict=True))
+    train = list(zip(train_rows, label_ids(train_rows, labels, section, _where_train(section)), strict=True))
     evaluation: list[tuple[dict[str, Any], int]] = []
     if isinstance(section.eval, str):
         eval_rows, eval_fingerprint = read_rows(section.eval, section)
@@ -369,6 +368,28 @@ def class_labels(recipe: Recipe, train_rows: list[dict[str, Any]] | None = None)
         raise LorafitError(f"the {column!r} column holds {len(names)} distinct label(s); a classifier needs at "
                            "least two", where="data.train", hint="check data.fields.label, or list data.labels")
     return sorted(names, key=_class_order)  # type: ignore[arg-type]
+
+
+def labelled_rows(spec: str | list[str], labels: list[str], section: DataSection,
+                  where: str) -> list[tuple[dict[str, Any], int]]:
+    """The rows of a file (or hub dataset) paired with their class ids; `where` names it in errors."""
+    rows = read_rows(spec, section)[0]
+    return list(zip(rows, label_ids(rows, labels, section, where), strict=True))
+
+
+def labelled_eval_rows(recipe: Recipe, labels: list[str]) -> list[tuple[dict[str, Any], int]]:
+    """A classifier's eval rows and class ids: the eval file, or the same held-out share of train that training used."""
+    section = recipe.data
+    if isinstance(section.eval, str):
+        return labelled_rows(section.eval, labels, section, f"data.eval: {section.eval}")
+    if isinstance(section.eval, float):
+        train = labelled_rows(section.train, labels, section, _where_train(section))
+        return _hold_out(train, section.eval, recipe.training.seed)[1]
+    return []
+
+
+def _where_train(section: DataSection) -> str:
+    return f"data.train: {section.train}" if isinstance(section.train, str) else "data.train"
 
 
 def label_ids(rows: list[dict[str, Any]], labels: list[str], section: DataSection, where: str) -> list[int]:

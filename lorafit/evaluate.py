@@ -4,6 +4,9 @@ One base load; the adapters are attached side by side with PEFT and switched wit
 is measured under `disable_adapter()`. Every model gets the same rows, rendered with the recipe's template
 exactly as in training: loss / perplexity on the completion tokens, then greedy generation scored against
 the references (exact match, normalised exact match, ROUGE-L F1).
+
+For task sequence-classification the rows are the text and label columns as training read them: loss (mean
+cross-entropy over the classes), accuracy, macro-F1 and per-class counts, and each model's predicted label.
 """
 
 from __future__ import annotations
@@ -45,8 +48,11 @@ class Scores:
     normalized_exact_match: float | None
     rouge_l: float | None
     examples: int
-    completion_tokens: int
+    completion_tokens: int | None  # None for sequence classification (one label per row, no completion)
     seconds: float
+    accuracy: float | None = None  # sequence classification only, like f1 and per_class
+    f1: float | None = None  # macro-F1
+    per_class: dict[str, dict[str, int]] | None = None  # class -> rows, predicted, correct
 
 
 @dataclass
@@ -65,6 +71,8 @@ class EvalResult:
     samples: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    task: str = "causal-lm"
+    labels: list[str] | None = None  # sequence classification: the class names, in id order
 
 
 @dataclass
@@ -98,10 +106,15 @@ def run_eval(recipe: Recipe, adapter_dirs: list[str | Path], *, data_file: str |
     source = models.resolve_model_source(recipe.model)
     tokenizer = models.load_tokenizer(recipe, source)
     config = models.load_config(recipe.model, source)
-    meta_model, _ = models.build_meta_model(config, trust_remote_code=recipe.model.trust_remote_code)
+    classify = recipe.task == "sequence-classification"
+    labels = _class_labels(recipe, trained) if classify else None
+    if classify:
+        notes.append(_base_head_note(config, labels, recipe.training.seed))
+    meta_model, _ = models.build_meta_model(config, trust_remote_code=recipe.model.trust_remote_code, labels=labels)
     saved_tokenizers = [adapters.load_adapter_tokenizer(a, trust_remote_code=recipe.model.trust_remote_code)
                         for a in trained]
     for adapter, name, own in zip(trained, names, saved_tokenizers, strict=True):
+        _check_task(adapter, recipe)
         adapters.check_adapter_fits(adapter, meta_model, config, source=source, tokenizer=own)
         if adapter.recipe is not None and adapter.recipe.model.path != recipe.model.path:
             notes.append(f"warning: {name} was trained on {adapter.recipe.model.path}, "
@@ -110,6 +123,10 @@ def run_eval(recipe: Recipe, adapter_dirs: list[str | Path], *, data_file: str |
             notes.append(f"warning: {name} was trained {'with' if adapter.quantized else 'without'} 4/8-bit "
                          f"quantization, evaluated {'with' if recipe.quantization else 'without'} it (this recipe)")
     del meta_model
+    if labels is not None:
+        return _classification_eval(recipe, labels, trained, names, data_file=data_file, samples=samples,
+                                    batch_size=batch_size, out_dir=out_dir, precision=precision, source=source,
+                                    tokenizer=tokenizer, notes=notes, started=started)
 
     # 2. The eval rows, rendered with the recipe's template.
     rows, described = _eval_rows(recipe, data_file)
@@ -350,6 +367,154 @@ def classification_scores(predicted: list[int], references: list[int]) -> dict[s
         f1.append(2 * true_positive / (2 * true_positive + wrong))
     return {"accuracy": sum(p == r for p, r in pairs) / len(pairs) if pairs else 0.0,
             "f1": sum(f1) / len(f1) if f1 else 0.0}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sequence classification
+
+
+def _class_labels(recipe: Recipe, trained: list[adapters.TrainedAdapter]) -> list[str]:
+    """The classes in head order: the recipe's data.labels, else the ones the adapters' runs recorded, else the data's.
+
+    Every adapter must have been trained on the same classes in the same order: a head's outputs mean nothing
+    under other names.
+    """
+    recorded = [(a, list(a.recipe.data.labels)) for a in trained
+                if a.recipe is not None and a.recipe.task == "sequence-classification" and a.recipe.data.labels]
+    labels = list(recipe.data.labels or (recorded[0][1] if recorded else data.class_labels(recipe)))
+    for adapter, own in recorded:
+        if own != labels:
+            raise LorafitError(f"was trained on the classes {own}, but this evaluation uses {labels}",
+                               where=f"adapter: {adapter.path}", hint="evaluate with the run's own recipe.yaml, or "
+                               "list the same classes in the same order in data.labels")
+    return labels
+
+
+def _check_task(adapter: adapters.TrainedAdapter, recipe: Recipe) -> None:
+    """Refuse a causal-LM adapter under a classification recipe and the other way round."""
+    task_type = adapter.config.get("task_type")
+    expected = adapters.peft_task_type(recipe.task)
+    if task_type in ("CAUSAL_LM", "SEQ_CLS") and task_type != expected:
+        trained_for = "sequence-classification" if task_type == "SEQ_CLS" else "causal-lm"
+        raise LorafitError(f"is a {trained_for} adapter, but the recipe's task is {recipe.task}",
+                           where=f"adapter: {adapter.path}", hint="evaluate it with the recipe it was trained with")
+
+
+def _base_head_note(config, labels: list[str], seed: int) -> str:
+    """What 'base' means for a classifier: usually a head that has never been trained."""
+    architectures = getattr(config, "architectures", None) or []
+    if any(a.endswith("ForSequenceClassification") for a in architectures) and config.num_labels == len(labels):
+        return ("base: the checkpoint's own classifier head, not trained on these classes by lorafit; adapters "
+                "replace it with the head they trained")
+    return (f"base: a newly initialised classifier head (seed {seed}, the one training started from): it was never "
+            "trained, so expect chance-level scores, give or take what a random projection happens to separate; "
+            "the adapters carry the heads they trained")
+
+
+def _classification_eval(recipe: Recipe, labels: list[str], trained: list[adapters.TrainedAdapter],
+                         names: list[str], *, data_file: str | Path | None, samples: int | None, batch_size: int,
+                         out_dir: Path, precision, source: str, tokenizer, notes: list[str],
+                         started: float) -> EvalResult:
+    """run_eval for task sequence-classification: loss, accuracy, macro-F1 and predicted labels per model."""
+    from peft import PeftModel
+    from transformers import set_seed
+
+    # 2. The labelled eval rows, read and tokenized as training read them.
+    pairs, described = _labelled_eval_rows(recipe, labels, data_file)
+    examples, empty = data.encode_labelled(pairs[:samples] if samples else pairs, recipe.data, tokenizer)
+    if empty:
+        notes.append(f"skipped {empty} row(s) with an empty or missing text")
+    if not examples:
+        raise LorafitError("no usable eval rows", where=described, hint="rows need a text and a label")
+
+    # 3. One base with a classifier head over these classes (seeded as in training), the adapters beside it.
+    resolved = recipe.model_copy(update={"data": recipe.data.model_copy(update={"labels": labels})})
+    set_seed(recipe.training.seed)
+    base = models.load_base_model(resolved, source, precision, pad_token_id=tokenizer.pad_token_id)
+    if recipe.quantization is None and precision.device != "cpu":
+        base.to(precision.device)
+    model = PeftModel.from_pretrained(base, str(trained[0].path), adapter_name=names[0])
+    for adapter, name in zip(trained[1:], names[1:], strict=True):
+        model.load_adapter(str(adapter.path), adapter_name=name)
+    model.eval()
+    scores: list[Scores] = []
+    predicted: dict[str, list[int]] = {}
+    for name, adapter in [("base", None), *zip(names, trained, strict=True)]:
+        if adapter is None:
+            context = model.disable_adapter()  # also switches the classifier head back to the base's own
+        else:
+            model.set_adapter(name)
+            context = contextlib.nullcontext()
+        with context:
+            score, predicted[name] = _classify(model, name, adapter, examples, labels, tokenizer, batch_size)
+        scores.append(score)
+
+    # 4. The report, and each row with every model's predicted label.
+    sample_rows = []
+    for i, e in enumerate(examples):
+        row: dict[str, Any] = {"text": e.text, **({"text_pair": e.text_pair} if e.text_pair is not None else {}),
+                               "reference": labels[e.label]}
+        sample_rows.append({**row, **{n: labels[ids[i]] for n, ids in predicted.items()}})
+    result = EvalResult(
+        recipe=recipe.name, base=source, data=described, template="none", examples=len(examples), max_new_tokens=0,
+        scores=scores, report_path=out_dir / "report.json", samples_path=out_dir / "samples.jsonl",
+        samples=sample_rows, notes=notes, task=recipe.task, labels=labels,
+    )
+    result.seconds = time.perf_counter() - started
+    _write(result)
+    return result
+
+
+def _labelled_eval_rows(recipe: Recipe, labels: list[str],
+                        data_file: str | Path | None) -> tuple[list[tuple[dict[str, Any], int]], str]:
+    if data_file is not None:
+        return data.labelled_rows(str(data_file), labels, recipe.data, f"--data: {data_file}"), str(data_file)
+    pairs = data.labelled_eval_rows(recipe, labels)
+    if not pairs:
+        raise LorafitError("the recipe has no eval data", where="data.eval",
+                           hint="set data.eval to a file or a held-out fraction, or pass --data FILE")
+    described = recipe.data.eval if isinstance(recipe.data.eval, str) else (
+        f"{recipe.data.eval:g} of {recipe.data.train} held out (seed {recipe.training.seed})")
+    return pairs, str(described)
+
+
+def _classify(model, name: str, adapter: adapters.TrainedAdapter | None, examples: list[data.LabelledText],
+              labels: list[str], tokenizer, batch_size: int) -> tuple[Scores, list[int]]:
+    """One classifier's mean cross-entropy, accuracy, macro-F1 and per-class counts; also its predicted class ids."""
+    import torch
+    import torch.nn.functional as F
+
+    started = time.perf_counter()
+    device = _device(model)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    loss_sum, predicted = 0.0, []
+    for start in range(0, len(examples), batch_size):
+        batch = examples[start:start + batch_size]
+        width = max(len(e.input_ids) for e in batch)
+        # Right padding, as in training; decoder classifiers read the last token that is not padding.
+        inputs = {
+            "input_ids": torch.tensor([e.input_ids + [pad] * (width - len(e.input_ids)) for e in batch], device=device),
+            "attention_mask": torch.tensor([[1] * len(e.input_ids) + [0] * (width - len(e.input_ids)) for e in batch],
+                                           device=device),
+        }
+        if any(e.token_type_ids for e in batch):
+            inputs["token_type_ids"] = torch.tensor(
+                [(e.token_type_ids or [0] * len(e.input_ids)) + [0] * (width - len(e.input_ids)) for e in batch],
+                device=device)
+        with torch.no_grad():
+            logits = model(**inputs).logits.float()
+        target = torch.tensor([e.label for e in batch], device=device)
+        loss_sum += F.cross_entropy(logits, target, reduction="sum").item()
+        predicted += logits.argmax(-1).tolist()
+    references = [e.label for e in examples]
+    per_class = {label: {"rows": references.count(i), "predicted": predicted.count(i),
+                         "correct": sum(p == r == i for p, r in zip(predicted, references, strict=True))}
+                 for i, label in enumerate(labels)}
+    return Scores(
+        name=name, adapter=str(adapter.path) if adapter else None, loss=loss_sum / len(examples), perplexity=None,
+        exact_match=None, normalized_exact_match=None, rouge_l=None, examples=len(examples), completion_tokens=None,
+        seconds=time.perf_counter() - started, **classification_scores(predicted, references), per_class=per_class,
+    ), predicted
 
 
 def _write(result: EvalResult) -> None:

@@ -49,7 +49,8 @@ def export_run(run_dir: Path, model: PeftModel, tokenizer: PreTrainedTokenizerBa
         shutil.rmtree(adapter_dir)
     os.replace(staging, adapter_dir)
     write_text_atomic(run_dir / "recipe.yaml", dump_recipe(recipe))
-    write_text_atomic(run_dir / "README.md", model_card(recipe, metrics, adapter_dir))
+    card = model_card(recipe, metrics, adapter_dir, pad_token_id=tokenizer.pad_token_id)
+    write_text_atomic(run_dir / "README.md", card)
     write_text_atomic(run_dir / FINISHED_MARKER, json.dumps(metrics, indent=2, default=str) + "\n")
     return adapter_dir
 
@@ -89,8 +90,12 @@ def git_commit_of(path: Path) -> str | None:
         return None
 
 
-def model_card(recipe: Recipe, metrics: dict[str, Any], adapter_dir: Path) -> str:
-    """A README.md saying what was trained, on what, how well, and how to load it."""
+def model_card(recipe: Recipe, metrics: dict[str, Any], adapter_dir: Path, *,
+               pad_token_id: int | None = None) -> str:
+    """A README.md saying what was trained, on what, how well, and how to load it.
+
+    `pad_token_id` (the tokenizer's) goes into a classifier's loading code: decoder classifiers need it.
+    """
     base = metrics.get("base_model", recipe.model.path)
     adapter = recipe.adapter
     method = adapter.method if adapter.method != "lora" else (
@@ -98,10 +103,14 @@ def model_card(recipe: Recipe, metrics: dict[str, Any], adapter_dir: Path) -> st
     quant = f"QLoRA ({recipe.quantization.bits}-bit {recipe.quantization.quant_type})" if recipe.quantization else "none"
     final = metrics.get("train_loss_final")
     eval_loss = metrics.get("eval_loss")
+    labels = recipe.data.labels if recipe.task == "sequence-classification" else None
+    what = f"A {method} adapter for `{recipe.model.path}`"
+    if labels:
+        what += f" with a classifier head over {len(labels)} classes ({', '.join(labels)})"
     lines = [
         f"# {recipe.name}",
         "",
-        f"A {method} adapter for `{recipe.model.path}`, trained with [lorafit](https://pypi.org/project/lorafit/).",
+        f"{what}, trained with [lorafit](https://pypi.org/project/lorafit/).",
         "",
         "## Training",
         "",
@@ -117,12 +126,18 @@ def model_card(recipe: Recipe, metrics: dict[str, Any], adapter_dir: Path) -> st
         f"| precision | {metrics.get('precision')} |",
         f"| final train loss | {final:.4f} |" if isinstance(final, float) else "| final train loss | n/a |",
         f"| eval loss | {eval_loss:.4f} |" if isinstance(eval_loss, float) else "| eval loss | n/a |",
+        *([_percent_row("eval accuracy", metrics.get("eval_accuracy")),
+           _percent_row("eval macro-F1", metrics.get("eval_f1"))] if labels else []),
         f"| wall time | {metrics.get('train_seconds', 0):.0f} s |",
         "",
         "The full recipe is in `recipe.yaml` next to this file; `lorafit train recipe.yaml` reproduces the run.",
         "",
         "## Use it",
         "",
+    ]
+    if labels:
+        return "\n".join([*lines, *_classifier_usage(recipe, labels, base, adapter_dir, pad_token_id)])
+    lines += [
         "With PEFT:",
         "",
         "```python",
@@ -152,3 +167,39 @@ def model_card(recipe: Recipe, metrics: dict[str, Any], adapter_dir: Path) -> st
         "",
     ]
     return "\n".join(lines)
+
+
+def _percent_row(name: str, value: Any) -> str:
+    return f"| {name} | {100 * value:.1f}% |" if isinstance(value, float) else f"| {name} | n/a |"
+
+
+def _classifier_usage(recipe: Recipe, labels: list[str], base: str, adapter_dir: Path,
+                      pad_token_id: int | None) -> list[str]:
+    """Loading code for a sequence-classification adapter.
+
+    PEFT's AutoPeftModelForSequenceClassification would load the base with its own config (2 classes, no pad token
+    on Llama-style models), so the code gives the classes and the pad id to the base explicitly.
+    """
+    pad = f", pad_token_id={pad_token_id}" if pad_token_id is not None else ""
+    return [
+        "With PEFT (the adapter holds the LoRA weights and the trained classifier head):",
+        "",
+        "```python",
+        "from peft import PeftModel",
+        "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
+        "",
+        f"labels = {list(labels)!r}",
+        "base = AutoModelForSequenceClassification.from_pretrained(",
+        f'    "{base}", num_labels=len(labels), id2label=dict(enumerate(labels)),',
+        f"    label2id={{name: i for i, name in enumerate(labels)}}{pad},",
+        ")",
+        f'model = PeftModel.from_pretrained(base, "{adapter_dir}").eval()',
+        f'tokenizer = AutoTokenizer.from_pretrained("{adapter_dir}")',
+        'inputs = tokenizer("...", return_tensors="pt")',
+        "print(labels[model(**inputs).logits.argmax(-1).item()])",
+        "```",
+        "",
+        f"As a full model for plain transformers: `lorafit merge {adapter_dir} --out merged/`, then "
+        '`AutoModelForSequenceClassification.from_pretrained("merged/")` (classes and pad id are in its config).',
+        "",
+    ]

@@ -41,6 +41,7 @@ class ModuleGroup:
     eligible: bool
     presets: list[str] = field(default_factory=list)
     targeted: bool = False
+    saved: bool = False  # trained in full and saved with the adapter (modules_to_save, e.g. a classifier head)
 
 
 @dataclass
@@ -71,6 +72,7 @@ class InspectResult:
     adapter: dict[str, Any]
     adapter_source: str  # recipe | defaults | defaults + --set
     target_modules: list[str]
+    modules_to_save: list[str]  # as PEFT resolved them (sequence classification adds the classifier head)
     trainable_params: int
     total_params: int
     base_params: int
@@ -94,7 +96,9 @@ def run_inspect(target: str | Path, overrides: list[str] | tuple[str, ...] = ())
     source = models.resolve_model_source(recipe.model)
     from peft import get_peft_model  # after the checks above, so a typo in a path fails instantly
     config = models.load_config(recipe.model, source)
-    model, task_type = models.build_meta_model(config, trust_remote_code=recipe.model.trust_remote_code)
+    notes = []
+    labels = _class_names(recipe, notes) if recipe.task == "sequence-classification" else None
+    model, task_type = models.build_meta_model(config, trust_remote_code=recipe.model.trust_remote_code, labels=labels)
     architecture = type(model).__name__
 
     eligible = adapters.eligible_modules(model)
@@ -111,11 +115,12 @@ def run_inspect(target: str | Path, overrides: list[str] | tuple[str, ...] = ())
     peft_model = get_peft_model(model, peft_config, low_cpu_mem_usage=True)
     trainable, total = peft_model.get_nb_trainable_parameters()
     targeted = _targeted_modules(peft_model)
+    saved = _saved_modules(peft_model)
     for group in groups:
         group.targeted = any(_pattern(name) == group.pattern for name in targeted)
+        group.saved = any(_pattern(name) == group.pattern for name in saved)
     adapted_inputs = _adapted_input_features(peft_model)
 
-    notes = []
     adapter_source = "recipe" if from_recipe else "defaults"
     if not from_recipe and any(o.strip().startswith("adapter.") for o in overrides):
         adapter_source = "defaults + --set"
@@ -133,6 +138,7 @@ def run_inspect(target: str | Path, overrides: list[str] | tuple[str, ...] = ())
         adapter=_adapter_summary(recipe.adapter),
         adapter_source=adapter_source,
         target_modules=sorted(getattr(peft_config, "target_modules", None) or []),
+        modules_to_save=saved,
         trainable_params=trainable,
         total_params=total,
         base_params=base_params,
@@ -153,6 +159,18 @@ def _recipe_for(target: str | Path, overrides: list[str] | tuple[str, ...]) -> t
     raw: dict[str, Any] = {"name": "inspect", "model": {"path": text}, "data": {"train": "unused"}}
     apply_overrides(raw, overrides)
     return validate_recipe(raw, source="inspect-modules"), False
+
+
+def _class_names(recipe: Recipe, notes: list[str]) -> list[str]:
+    """The recipe's classes (they size the classifier head); two placeholders when its data cannot tell them."""
+    from lorafit.data import class_labels
+
+    try:
+        return class_labels(recipe)
+    except LorafitError as exc:
+        notes.append(f"classifier head counted with 2 classes: the classes are unknown ({exc}); list them in "
+                     "data.labels")
+        return ["LABEL_0", "LABEL_1"]
 
 
 def _config_summary(config) -> dict[str, Any]:
@@ -235,6 +253,15 @@ def _targeted_modules(peft_model) -> list[str]:
     prefix = "base_model.model."
     return [name.removeprefix(prefix) for name, module in peft_model.named_modules()
             if isinstance(module, BaseTunerLayer)]
+
+
+def _saved_modules(peft_model) -> list[str]:
+    """Base-model names of the modules trained in full and saved with the adapter (PEFT's modules_to_save)."""
+    from peft.utils import ModulesToSaveWrapper
+
+    prefix = "base_model.model."
+    return [name.removeprefix(prefix) for name, module in peft_model.named_modules()
+            if isinstance(module, ModulesToSaveWrapper)]
 
 
 def _adapted_input_features(peft_model) -> int:

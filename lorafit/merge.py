@@ -4,6 +4,10 @@ Read `run_merge` top to bottom: read the adapters and their run folders -> check
 meta device, no weights read) -> load one base copy -> attach and, for several, combine the adapters with
 PEFT's `add_weighted_adapter` -> merge -> verify logits against base+adapter -> write, atomically.
 
+A sequence-classification adapter (PEFT task SEQ_CLS) is merged into a `*ForSequenceClassification` model over the
+classes its run folder recorded; its trained classifier head (modules_to_save) replaces the base's, and the config
+carries id2label / label2id and the pad token id, so plain `AutoModelForSequenceClassification` loads it.
+
 QLoRA adapters are never merged into 4-bit weights. They are merged into a 16/32-bit base: either the
 original weights, or the weights after the same 4-bit quantize -> de-quantize round trip training saw.
 `auto` measures both against the trained QLoRA model (4-bit base + adapter) and keeps the closer one.
@@ -81,6 +85,8 @@ class MergeResult:
     peak_memory_mb: float
     seconds: float
     notes: list[str] = field(default_factory=list)
+    task: str = "causal-lm"
+    labels: list[str] | None = None  # sequence classification: the class names, in id order
 
 
 def parse_adapter_spec(text: str) -> AdapterSpec:
@@ -116,7 +122,8 @@ def run_merge(specs: list[AdapterSpec], out_dir: str | Path, *, base: str | None
     source = models.resolve_model_source(section)
     _check_out_dir(out_dir, overwrite=overwrite, inputs=[t.path for t in trained] + [Path(source)])
     config = models.load_config(section, source)
-    meta_model, _ = models.build_meta_model(config, trust_remote_code=section.trust_remote_code)
+    labels = _classifier_labels(trained, specs)
+    meta_model, _ = models.build_meta_model(config, trust_remote_code=section.trust_remote_code, labels=labels)
     tokenizer = _tokenizer(trained[0], section, source)
     for i, adapter in enumerate(trained):
         own = tokenizer if i == 0 else adapters.load_adapter_tokenizer(
@@ -127,21 +134,30 @@ def run_merge(specs: list[AdapterSpec], out_dir: str | Path, *, base: str | None
     combine = len(specs) > 1 or specs[0].weight != 1.0
     torch_dtype = _torch_dtype(dtype, config)
     dtype_name = str(torch_dtype).removeprefix("torch.")
-    prompts = _verification_prompts(trained[0], tokenizer, notes)
+    prompts = _verification_prompts(trained[0], tokenizer, notes, classify=labels is not None)
+    classifier = None
+    if labels is not None:
+        # The head config the adapter was trained under; the base's own (fresh) head is replaced by the trained one.
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        classifier = models.classifier_config(labels, pad)
+        from transformers import set_seed
+
+        set_seed(trained[0].recipe.training.seed)  # the fresh head, as training started from: a reproducible report
 
     # 2. One base copy with the adapter(s) attached, unmerged; for QLoRA the base weights are chosen here.
     quantized = [t for t in trained if t.quantized]
     fidelity: dict[str, float] = {}
     if quantized and not as_adapter:
         model, reference, chosen, reason = _qlora_base(quantized[0], trained, specs, section, source, model_class,
-                                                       torch_dtype, prompts, base_weights, method, density, fidelity)
+                                                       torch_dtype, prompts, base_weights, method, density, fidelity,
+                                                       classifier)
     else:
         if base_weights == "dequantized":
             notes.append("--base-weights dequantized only applies to QLoRA-trained adapters; used the original base")
         chosen, reason = "original", ("the adapter was trained on an unquantized base" if not quantized else
                                       "a combined adapter does not contain base weights")
-        model = _attach(_load_full(model_class, section, source, torch_dtype), trained, specs, method, density,
-                        combine)
+        model = _attach(_load_full(model_class, section, source, torch_dtype, classifier), trained, specs, method,
+                        density, combine)
         reference = _logits(model, prompts)
     with model.disable_adapter():
         effect = _compare(_logits(model, prompts), reference)[0]
@@ -168,7 +184,8 @@ def run_merge(specs: list[AdapterSpec], out_dir: str | Path, *, base: str | None
                                             what="saved adapter" if as_adapter else "merged model")
         if not as_adapter:
             merged.config.use_cache = True  # training switched the KV cache off; inference wants it
-            _stop_on_end_of_turn(merged, tokenizer)
+            if labels is None:  # a classifier does not generate
+                _stop_on_end_of_turn(merged, tokenizer)
             merged.save_pretrained(str(staging), max_shard_size=max_shard_size, safe_serialization=True)
         tokenizer.save_pretrained(str(staging))
         result = MergeResult(
@@ -179,6 +196,7 @@ def run_merge(specs: list[AdapterSpec], out_dir: str | Path, *, base: str | None
             base_weights_reason=reason, qlora_fidelity=fidelity, max_logit_diff=max_diff, tolerance=tolerance,
             top1_agreement=top1, adapter_effect=effect, prompts=len(prompts), files=[],
             peak_memory_mb=_peak_memory_mb(), seconds=0.0, notes=notes,
+            task="sequence-classification" if labels is not None else "causal-lm", labels=labels,
         )
         result.seconds = time.perf_counter() - started
         (staging / "README.md").write_text(_model_card(result), encoding="utf-8")
@@ -216,6 +234,24 @@ def _check_out_dir(out_dir: Path, *, overwrite: bool, inputs: list[Path]) -> Non
                            hint="choose an empty or new folder, or pass --overwrite to replace a previous merge")
 
 
+def _classifier_labels(trained: list[TrainedAdapter], specs: list[AdapterSpec]) -> list[str] | None:
+    """The class names of a sequence-classification adapter, from its run folder; None for causal-LM adapters."""
+    classifiers = [t for t in trained if t.config.get("task_type") == "SEQ_CLS"]
+    if not classifiers:
+        return None
+    adapter = classifiers[0]
+    if len(specs) > 1 or specs[0].weight != 1.0:
+        # Each one carries its own fully trained head (modules_to_save); PEFT cannot weight or combine those.
+        raise LorafitError("a sequence-classification adapter cannot be combined or re-weighted: it carries its own "
+                           "trained classifier head", where=f"adapter: {adapter.path}",
+                           hint="merge it alone, at weight 1")
+    if adapter.recipe is None or not adapter.recipe.data.labels:
+        raise LorafitError("a sequence-classification adapter needs the recipe.yaml of its run folder, which names "
+                           "its classes", where=f"adapter: {adapter.path}",
+                           hint="pass the adapter/ folder inside the run folder lorafit train wrote")
+    return list(adapter.recipe.data.labels)
+
+
 def _tokenizer(adapter: TrainedAdapter, section: ModelSection, source: str) -> PreTrainedTokenizerBase:
     """The adapter's own tokenizer (with the training chat template); the base's when it saved none."""
     from transformers import AutoTokenizer
@@ -241,12 +277,14 @@ def _torch_dtype(dtype: str, config) -> torch.dtype:
     return stored if stored in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
 
 
-def _verification_prompts(adapter: TrainedAdapter, tokenizer: PreTrainedTokenizerBase,
-                          notes: list[str]) -> list[list[int]]:
+def _verification_prompts(adapter: TrainedAdapter, tokenizer: PreTrainedTokenizerBase, notes: list[str], *,
+                          classify: bool = False) -> list[list[int]]:
     """A few token sequences to compare logits on: rows of the run's own data, else generic prompts."""
     from lorafit.data import detect_format, read_rows, row_to_messages
     from lorafit.templates import render
 
+    if classify:
+        return _classifier_prompts(adapter, tokenizer, notes)
     texts: list[str] = []
     recipe = adapter.recipe
     if recipe is not None:
@@ -274,16 +312,38 @@ def _verification_prompts(adapter: TrainedAdapter, tokenizer: PreTrainedTokenize
     return [tokenizer(t, add_special_tokens=special)["input_ids"][:_MAX_PROMPT_TOKENS] for t in texts]
 
 
+def _classifier_prompts(adapter: TrainedAdapter, tokenizer: PreTrainedTokenizerBase,
+                        notes: list[str]) -> list[list[int]]:
+    """A classifier's verification inputs: texts of the run's own data, tokenized as training did; else generic ones."""
+    from lorafit.data import encode_labelled, read_rows
+
+    section = adapter.recipe.data
+    try:
+        rows, _ = read_rows(section.eval if isinstance(section.eval, str) else section.train, section)
+        # The class id is not used here; 0 stands in, so rows with any (or no) label serve.
+        examples, _ = encode_labelled([(row, 0) for row in rows[:20]], section, tokenizer)
+    except LorafitError as exc:
+        notes.append(f"verification uses generic texts: the run's data could not be read ({exc})")
+        examples = []
+    prompts = [e.input_ids[:_MAX_PROMPT_TOKENS] for e in examples[:len(_FALLBACK_PROMPTS)]]
+    return prompts or [tokenizer(text)["input_ids"][:_MAX_PROMPT_TOKENS] for text in _FALLBACK_PROMPTS]
+
+
 # ----------------------------------------------------------------------------------------------------
 # Models
 
 
-def _load_full(model_class, section: ModelSection, source: str, dtype: torch.dtype):
-    """The base model in 16/32-bit as stored on disk (safetensors unless pickles are allowed)."""
+def _load_full(model_class, section: ModelSection, source: str, dtype: torch.dtype, classifier: dict | None = None):
+    """The base model in 16/32-bit as stored on disk (safetensors unless pickles are allowed).
+
+    `classifier` (models.classifier_config) gives a sequence classifier its classes and pad id; a head of another
+    size in the checkpoint is replaced by a fresh one, as in training.
+    """
+    head = {**classifier, "ignore_mismatched_sizes": True} if classifier else {}
     try:
         return model_class.from_pretrained(
             source, revision=section.revision, trust_remote_code=section.trust_remote_code, dtype=dtype,
-            use_safetensors=None if section.allow_pickle_weights else True,
+            use_safetensors=None if section.allow_pickle_weights else True, **head,
         )
     except (OSError, ValueError) as exc:
         raise LorafitError(f"cannot load the base model: {str(exc).strip().splitlines()[0][:200]}",
@@ -322,7 +382,7 @@ def _attach(model, trained: list[TrainedAdapter], specs: list[AdapterSpec], meth
 
 
 def _qlora_base(adapter: TrainedAdapter, trained, specs, section, source, model_class, dtype, prompts, choice,
-                method, density, fidelity: dict[str, float]):
+                method, density, fidelity: dict[str, float], classifier: dict | None = None):
     """Pick the 16/32-bit base for a QLoRA adapter; returns (model with adapter attached, its logits, choice, why).
 
     The trained QLoRA model (4-bit base + adapter) is the reference. Candidates are built one at a time so at
@@ -330,7 +390,8 @@ def _qlora_base(adapter: TrainedAdapter, trained, specs, section, source, model_
     """
     recipe = adapter.recipe.model_copy(update={"model": section})
     precision, _ = models.choose_precision(recipe.training.precision)
-    quantized_base = models.load_base_model(recipe, source, precision)
+    pad = classifier.get("pad_token_id") if classifier else None
+    quantized_base = models.load_base_model(recipe, source, precision, pad_token_id=pad)
     combine = len(specs) > 1 or specs[0].weight != 1.0
     qlora = _attach(quantized_base, trained, specs, method, density, combine)
     qlora_logits = _logits(qlora, prompts)
@@ -338,7 +399,8 @@ def _qlora_base(adapter: TrainedAdapter, trained, specs, section, source, model_
     del qlora
 
     def original():
-        return _attach(_load_full(model_class, section, source, dtype), trained, specs, method, density, combine)
+        return _attach(_load_full(model_class, section, source, dtype, classifier), trained, specs, method, density,
+                       combine)
 
     def dequantized():
         # The same 4-bit -> float round trip the adapter was trained against (bitsandbytes' own de-quantizer).
@@ -372,11 +434,17 @@ def _qlora_base(adapter: TrainedAdapter, trained, specs, section, source, model_
 
 
 def _logits(model, prompts: list[list[int]]) -> list[torch.Tensor]:
+    """Per prompt, a [positions, width] matrix: every position's vocabulary logits (causal LM), or one row of class
+    logits (sequence classifier); `_compare` treats both alike."""
     import torch
 
     device = next(model.parameters()).device
+    logits = []
     with torch.no_grad():
-        return [model(input_ids=torch.tensor([ids], device=device)).logits[0].float().cpu() for ids in prompts]
+        for ids in prompts:
+            out = model(input_ids=torch.tensor([ids], device=device)).logits.float().cpu()
+            logits.append(out.reshape(-1, out.shape[-1]))
+    return logits
 
 
 def _verify(got: list[torch.Tensor], want: list[torch.Tensor], dtype_name: str, *, effect: float, out_dir: Path,
@@ -432,7 +500,9 @@ def _model_card(result: MergeResult) -> str:
     sources = "\n".join(f"- `{a['path']}` (weight {a['weight']:g}{', QLoRA-trained' if a['quantized'] else ''})"
                         for a in result.adapters)
     how = f"combined with `{result.method}`" if result.method else "merged"
-    if result.as_adapter:
+    if result.labels is not None:
+        use = _classifier_usage(result)
+    elif result.as_adapter:
         use = ("```python\nfrom peft import AutoPeftModelForCausalLM\n\n"
                f'model = AutoPeftModelForCausalLM.from_pretrained("{result.out_dir}")\n```')
     else:
@@ -459,6 +529,24 @@ def _model_card(result: MergeResult) -> str:
         use,
         "",
     ])
+
+
+def _classifier_usage(result: MergeResult) -> str:
+    """Loading code for a merged classifier (its config holds the classes), or for a saved classification adapter."""
+    if result.as_adapter:
+        return ("```python\nfrom peft import PeftModel\n"
+                "from transformers import AutoModelForSequenceClassification, AutoTokenizer\n\n"
+                f"labels = {result.labels!r}\n"
+                f'tokenizer = AutoTokenizer.from_pretrained("{result.out_dir}")\n'
+                f'base = AutoModelForSequenceClassification.from_pretrained("{result.base}", num_labels=len(labels), '
+                "pad_token_id=tokenizer.pad_token_id)\n"
+                f'model = PeftModel.from_pretrained(base, "{result.out_dir}")  # LoRA + trained classifier head\n```')
+    return ("```python\nfrom transformers import AutoModelForSequenceClassification, AutoTokenizer\n\n"
+            f'model = AutoModelForSequenceClassification.from_pretrained("{result.out_dir}")  # classes: '
+            f"{', '.join(result.labels)}\n"
+            f'tokenizer = AutoTokenizer.from_pretrained("{result.out_dir}")\n'
+            'inputs = tokenizer("...", return_tensors="pt")\n'
+            "print(model.config.id2label[model(**inputs).logits.argmax(-1).item()])\n```")
 
 
 def _stop_on_end_of_turn(model, tokenizer) -> None:

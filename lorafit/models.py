@@ -25,6 +25,9 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# The classifier head's module names: PEFT's SEQ_CLS task trains and saves these in full (modules_to_save), so they
+# must stay 16/32-bit under QLoRA (transformers' default 4-bit skip list misses BERT's `classifier`).
+CLASSIFIER_HEADS = ("classifier", "score")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
@@ -238,20 +241,24 @@ def load_base_model(recipe: Recipe, source: str, precision: Precision, *,
     }
     if section.attn_implementation != "auto":
         kwargs["attn_implementation"] = section.attn_implementation
+    classify = recipe.task == "sequence-classification"
     quant = recipe.quantization
     if quant is not None:
         compute = dtype if quant.compute_dtype == "auto" else getattr(torch, quant.compute_dtype)
+        # A classifier has no LM head and no tied embeddings, which is all the default skip list would add.
+        skip = list(CLASSIFIER_HEADS) if classify else None
         if quant.bits == 4:
             kwargs["quantization_config"] = BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type=quant.quant_type,
                 bnb_4bit_use_double_quant=quant.double_quant, bnb_4bit_compute_dtype=compute,
+                llm_int8_skip_modules=skip,
             )
         else:
-            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
         if precision.device == "cuda":
             kwargs["device_map"] = {"": _local_cuda_device()}
     auto_class = AutoModelForCausalLM
-    if recipe.task == "sequence-classification":
+    if classify:
         auto_class = AutoModelForSequenceClassification
         kwargs.update(classifier_config(recipe.data.labels, pad_token_id), ignore_mismatched_sizes=True)
     try:

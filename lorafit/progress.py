@@ -53,13 +53,14 @@ class ProgressCallback(TrainerCallback):
     def on_log(self, args, state, control, logs: dict[str, Any] | None = None, **kwargs):
         if not state.is_world_process_zero or self.quiet or not logs:
             return
-        for key in ("loss", "learning_rate", "eval_loss", "grad_norm"):
+        for key in ("loss", "learning_rate", "eval_loss", "eval_accuracy", "grad_norm"):
             if key in logs:
                 self.last[key] = logs[key]
         if self.progress is not None:
             self.progress.update(self.task, completed=state.global_step, stats=self._stats(state))
             if "eval_loss" in logs:
-                self.progress.console.print(f"step {state.global_step}: eval_loss {logs['eval_loss']:.4f}")
+                accuracy = f", eval accuracy {logs['eval_accuracy']:.1%}" if "eval_accuracy" in logs else ""
+                self.progress.console.print(f"step {state.global_step}: eval_loss {logs['eval_loss']:.4f}{accuracy}")
         elif "loss" in logs or "eval_loss" in logs:
             eta = self._eta(state)
             self.console.print(f"step {state.global_step}/{state.max_steps}  {self._stats(state)}  eta {eta}",
@@ -82,6 +83,8 @@ class ProgressCallback(TrainerCallback):
             parts.append(f"loss {self.last['loss']:.4f}")
         if "eval_loss" in self.last:
             parts.append(f"eval {self.last['eval_loss']:.4f}")
+        if "eval_accuracy" in self.last:  # sequence classification
+            parts.append(f"acc {self.last['eval_accuracy']:.1%}")
         if "learning_rate" in self.last:
             parts.append(f"lr {self.last['learning_rate']:.2e}")
         parts.append(f"{self._tokens_per_second(state):,.0f} tok/s")

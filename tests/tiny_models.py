@@ -13,6 +13,7 @@ Public API::
                      generation_markers=False, **config_overrides) -> Path
     build_config_only(path, arch, size="tiny") -> Path
     write_toy_dataset(path, n=64, fmt="messages", seed=0) -> Path
+    write_classification_dataset(path, n=64, seed=0, **columns) -> Path
 
 This is a plain module (not a conftest) so it can be imported from tests,
 scripts and benchmarks alike: ``from tiny_models import build_tiny_model``
@@ -32,6 +33,7 @@ __all__ = [
     "BOS_TOKEN",
     "CHATML_TEMPLATE",
     "CHATML_TRAINING_TEMPLATE",
+    "CLASS_WORDS",
     "CONFIG_ONLY_ARCHS",
     "DECODER_ARCHS",
     "EOS_TOKEN",
@@ -45,6 +47,7 @@ __all__ = [
     "build_config_only",
     "build_tiny_model",
     "build_tokenizer",
+    "write_classification_dataset",
     "write_lora_run",
     "write_toy_dataset",
 ]
@@ -263,9 +266,11 @@ def _tiny_config(arch: str, vocab_size: int, *, pad_id: int = 0, eos_id: int = 2
             n_embd=h, n_layer=L, n_head=nh, n_inner=ff, n_positions=mp, **common,
         )
     if arch == "bert":
+        # No dropout (BERT's default is 0.1, the decoders' 0): in a 64-wide model it drowns what LoRA learns in a
+        # few dozen steps, and without it the tiny classifier learns tests/test_classification.py's toy task.
         return tf.BertConfig(
             hidden_size=h, num_hidden_layers=L, num_attention_heads=nh, intermediate_size=ff,
-            max_position_embeddings=mp, num_labels=2,
+            max_position_embeddings=mp, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
             id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1},
             **common,
         )
@@ -433,6 +438,44 @@ def write_toy_dataset(path: Path | str, n: int = 64, fmt: str = "messages", seed
     with path.open("w", encoding="utf-8") as f:
         for c in rows:
             f.write(json.dumps(_toy_record(c, TOY_PAIRS[c], fmt)) + "\n")
+    return path
+
+
+# Sequence-classification toy task: a row's words come from its class's topic (plus filler words anywhere),
+# so the class is visible at every position: the first token a BERT-style model pools and the last token a decoder
+# classifier reads. A tiny random model with LoRA and a trained head learns it in a few dozen steps.
+CLASS_WORDS: dict[str, tuple[str, ...]] = {
+    "animal": ("dog", "cat", "horse", "cow", "bird", "fish"),
+    "food": ("bread", "milk", "cheese", "egg", "cake", "tea"),
+}
+_FILLER_WORDS = ("the", "a", "and", "of", "with", "my")
+
+
+def write_classification_dataset(
+    path: Path | str,
+    n: int = 64,
+    seed: int = 0,
+    *,
+    text: str = "text",
+    label: str = "label",
+    extra_rows: tuple[dict[str, Any], ...] = (),
+) -> Path:
+    """Write ``n`` jsonl rows ``{text: "...", label: "animal" | "food"}`` (classes alternate, see :data:`CLASS_WORDS`):
+    three topic words and two filler words in a seeded shuffled order. ``text`` / ``label`` rename the columns;
+    ``extra_rows`` are appended as they are (e.g. a row with an unknown label). Returns ``path``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    classes = list(CLASS_WORDS)
+    with path.open("w", encoding="utf-8") as f:
+        for i in range(n):
+            name = classes[i % len(classes)]
+            words = rng.choices(CLASS_WORDS[name], k=3) + rng.sample(_FILLER_WORDS, 2)
+            rng.shuffle(words)
+            f.write(json.dumps({text: " ".join(words), label: name}) + "\n")
+        for row in extra_rows:
+            f.write(json.dumps(row) + "\n")
     return path
 
 
