@@ -124,6 +124,8 @@ def run_eval(recipe: Recipe, adapter_dirs: list[str | Path], *, data_file: str |
                          f"quantization, evaluated {'with' if recipe.quantization else 'without'} it (this recipe)")
     del meta_model
     if labels is not None:
+        if max_new_tokens is not None:
+            notes.append("--max-new-tokens does not apply to a classifier (nothing is generated); ignored")
         return _classification_eval(recipe, labels, trained, names, data_file=data_file, samples=samples,
                                     batch_size=batch_size, out_dir=out_dir, precision=precision, source=source,
                                     tokenizer=tokenizer, notes=notes, started=started)
