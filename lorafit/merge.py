@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import os
 import resource
 import shutil
@@ -104,6 +105,8 @@ def run_merge(specs: list[AdapterSpec], out_dir: str | Path, *, base: str | None
               density: float = 0.5, as_adapter: bool = False, base_weights: str = "auto", dtype: str = "auto",
               overwrite: bool = False, max_shard_size: str = "5GB") -> MergeResult:
     """Merge one adapter, or a weighted combination of several, into a full model (or one adapter) in out_dir."""
+    import torch
+
     started = time.perf_counter()
     out_dir = Path(out_dir).expanduser()
     notes: list[str] = []
@@ -173,12 +176,17 @@ def run_merge(specs: list[AdapterSpec], out_dir: str | Path, *, base: str | None
             model.set_adapter("reloaded")
             merged_logits = _logits(model, prompts)
         else:
-            try:
-                merged = model.merge_and_unload(safe_merge=True)  # safe_merge refuses NaN/inf weights
-            except ValueError as exc:
-                raise RunFailed(f"merging produced non-finite weights ({exc})", where="adapter",
-                                hint="the adapter holds NaN/inf weights; use an earlier checkpoint") from None
+            # In place, not PEFT's safe_merge: that clones every weight before adding the delta, and since the base
+            # is memory-mapped the clones and the file pages it leaves mapped both count (2.2x the model's size at
+            # peak for SmolLM2 vs ~1.2x in place; docs/performance.md). Finiteness is checked after.
+            merged = model.merge_and_unload()
             del model
+            # A sum is NaN/inf when any element is; unlike isfinite it allocates nothing the size of the tensor.
+            broken = next((name for name, p in merged.named_parameters()
+                           if not math.isfinite(torch.sum(p, dtype=torch.float32).item())), None)
+            if broken is not None:
+                raise RunFailed(f"merging produced non-finite weights (first: {broken})", where="adapter",
+                                hint="the adapter holds NaN/inf weights; use an earlier checkpoint")
             merged_logits = _logits(merged, prompts)
         max_diff, tolerance, top1 = _verify(merged_logits, reference, dtype_name, effect=effect, out_dir=out_dir,
                                             what="saved adapter" if as_adapter else "merged model")

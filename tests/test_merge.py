@@ -217,3 +217,19 @@ def test_merged_generation_config_stops_on_the_trained_end_of_turn(tmp_path):
     merged = GenerationConfig.from_pretrained(tmp_path / "merged")
     end_of_turn = AutoTokenizer.from_pretrained(adapter).eos_token_id
     assert merged.eos_token_id == [0, end_of_turn]
+
+
+def test_an_adapter_with_nan_weights_is_refused_and_nothing_is_written(runs, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for item in runs["a"].iterdir():
+        (broken / item.name).write_bytes(item.read_bytes())
+    weights = load_file(broken / "adapter_model.safetensors")
+    name = next(key for key in weights if "lora_B" in key)
+    weights[name][0, 0] = float("nan")
+    save_file(weights, broken / "adapter_model.safetensors")
+    with pytest.raises(RunFailed, match="non-finite weights"):
+        run_merge([AdapterSpec(broken)], tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
