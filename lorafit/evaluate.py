@@ -208,12 +208,17 @@ def _eval_rows(recipe: Recipe, data_file: str | Path | None) -> tuple[list[dict[
     if data_file is not None:
         return data.read_rows(str(data_file), recipe.data)[0], str(data_file)
     rows = data.read_eval_rows(recipe)
-    if not rows:
+    return rows, _described_eval_data(recipe, found=bool(rows))
+
+
+def _described_eval_data(recipe: Recipe, *, found: bool) -> str:
+    """Where the recipe's eval rows come from, in words; an error when there are none."""
+    if not found:
         raise LorafitError("the recipe has no eval data", where="data.eval",
                            hint="set data.eval to a file or a held-out fraction, or pass --data FILE")
-    described = recipe.data.eval if isinstance(recipe.data.eval, str) else (
-        f"{recipe.data.eval:g} of {recipe.data.train} held out (seed {recipe.training.seed})")
-    return rows, str(described)
+    if isinstance(recipe.data.eval, str):
+        return recipe.data.eval
+    return f"{recipe.data.eval:g} of {recipe.data.train} held out (seed {recipe.training.seed})"
 
 
 def _examples(rows: list[dict[str, Any]], fmt: str, recipe: Recipe,
@@ -472,12 +477,7 @@ def _labelled_eval_rows(recipe: Recipe, labels: list[str],
     if data_file is not None:
         return data.labelled_rows(str(data_file), labels, recipe.data, f"--data: {data_file}"), str(data_file)
     pairs = data.labelled_eval_rows(recipe, labels)
-    if not pairs:
-        raise LorafitError("the recipe has no eval data", where="data.eval",
-                           hint="set data.eval to a file or a held-out fraction, or pass --data FILE")
-    described = recipe.data.eval if isinstance(recipe.data.eval, str) else (
-        f"{recipe.data.eval:g} of {recipe.data.train} held out (seed {recipe.training.seed})")
-    return pairs, str(described)
+    return pairs, _described_eval_data(recipe, found=bool(pairs))
 
 
 def _classify(model, name: str, adapter: adapters.TrainedAdapter | None, examples: list[data.LabelledText],
