@@ -155,6 +155,7 @@ def init(
     qlora: Annotated[bool, typer.Option("--qlora", help="Start from 4-bit QLoRA settings.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing file.")] = False,
     as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Write a commented starter recipe, detecting the data format and the model's target modules."""
@@ -167,18 +168,19 @@ def init(
             _print_json({"command": "init", "ok": True, **asdict(result), "path": str(result.path)})
             return
         console = Console(highlight=False)
-        for note in result.notes:
+        for note in [] if quiet else result.notes:
             console.print(Text(note, style="yellow"))
         console.print(f"[green]wrote[/green] {result.path}: data format {result.data_format}, target_modules "
                       f"{result.target_modules}" + (f" ({', '.join(result.resolved_targets)})"
                                                     if result.resolved_targets else ""))
-        console.print(f"next: lorafit train {result.path} --dry-run")
+        if not quiet:
+            console.print(f"next: lorafit train {result.path} --dry-run")
 
     _execute(work, debug=debug, as_json=as_json)
 
 
 @app.command()
-def validate(recipe_path: RecipeArg, overrides: SetOpt = None, as_json: JsonOpt = False,
+def validate(recipe_path: RecipeArg, overrides: SetOpt = None, as_json: JsonOpt = False, quiet: QuietOpt = False,
              debug: DebugOpt = False) -> None:
     """Check a recipe (schema, values, cross-field rules) without loading any model."""
 
@@ -186,7 +188,7 @@ def validate(recipe_path: RecipeArg, overrides: SetOpt = None, as_json: JsonOpt 
         recipe = load_recipe(recipe_path, overrides or [])
         if as_json:
             _print_json({"command": "validate", "ok": True, "recipe": recipe.model_dump(mode="json")})
-        else:
+        elif not quiet:  # the exit code is the result
             Console(highlight=False).print(f"[green]ok[/green] {recipe_path}: recipe '{recipe.name}' is valid")
 
     _execute(work, debug=debug, as_json=as_json)
@@ -198,6 +200,7 @@ def inspect_modules(
                                           show_default=False)],
     overrides: SetOpt = None,
     as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """What can I target, and what will it cost? Module tree, presets, parameter counts, memory (config only)."""
@@ -210,7 +213,7 @@ def inspect_modules(
             _print_json({"command": "inspect-modules", "ok": True, **asdict(result),
                          "trainable_percent": result.trainable_percent})
         else:
-            _render_inspect(Console(highlight=False), result)
+            _render_inspect(Console(highlight=False), result, quiet=quiet)
 
     _execute(work, debug=debug, as_json=as_json)
 
@@ -237,6 +240,7 @@ def merge(
     max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Safetensors shard size.")] = "5GB",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a previous merge in --out.")] = False,
     as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Merge adapter(s) into a full model that plain transformers loads; verified against base+adapter."""
@@ -250,7 +254,7 @@ def merge(
         if as_json:
             _print_json({"command": "merge", "ok": True, **asdict(result)})
         else:
-            _render_merge(Console(highlight=False), result)
+            _render_merge(Console(highlight=False), result, quiet=quiet)
 
     _execute(work, debug=debug, as_json=as_json)
 
@@ -269,6 +273,7 @@ def eval_command(
                                                            "default: <run dir>/eval.")] = None,
     overrides: SetOpt = None,
     as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Base vs adapter(s), side by side: loss, perplexity, exact match, ROUGE-L (classifiers: accuracy, F1)."""
@@ -283,7 +288,7 @@ def eval_command(
             payload = {key: value for key, value in asdict(result).items() if key != "samples"}
             _print_json({"command": "eval", "ok": True, **payload})
         else:
-            _render_eval(Console(highlight=False), result)
+            _render_eval(Console(highlight=False), result, quiet=quiet)
 
     _execute(work, debug=debug, as_json=as_json)
 
@@ -386,7 +391,11 @@ def _bytes(n: float) -> str:
     return f"{n:.0f} B"
 
 
-def _render_inspect(console: Console, result) -> None:
+def _render_inspect(console: Console, result, *, quiet: bool = False) -> None:
+    """The module table, presets, the adapter's trainable count and the memory estimate; --quiet: the count only."""
+    if quiet:
+        _render_trainable(console, result)
+        return
     summary = result.config_summary
     console.print(f"[bold]{result.architecture}[/bold] from {result.source}: {summary['layers']} layers, hidden "
                   f"{summary['hidden_size']}, vocab {summary['vocab_size']} [dim](config only, no weights read: "
@@ -415,9 +424,7 @@ def _render_inspect(console: Console, result) -> None:
                   f"target_modules={a['target_modules']} -> {', '.join(result.target_modules) or '-'}")
     if result.modules_to_save:
         console.print(f"modules_to_save (trained fully, saved with the adapter): {', '.join(result.modules_to_save)}")
-    console.print(f"trainable parameters (counted by PEFT): [bold]{result.trainable_params:,}[/bold] of "
-                  f"{result.total_params:,} ({result.trainable_percent:.4f}%); "
-                  f"adapter file ~{_bytes(result.adapter_file_bytes)}")
+    _render_trainable(console, result)
     tokens = result.memory[0].tokens if result.memory else 0
     table = Table(title=f"training memory, ESTIMATE: micro-batch of {tokens:,} tokens; excludes framework overhead",
                   title_justify="left")
@@ -434,8 +441,14 @@ def _render_inspect(console: Console, result) -> None:
         console.print(Text(note, style="dim"))
 
 
-def _render_merge(console: Console, result) -> None:
-    for note in result.notes:
+def _render_trainable(console: Console, result) -> None:
+    console.print(f"trainable parameters (counted by PEFT): [bold]{result.trainable_params:,}[/bold] of "
+                  f"{result.total_params:,} ({result.trainable_percent:.4f}%); "
+                  f"adapter file ~{_bytes(result.adapter_file_bytes)}")
+
+
+def _render_merge(console: Console, result, *, quiet: bool = False) -> None:
+    for note in [] if quiet else result.notes:
         console.print(Text(note, style="yellow"))
     table = Table(title=f"{'combined adapter' if result.as_adapter else 'merged model'} -> {result.out_dir}",
                   show_header=False, title_justify="left")
@@ -456,11 +469,12 @@ def _render_merge(console: Console, result) -> None:
     console.print(table)
 
 
-def _render_eval(console: Console, result) -> None:
-    for note in result.notes:
+def _render_eval(console: Console, result, *, quiet: bool = False) -> None:
+    """Notes, the scores table and three samples; --quiet: the scores table only."""
+    for note in [] if quiet else result.notes:
         console.print(Text(note, style="yellow" if note.startswith("warning") else "dim"))
     if result.labels is not None:
-        _render_classification_eval(console, result)
+        _render_classification_eval(console, result, quiet=quiet)
         return
     table = Table(title=f"{result.recipe}: {result.examples} eval rows from {result.data}", title_justify="left")
     for column in ("model", "loss", "perplexity", "exact match", "norm. exact match", "ROUGE-L", "time"):
@@ -470,6 +484,8 @@ def _render_eval(console: Console, result) -> None:
         table.add_row(s.name, _fmt(s.loss), f"{s.perplexity:.2f}" if s.perplexity else "-", pct(s.exact_match),
                       pct(s.normalized_exact_match), pct(s.rouge_l), f"{s.seconds:.1f} s")
     console.print(table)
+    if quiet:
+        return
     for row in result.samples[:3]:
         console.rule(style="dim")
         console.print(Text(f"prompt: {row['prompt']!r}\nreference: {row['reference']!r}", style="dim"))
@@ -479,7 +495,7 @@ def _render_eval(console: Console, result) -> None:
     console.print(f"[dim]report: {result.report_path}; all generations: {result.samples_path}[/dim]")
 
 
-def _render_classification_eval(console: Console, result) -> None:
+def _render_classification_eval(console: Console, result, *, quiet: bool = False) -> None:
     table = Table(title=f"{result.recipe}: {result.examples} eval rows from {result.data}, classes "
                   f"{', '.join(result.labels)}", title_justify="left")
     for column in ("model", "loss", "accuracy", "macro-F1", "correct per class", "time"):
@@ -488,6 +504,8 @@ def _render_classification_eval(console: Console, result) -> None:
         per_class = ", ".join(f"{name} {c['correct']}/{c['rows']}" for name, c in (s.per_class or {}).items())
         table.add_row(s.name, _fmt(s.loss), _pct(s.accuracy), _pct(s.f1), per_class, f"{s.seconds:.1f} s")
     console.print(table)
+    if quiet:
+        return
     for row in result.samples[:3]:
         console.rule(style="dim")
         console.print(Text(f"text: {row['text']!r}\nreference: {row['reference']}", style="dim"))

@@ -21,6 +21,13 @@ def test_validate_json_prints_the_resolved_recipe():
     assert payload["ok"] is True and payload["recipe"]["adapter"]["r"] == 4
 
 
+def test_validate_quiet_answers_with_the_exit_code_alone(tmp_path):
+    proc = lorafit("validate", str(REPO / "configs" / "quickstart.yaml"), "--quiet")
+    assert proc.returncode == 0 and proc.stdout == "" and proc.stderr == ""
+    proc = lorafit("validate", str(REPO / "configs" / "quickstart.yaml"), "--quiet", "--set", "adapter.r=0")
+    assert proc.returncode == 1 and proc.stdout == "" and "adapter.r" in proc.stderr
+
+
 def test_a_failing_command_with_json_still_prints_one_object_and_exits_1(tmp_path):
     proc = lorafit("train", str(tmp_path / "missing.yaml"), "--json")
     assert proc.returncode == 1

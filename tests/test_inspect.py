@@ -157,6 +157,10 @@ def test_cli_json_is_one_object_and_text_is_labelled_an_estimate(tmp_path):
     text = CliRunner().invoke(app, ["inspect-modules", str(folder)], env={"COLUMNS": "200", "NO_COLOR": "1"})
     assert text.exit_code == 0, text.output
     assert "ESTIMATE" in text.output and "q_proj" in text.output and "no weights read" in text.output
+    quiet = CliRunner().invoke(app, ["inspect-modules", str(folder), "--quiet"], env={"COLUMNS": "200", "NO_COLOR": "1"})
+    assert quiet.exit_code == 0 and quiet.output.strip().splitlines() == [  # the result line alone
+        f"trainable parameters (counted by PEFT): {payload['trainable_params']:,} of {payload['total_params']:,} "
+        f"({payload['trainable_percent']:.4f}%); adapter file ~" + quiet.output.split("~")[-1].strip()]
     error = CliRunner().invoke(app, ["inspect-modules", str(tmp_path / "nope" / "x")])
     assert error.exit_code == 1 and "Traceback" not in error.output
     assert error.output.strip().startswith("error:") and len(error.output.strip().splitlines()) == 1
