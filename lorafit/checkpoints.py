@@ -1,48 +1,31 @@
-"""Checkpoints a run can trust, and a training loop that stops cleanly.
+"""Checkpoints a run can trust: atomic publish, own-only rotation, and the resume check.
 
-`train` is the entry point: it runs `trainer.train()` so that
+- Every checkpoint is atomic: the Trainer writes into `checkpoints/.incomplete/checkpoint-N` (its
+  output_dir, `staging_dir`); only when the save has finished does `publish` write a marker and rename the
+  folder to `checkpoints/checkpoint-N`. A crash or kill during a save never leaves a half-written checkpoint
+  where resume looks.
+- `rotate` (`training.save_total_limit`) deletes only checkpoints lorafit marked as its own; HF's own
+  rotation, which deletes any `checkpoint-*` it finds, is switched off.
+- `check_resume` (before any model is loaded) refuses to resume with a different recipe and picks the newest
+  complete checkpoint; `record_run` writes the recipe fingerprint it compares against.
+- `remove_own_checkpoints` is all that `--overwrite` deletes here.
 
-- every checkpoint is atomic: the Trainer writes into `checkpoints/.incomplete/checkpoint-N` (its
-  output_dir); only when the save has finished is a marker written and the folder renamed to
-  `checkpoints/checkpoint-N`. A crash or kill during a save never leaves a half-written checkpoint
-  where resume looks;
-- rotation (`training.save_total_limit`) deletes only checkpoints lorafit marked as its own; HF's own
-  rotation, which deletes any `checkpoint-*` it finds, is switched off;
-- Ctrl-C / SIGTERM finish the current step, save a checkpoint and stop with the resume command; a second
-  signal stops at once, leaving the last complete checkpoint;
-- NaN/inf losses are skipped (zero gradients) and stop the run after `training.max_nonfinite_steps` in a
-  row (`GuardedSFTTrainer`, `GuardedTrainer`); no checkpoint is saved during such a streak or with non-finite weights.
-
-Around it, `check_resume` (before any model is loaded) refuses to resume with a different recipe and
-picks the newest complete checkpoint, `record_run` writes the recipe fingerprint it compares against,
-`explained_failures` turns out-of-memory and disk-full into messages with the knobs to turn, and
-`remove_own_checkpoints` is all that `--overwrite` deletes here.
+The training loop that calls `publish` and `rotate` after each save is `lorafit.trainer.fit`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import functools
 import hashlib
 import json
-import math
 import os
 import re
 import shutil
-import signal
-import threading
-from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from transformers import TrainerCallback
-
-from lorafit.errors import Interrupted, LorafitError, RunFailed
+from lorafit.errors import LorafitError, RunFailed
 from lorafit.recipe import Recipe
-
-if TYPE_CHECKING:
-    from torch import nn
 
 CHECKPOINTS = "checkpoints"
 STAGING = ".incomplete"
@@ -168,7 +151,8 @@ def last_saved(run_dir: Path) -> str:
     return f"the last complete checkpoint ({complete[-1]}) is kept"
 
 
-def _step(path: Path) -> int:
+def checkpoint_step(path: Path) -> int:
+    """The step in a `checkpoint-N` folder's name (-1 for any other name)."""
     match = _NAME.match(path.name)
     return int(match.group(1)) if match else -1
 
@@ -177,14 +161,14 @@ def _scan(folder: Path) -> tuple[list[Path], list[str]]:
     complete, notes = [], []
     if not folder.is_dir():
         return complete, notes
-    for path in sorted((p for p in folder.iterdir() if p.is_dir() and _NAME.match(p.name)), key=_step):
+    for path in sorted((p for p in folder.iterdir() if p.is_dir() and _NAME.match(p.name)), key=checkpoint_step):
         if _is_complete(path):
             complete.append(path)
         else:
             notes.append(f"resume: skipped {path.name}: not a complete lorafit checkpoint")
     staging = folder / STAGING
     if staging.is_dir():
-        for path in sorted((p for p in staging.iterdir() if _NAME.match(p.name)), key=_step):
+        for path in sorted((p for p in staging.iterdir() if _NAME.match(p.name)), key=checkpoint_step):
             notes.append(f"resume: skipped the incomplete {path.name} (its save did not finish); it is removed")
     return complete, notes
 
@@ -200,12 +184,12 @@ def _is_complete(path: Path) -> bool:
         return False
 
 
-def _publish(source: Path, folder: Path) -> Path:
+def publish(source: Path, folder: Path) -> Path:
     """Mark a finished checkpoint complete and rename it into place (after flushing it to disk)."""
     files = {str(p.relative_to(source)): p.stat().st_size for p in sorted(source.rglob("*")) if p.is_file()}
     for name in files:
         _fsync(source / name)
-    _write_json_atomic(source / MARKER, {"step": _step(source), "files": files})
+    _write_json_atomic(source / MARKER, {"step": checkpoint_step(source), "files": files})
     target = folder / source.name
     if target.exists():
         if not (target / MARKER).exists():
@@ -222,7 +206,7 @@ def _publish(source: Path, folder: Path) -> Path:
     return target
 
 
-def _rotate(folder: Path, keep: int | None) -> None:
+def rotate(folder: Path, keep: int | None) -> None:
     """Delete the oldest of lorafit's own complete checkpoints beyond `keep`; nothing else is ever touched."""
     if not keep:
         return
@@ -262,253 +246,3 @@ def _fsync(path: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Finite losses and weights
-
-
-def GuardedSFTTrainer(**kwargs):  # reads like the class it builds; trl is imported lazily
-    """An SFTTrainer that stops on repeated non-finite losses (see `_guarded_trainer_class`)."""
-    return _guarded_trainer_class("sft")(**kwargs)
-
-
-def GuardedTrainer(**kwargs):
-    """A plain transformers Trainer (sequence classification) with the same guard."""
-    return _guarded_trainer_class("plain")(**kwargs)
-
-
-@functools.cache
-def _guarded_trainer_class(kind: str):
-    if kind == "sft":
-        from lorafit.loss import sft_trainer_class
-
-        base = sft_trainer_class()  # SFTTrainer, with a faster loss where TRL's fused LM head has no kernel (CPU)
-    else:
-        from transformers import Trainer as base
-
-    class _Guarded(base):
-        """A Trainer (SFT or plain) that refuses to keep stepping on NaN/inf losses.
-
-        `compute_loss` is the documented extension point: a non-finite loss is replaced by a zero loss
-        (zero gradients, so the weights stay finite) and after `max_nonfinite_steps` in a row the run stops,
-        leaving the last good checkpoint (`_CheckpointGuard` never saves non-finite weights).
-        """
-
-        def __init__(self, *args, max_nonfinite_steps: int = 3, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.max_nonfinite_steps = max_nonfinite_steps
-            self.nonfinite_in_a_row = 0
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            result = super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                          num_items_in_batch=num_items_in_batch)
-            if not model.training:
-                return result
-            loss = result[0] if return_outputs else result
-            if math.isfinite(loss.detach().float().item()):
-                self.nonfinite_in_a_row = 0
-                return result
-            self.nonfinite_in_a_row += 1
-            if self.nonfinite_in_a_row >= self.max_nonfinite_steps:
-                raise RunFailed(
-                    f"loss was NaN/inf for {self.nonfinite_in_a_row} steps in a row (at step "
-                    f"{self.state.global_step}); {last_saved(Path(self.args.output_dir).parent.parent)}; "
-                    "no adapter was exported",
-                    where="training", hint=f"lower training.learning_rate (now {self.args.learning_rate:g}) or check "
-                    "the data; training.max_nonfinite_steps sets how many are tolerated",
-                )
-            # Not `loss * 0`: backpropagating through a NaN graph still gives NaN gradients (0 * NaN). A zero built
-            # from the trainable weights alone has exact zero gradients, so this batch pushes nothing into them;
-            # the detached loss is added only so the logs show the NaN/inf honestly.
-            zero = sum((p * 0.0).sum() for p in model.parameters() if p.requires_grad) + loss.detach()
-            return (zero, *result[1:]) if return_outputs else zero
-
-    return _Guarded
-
-
-def nonfinite_parameters(model: nn.Module) -> list[str]:
-    """Names of trainable parameters holding NaN/inf (empty when all are finite)."""
-    import torch
-
-    with torch.no_grad():
-        return [name for name, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
-
-
-# ----------------------------------------------------------------------------------------------------
-# The guarded training loop
-
-
-def train(trainer, recipe: Recipe, *, resume_from: Path | None, resume_command: str):
-    """`trainer.train()` with atomic checkpoints, own-only rotation and clean Ctrl-C / SIGTERM handling."""
-    folder = recipe.run_dir / CHECKPOINTS
-    if trainer.args.should_save:
-        shutil.rmtree(folder / STAGING, ignore_errors=True)  # an interrupted save (reported by check_resume)
-    stop = _StopRequests()
-    guard = _CheckpointGuard(folder, recipe.training.save_total_limit, stop,
-                             in_nonfinite_streak=lambda: getattr(trainer, "nonfinite_in_a_row", 0) > 0)
-    trainer.add_callback(guard)  # the documented hook: Trainer has no other place to act around a save
-    try:
-        with _signals_handled_by(stop):
-            output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    except KeyboardInterrupt:
-        raise Interrupted(f"interrupted again: stopped at once at step {trainer.state.global_step}; "
-                          f"{last_saved(recipe.run_dir)}; resume with: {resume_command}") from None
-    finally:
-        trainer.remove_callback(guard)
-    if trainer.args.should_save:
-        shutil.rmtree(folder / STAGING, ignore_errors=True)  # empty but for TRL's model card once all saves finished
-    if stop.count:
-        step = trainer.state.global_step
-        complete = complete_checkpoints(folder)
-        saved = "checkpoint saved" if complete and _step(complete[-1]) == step else last_saved(recipe.run_dir)
-        raise Interrupted(f"interrupted at step {step}; {saved}; resume with: {resume_command}")
-    return output
-
-
-class _StopRequests:
-    """Signal handler state: the first SIGINT/SIGTERM asks for a clean stop, the second stops at once."""
-
-    def __init__(self) -> None:
-        self.count = 0
-
-    def __call__(self, signum: int, frame: Any) -> None:
-        self.count += 1
-        if self.count > 1:
-            raise KeyboardInterrupt
-        # os.write, not print: a handler may run in the middle of another write to the same stream.
-        os.write(2, f"\n{signal.Signals(signum).name}: finishing this step and saving a checkpoint "
-                    "(send it again to stop at once)\n".encode())
-
-
-@contextlib.contextmanager
-def _signals_handled_by(handler: _StopRequests) -> Iterator[None]:
-    """Install the stop handler for SIGINT and SIGTERM for the duration of training, then restore the old ones."""
-    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
-        yield
-        return
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    for sig in previous:
-        signal.signal(sig, handler)
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-
-
-class _CheckpointGuard(TrainerCallback):
-    """Stops at a step boundary on request, saves only good weights, publishes and rotates checkpoints."""
-
-    def __init__(self, folder: Path, keep: int | None, stop: _StopRequests, in_nonfinite_streak):
-        self.folder = folder
-        self.keep = keep
-        self.stop = stop
-        self.in_nonfinite_streak = in_nonfinite_streak
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        if _on_any_rank(self.stop.count > 0, args):
-            control.should_save = True
-            control.should_training_stop = True
-        if control.should_save and _on_any_rank(self.in_nonfinite_streak(), args):
-            control.should_save = False  # the last good checkpoint is the one from before the NaN/inf losses
-        if control.should_save and model is not None:
-            bad = nonfinite_parameters(model)
-            if bad:
-                raise RunFailed(
-                    f"the weights became NaN/inf by step {state.global_step} ({bad[0]}"
-                    f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}); not saved, "
-                    f"{last_saved(self.folder.parent)}, no adapter was exported",
-                    where="training", hint=f"lower training.learning_rate (now {args.learning_rate:g}) or "
-                    "training.max_grad_norm, or check the data",
-                )
-        return control
-
-    def on_save(self, args, state, control, **kwargs):
-        _barrier()  # every rank has written its part (rng state, shards) before the checkpoint is published
-        if args.should_save:
-            _publish(Path(args.output_dir) / f"checkpoint-{state.global_step}", self.folder)
-            _rotate(self.folder, self.keep)
-        _barrier()
-
-
-def _on_any_rank(flag: bool, args) -> bool:
-    """True on every rank when it is true on one, so all ranks stop at the same step (no hang in DDP/FSDP)."""
-    import torch
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return flag
-    value = torch.tensor([int(flag)], device=args.device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
-# ----------------------------------------------------------------------------------------------------
-# Out of memory, disk full
-
-
-@contextlib.contextmanager
-def explained_failures(recipe: Recipe, *, gradient_checkpointing: bool, precision: str,
-                       resume_command: str) -> Iterator[None]:
-    """Turn out-of-memory and disk-full errors into one message with the settings in use and what to change."""
-    try:
-        yield
-    except LorafitError:
-        raise
-    except (RuntimeError, MemoryError) as exc:
-        if not _is_out_of_memory(exc):
-            raise
-        t, d = recipe.training, recipe.data
-        quant = f"{recipe.quantization.bits}-bit" if recipe.quantization else "none"
-        raise RunFailed(
-            f"out of memory ({_first_line(exc)}) with training.batch_size={t.batch_size}, "
-            f"training.grad_accum={t.grad_accum}, data.max_length={d.max_length}, "
-            f"training.gradient_checkpointing={'on' if gradient_checkpointing else 'off'}, quantization={quant}, "
-            f"precision={precision}",
-            where="training",
-            hint="lower training.batch_size (raise grad_accum to keep the effective batch), lower data.max_length, "
-                 "set training.gradient_checkpointing: true"
-                 + (", or add quantization: {bits: 4}" if recipe.quantization is None else ""),
-        ) from None
-    except OSError as exc:
-        if exc.errno != errno.ENOSPC:
-            raise
-        run_dir = recipe.run_dir
-        shutil.rmtree(staging_dir(run_dir), ignore_errors=True)  # a partial save of ours; give its space back
-        free = _free_space(run_dir)
-        raise RunFailed(
-            f"disk full while writing {getattr(exc, 'filename', None) or 'the run folder'} ({free} free); "
-            f"{last_saved(run_dir)}",
-            where=f"output.dir: {run_dir}",
-            hint=f"free some space, lower training.save_total_limit (now {recipe.training.save_total_limit}) or "
-                 f"set output.dir on a bigger disk, then resume with: {resume_command}",
-        ) from None
-
-
-def _is_out_of_memory(exc: BaseException) -> bool:
-    import torch
-
-    text = str(exc).lower()
-    return (isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in text
-            or "can't allocate memory" in text)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:160]
-
-
-def _free_space(path: Path) -> str:
-    for folder in (path, *path.parents):
-        if folder.exists():
-            free = shutil.disk_usage(folder).free
-            return f"{free / 2**30:.1f} GiB" if free >= 2**30 else f"{free / 2**20:.0f} MiB"
-    return "unknown"

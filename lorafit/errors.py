@@ -41,3 +41,9 @@ class Interrupted(LorafitError):
     """The user stopped the run; a checkpoint was written where possible."""
 
     exit_code = EXIT_INTERRUPTED
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's first line (its type name when it has no message), cut so a one-line error stays one line."""
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:200]

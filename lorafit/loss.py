@@ -4,15 +4,15 @@ TRL's `SFTTrainer` computes the loss with a chunked, fused LM head. On CUDA it r
 trained positions only; elsewhere it falls back to torch ops over *every* position, adds entropy and
 top-1 statistics, and recomputes the vocabulary projection in backward. On a CPU that made a SmolLM2-135M
 step ~25% slower than a plain cross-entropy (see docs/performance.md). `SFTTrainer.compute_loss` is the
-documented extension point: the subclass here runs the LM head on the positions whose next token is a
-trained label, through transformers' documented `logits_to_keep` forward argument, so prompt, padding and
-packing-boundary positions cost nothing in the vocabulary-sized head. The value is the same mean
+documented extension point: the `TrainedPositionsLoss` mixin here (part of `lorafit.trainer.SFTTrainer`) runs
+the LM head on the positions whose next token is a trained label, through transformers' documented
+`logits_to_keep` forward argument, so prompt, padding and packing-boundary positions cost nothing in the
+vocabulary-sized head. The value is the same mean
 next-token cross-entropy (tests/test_packing.py checks it against TRL's).
 """
 
 from __future__ import annotations
 
-import functools
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -53,35 +53,28 @@ def trained_positions_loss(model: nn.Module, inputs: dict[str, Any],
     return summed / torch.as_tensor(count, device=summed.device).clamp(min=1)
 
 
-@functools.cache
-def sft_trainer_class():
-    """`trl.SFTTrainer` with the trained-positions loss on devices where TRL's fused head has no kernel."""
-    from trl import SFTTrainer
+class TrainedPositionsLoss:
+    """SFTTrainer mixin: off CUDA, the loss projects only trained positions through the LM head.
 
-    class TrainedPositionsSFTTrainer(SFTTrainer):
-        """SFTTrainer whose loss projects only trained positions through the LM head off CUDA.
+    TRL's per-step entropy / token-accuracy logs are not computed on that path (they cost a full pass over the
+    vocabulary for every position); the loss, learning rate and grad norm are logged as before.
+    """
 
-        TRL's per-step entropy / token-accuracy logs are not computed on that path (they cost a full pass over
-        the vocabulary for every position); the loss, learning rate and grad norm are logged as before.
-        """
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.trained_positions_loss = (
+            self.args.device.type not in _FUSED_HEAD_DEVICES
+            and supports_trained_positions_loss(self.model)
+            and not self.aux_loss_enabled  # MoE router loss: TRL's path adds it
+            and self.args.loss_type == "nll"
+        )
 
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.trained_positions_loss = (
-                self.args.device.type not in _FUSED_HEAD_DEVICES
-                and supports_trained_positions_loss(self.model)
-                and not self.aux_loss_enabled  # MoE router loss: TRL's path adds it
-                and self.args.loss_type == "nll"
-            )
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if return_outputs or not self.trained_positions_loss:
-                return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                            num_items_in_batch=num_items_in_batch)
-            loss = trained_positions_loss(model, inputs, num_items_in_batch)
-            # As in SFTTrainer: `num_items_in_batch` counts every rank's tokens and DDP averages the gradients.
-            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-                loss = loss * self.accelerator.num_processes
-            return loss
-
-    return TrainedPositionsSFTTrainer
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if return_outputs or not self.trained_positions_loss:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        loss = trained_positions_loss(model, inputs, num_items_in_batch)
+        # As in SFTTrainer: `num_items_in_batch` counts every rank's tokens and DDP averages the gradients.
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes
+        return loss

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lorafit.errors import LorafitError
+from lorafit.errors import LorafitError, first_line
 from lorafit.recipe import BUILTIN_MODELS, ModelSection, Recipe
 
 if TYPE_CHECKING:
@@ -200,7 +200,7 @@ def load_tokenizer(recipe: Recipe, source: str) -> PreTrainedTokenizerBase:
             source, revision=section.revision, trust_remote_code=section.trust_remote_code
         )
     except (OSError, ValueError) as exc:
-        raise LorafitError(_first_line(exc), where=f"model.path: {section.path}",
+        raise LorafitError(first_line(exc), where=f"model.path: {section.path}",
                            hint="check the folder or hub id, your network and HF_TOKEN for gated models") from None
     if tokenizer.pad_token is None:
         # Padding positions are masked out of the loss, so reusing eos as pad is safe; eos itself stays a
@@ -264,10 +264,10 @@ def load_base_model(recipe: Recipe, source: str, precision: Precision, *,
     try:
         model = auto_class.from_pretrained(source, **kwargs)
     except ImportError as exc:
-        raise LorafitError(_first_line(exc), where="quantization",
+        raise LorafitError(first_line(exc), where="quantization",
                            hint="pip install bitsandbytes, or remove the quantization section") from None
     except (OSError, ValueError) as exc:
-        raise LorafitError(_first_line(exc), where=f"model.path: {section.path}") from None
+        raise LorafitError(first_line(exc), where=f"model.path: {section.path}") from None
     model.config.use_cache = False  # the KV cache is useless in training and costs memory
     return model
 
@@ -288,11 +288,6 @@ def _local_cuda_device() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]
-
-
 # ----------------------------------------------------------------------------------------------------
 # Config-only views of a model (inspect-modules, adapter checks in merge/eval)
 
@@ -305,7 +300,7 @@ def load_config(section: ModelSection, source: str):
         return AutoConfig.from_pretrained(source, revision=section.revision,
                                           trust_remote_code=section.trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise LorafitError(f"cannot read the model config: {_first_line(exc)[:200]}",
+        raise LorafitError(f"cannot read the model config: {first_line(exc)}",
                            where=f"model.path: {section.path}",
                            hint="check the folder (it needs a config.json) or the hub id and your network") from None
 

@@ -101,25 +101,26 @@ def run_train(recipe: Recipe, console: Console, *, dry_run: bool = False, resume
     if dry_run:
         return result
 
-    # 4. Train: atomic checkpoints, clean Ctrl-C, and out-of-memory / disk-full explained (see checkpoints.py).
+    # 4. Train: atomic checkpoints, clean Ctrl-C, and out-of-memory / disk-full explained (see trainer.py).
     _prepare_run_dir(run_dir, overwrite=overwrite)
     if _is_main_process():
         checkpoints.record_run(run_dir, recipe, prepared.report.fingerprint)
         # Written now, not only at export: `lorafit train runs/x/recipe.yaml --overwrite` must not lose the file it
         # runs from if training then fails, and an interrupted run can be resumed from its own folder.
         export.write_text_atomic(run_dir / "recipe.yaml", dump_recipe(recipe))
-    trainer = _build_trainer(recipe, model, tokenizer, prepared, precision, console, quiet=quiet)
     from lorafit.progress import ThroughputMeter
+    from lorafit.trainer import explained_failures, fit, nonfinite_parameters
 
+    trainer = _build_trainer(recipe, model, tokenizer, prepared, precision, console, quiet=quiet)
     throughput = ThroughputMeter()
     trainer.add_callback(throughput)
-    explained = functools.partial(checkpoints.explained_failures, recipe, gradient_checkpointing=gradient_checkpointing,
+    explained = functools.partial(explained_failures, recipe, gradient_checkpointing=gradient_checkpointing,
                                   precision=precision.name, resume_command=resume_command)
     with explained():
         train_started = time.perf_counter()
-        output = checkpoints.train(trainer, recipe, resume_from=checkpoint, resume_command=resume_command)
+        output = fit(trainer, recipe, resume_from=checkpoint, resume_command=resume_command)
         train_seconds = time.perf_counter() - train_started
-    nonfinite = checkpoints.nonfinite_parameters(model)
+    nonfinite = nonfinite_parameters(model)
     if nonfinite:
         raise RunFailed(f"the trained weights hold NaN/inf ({', '.join(nonfinite[:3])}); no adapter was exported",
                         where="training", hint=f"lower training.learning_rate (now {recipe.training.learning_rate:g}); "
@@ -264,6 +265,7 @@ def _build_trainer(recipe: Recipe, model, tokenizer, prepared, precision: Precis
 
     from lorafit import checkpoints
     from lorafit.progress import EvaluateAtEnd, ProgressCallback
+    from lorafit.trainer import ClassifierTrainer, SFTTrainer
 
     # Sequence classification trains with the plain transformers Trainer; SFTConfig is its arguments plus SFT's.
     classify = recipe.task == "sequence-classification"
@@ -277,7 +279,7 @@ def _build_trainer(recipe: Recipe, model, tokenizer, prepared, precision: Precis
     sft_options = {} if classify else {"max_length": recipe.data.max_length, "packing": recipe.data.packing}
     args = arguments(
         # Checkpoints are written into a staging folder and renamed into place once complete; HF's rotation
-        # (which deletes any checkpoint-* it finds) is off: checkpoints.train rotates only lorafit's own.
+        # (which deletes any checkpoint-* it finds) is off: trainer.fit rotates only lorafit's own.
         output_dir=str(checkpoints.staging_dir(recipe.run_dir)),
         num_train_epochs=t.epochs,
         max_steps=t.max_steps or -1,
@@ -309,7 +311,7 @@ def _build_trainer(recipe: Recipe, model, tokenizer, prepared, precision: Precis
         # Gradient checkpointing is already set up by adapters.wrap_model (non-reentrant, PEFT-aware).
         gradient_checkpointing=False,
         disable_tqdm=True,
-        logging_nan_inf_filter=False,  # show a NaN/inf loss as it is (checkpoints.GuardedSFTTrainer stops on them)
+        logging_nan_inf_filter=False,  # show a NaN/inf loss as it is (trainer.NonFiniteGuard stops on them)
         # Padding-free (packed) batches hold no padding, and counting "non_padding" there would skip every real
         # token equal to the pad id (often eos).
         include_num_input_tokens_seen="all" if recipe.data.packing else "non_padding",
@@ -325,7 +327,7 @@ def _build_trainer(recipe: Recipe, model, tokenizer, prepared, precision: Precis
     # A classifier's rows are padded per batch, and each evaluation also logs eval_accuracy and eval_f1.
     classifier_options = {"data_collator": DataCollatorWithPadding(tokenizer),
                           "compute_metrics": _classification_metrics} if classify else {}
-    trainer = (checkpoints.GuardedTrainer if classify else checkpoints.GuardedSFTTrainer)(
+    trainer = (ClassifierTrainer if classify else SFTTrainer)(
         max_nonfinite_steps=t.max_nonfinite_steps,
         model=model,
         args=args,
