@@ -118,11 +118,18 @@ def train(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Check data and model, show samples, do not train.")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the run folder's last checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a finished run in the output folder.")] = False,
+    sweeps: Annotated[list[str] | None, typer.Option(
+        "--sweep", help="Train a grid: KEY=V1,V2,... (repeatable; one run per combination, in "
+                        "<output.dir>/<key=value,...>/).")] = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Train an adapter: recipe -> model -> LoRA/QLoRA -> SFT (or a classifier) -> runs/<name>/adapter."""
+    if sweeps:
+        _train_sweep(recipe_path, overrides or [], sweeps, dry_run=dry_run, resume=resume, overwrite=overwrite,
+                     as_json=as_json, quiet=quiet, debug=debug)
+        return
 
     def work() -> None:
         from lorafit.train import run_train
@@ -144,6 +151,34 @@ def train(
             _render_train(console, result)
 
     _execute(work, debug=debug, as_json=as_json)
+
+
+def _train_sweep(recipe_path: Path, overrides: list[str], sweeps: list[str], *, dry_run: bool, resume: bool,
+                 overwrite: bool, as_json: bool, quiet: bool, debug: bool) -> None:
+    """`train --sweep`: the grid's runs one after another, then the summary table (exit 2 if a run failed)."""
+
+    def work():
+        from lorafit.sweep import run_sweep
+
+        console = Console(quiet=quiet or as_json, highlight=False)
+        resume_command = shlex.join(["lorafit", "train", str(recipe_path),
+                                     *[arg for item in overrides for arg in ("--set", item)],
+                                     *[arg for item in sweeps for arg in ("--sweep", item)], "--resume"])
+        return run_sweep(recipe_path, overrides, sweeps, console, dry_run=dry_run, resume=resume,
+                         overwrite=overwrite, quiet=quiet or as_json, resume_command=resume_command)
+
+    result = _execute(work, debug=debug, as_json=as_json)
+    failed = result.failed
+    failure = (f"{len(failed)} of {len(result.runs)} sweep runs failed: "
+               + "; ".join(f"{run.name}: {run.error}" for run in failed)) if failed else None
+    if as_json:
+        _print_json(_sweep_payload(result, failure))
+    else:
+        _render_sweep(Console(highlight=False), result, quiet=quiet)
+    if failure:
+        if not as_json:
+            Console(stderr=True, highlight=False).print(Text(f"error: {failure}", style="bold red"), soft_wrap=True)
+        raise typer.Exit(EXIT_RUN_FAILED)
 
 
 @app.command()
@@ -316,6 +351,57 @@ def _train_payload(result, recipe) -> dict[str, Any]:
         "notes": result.notes,
         "metrics": result.metrics,
     }
+
+
+def _sweep_payload(result, failure: str | None) -> dict[str, Any]:
+    payload = {"command": "train", "ok": failure is None, "sweep": True, "dry_run": result.dry_run,
+               "sweep_dir": str(result.sweep_dir), "axes": result.axes, "best": result.best,
+               "summary": str(result.summary_path) if result.summary_path else None,
+               "runs": [{"name": run.name, "run_dir": str(run.run_dir), "values": run.values,
+                         "found": run.before, "plan": run.plan, "status": run.status, "error": run.error, "steps": run.steps,
+                         "train_loss": run.train_loss, "eval_loss": run.eval_loss,
+                         "tokens_per_second": run.tokens_per_second, "train_seconds": run.train_seconds}
+                        for run in result.runs]}
+    if failure:
+        payload.update(error=failure, exit_code=EXIT_RUN_FAILED)
+    return payload
+
+
+def _render_sweep(console: Console, result, *, quiet: bool = False) -> None:
+    """The grid, one row per run (its name holds its values); a dry run says what each run would do."""
+    title = f"sweep {result.sweep_dir}: {len(result.runs)} runs over {', '.join(result.axes)}"
+    table = Table(title=title, title_justify="left")
+    if result.dry_run:
+        for column in ("run", "will", "values"):
+            table.add_column(column)
+        for run in result.runs:
+            table.add_row(run.name, run.plan, ", ".join(f"{k}={_cell(v)}" for k, v in run.values.items()))
+        console.print(table)
+        console.print("[dim]dry run: nothing was trained or written[/dim]")
+        return
+    for column in ("run", "status", "steps", "train loss", "eval loss", "tok/s", "time"):
+        table.add_column(column, justify="left" if column in ("run", "status") else "right")
+    for run in result.runs:
+        style = {"failed": "red", "interrupted": "yellow", "pending": "dim"}.get(run.status, "")
+        table.add_row(run.name + (" *" if run.name == result.best else ""), run.status, _cell(run.steps),
+                      _fmt(run.train_loss), _fmt(run.eval_loss),
+                      f"{run.tokens_per_second:,.0f}" if run.tokens_per_second else "-",
+                      f"{run.train_seconds:.1f} s" if run.train_seconds else "-",
+                      style=style or ("bold" if run.name == result.best else ""))
+    console.print(table)
+    if not quiet and result.best:
+        console.print(f"[dim]* best (lowest eval loss, else train loss): {result.best}[/dim]")
+    if not quiet and result.summary_path:
+        console.print(f"[dim]summary: {result.summary_path}, {result.table_path}; compare: lorafit runs "
+                      f"{result.sweep_dir} --plot {result.sweep_dir / 'sweep.png'}[/dim]")
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, list):
+        return ", ".join(str(item) for item in value)
+    return "-" if value is None else str(value)
 
 
 def _render_notes(console: Console, result) -> None:
@@ -492,7 +578,8 @@ def _render_eval(console: Console, result, *, quiet: bool = False) -> None:
         for s in result.scores:
             if s.name in row:
                 console.print(Text(f"{s.name}: {row[s.name]!r}"))
-    console.print(f"[dim]report: {result.report_path}; all generations: {result.samples_path}[/dim]")
+    console.print(f"[dim]report: {result.report_path}; all generations: {result.samples_path}"
+                  + (f"; chart: {result.chart_path}" if result.chart_path else "") + "[/dim]")
 
 
 def _render_classification_eval(console: Console, result, *, quiet: bool = False) -> None:
@@ -510,7 +597,8 @@ def _render_classification_eval(console: Console, result, *, quiet: bool = False
         console.rule(style="dim")
         console.print(Text(f"text: {row['text']!r}\nreference: {row['reference']}", style="dim"))
         console.print(Text("  ".join(f"{s.name}: {row[s.name]}" for s in result.scores if s.name in row)))
-    console.print(f"[dim]report: {result.report_path}; every row's predictions: {result.samples_path}[/dim]")
+    console.print(f"[dim]report: {result.report_path}; every row's predictions: {result.samples_path}"
+                  + (f"; chart: {result.chart_path}" if result.chart_path else "") + "[/dim]")
 
 
 def main() -> None:

@@ -73,6 +73,7 @@ class EvalResult:
     seconds: float = 0.0
     task: str = "causal-lm"
     labels: list[str] | None = None  # sequence classification: the class names, in id order
+    chart_path: Path | None = None  # scores.png next to report.json: base vs adapters (None if it could not be drawn)
 
 
 @dataclass
@@ -521,8 +522,15 @@ def _classify(model, name: str, adapter: adapters.TrainedAdapter | None, example
 
 def _write(result: EvalResult) -> None:
     from lorafit.export import write_text_atomic
+    from lorafit.plots import EVAL_CHART, write_eval_chart
 
     result.report_path.parent.mkdir(parents=True, exist_ok=True)
+    chart = result.report_path.with_name(EVAL_CHART)
+    warning = write_eval_chart(result, chart)
+    if warning:
+        result.notes.append(warning)
+    else:
+        result.chart_path = chart
     report = {key: value for key, value in asdict(result).items() if key != "samples"}
     write_text_atomic(result.report_path, json.dumps(report, indent=2, default=str) + "\n")
     lines = [json.dumps(row, ensure_ascii=False) + "\n" for row in result.samples]

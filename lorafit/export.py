@@ -5,6 +5,7 @@
       recipe.yaml      the resolved recipe (defaults filled in); `lorafit train recipe.yaml` re-runs it
       metrics.json     losses, tokens/s, memory, time, versions, hardware, data fingerprint
       README.md        model card: how it was trained and how to load it
+      loss.png         train loss, eval loss and learning rate against step (shown in the model card)
 
 Files are written to a temporary name and renamed, so a crash never leaves a half-written record.
 """
@@ -36,9 +37,14 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 def export_run(run_dir: Path, model: PeftModel, tokenizer: PreTrainedTokenizerBase, recipe: Recipe,
-               metrics: dict[str, Any]) -> Path:
-    """Write adapter, recipe, metrics and model card into the run folder; returns the adapter folder."""
+               metrics: dict[str, Any], notes: list[str] | None = None) -> Path:
+    """Write adapter, recipe, loss chart, metrics and model card into the run folder; returns the adapter folder.
+
+    A chart that cannot be drawn is a warning appended to `notes`, never a failed export.
+    """
     import shutil
+
+    from lorafit.plots import LOSS_CHART, write_loss_chart
 
     adapter_dir = run_dir / ADAPTER_DIR
     staging = run_dir / f".{ADAPTER_DIR}.tmp"
@@ -49,7 +55,12 @@ def export_run(run_dir: Path, model: PeftModel, tokenizer: PreTrainedTokenizerBa
         shutil.rmtree(adapter_dir)
     os.replace(staging, adapter_dir)
     write_text_atomic(run_dir / "recipe.yaml", dump_recipe(recipe))
-    card = model_card(recipe, metrics, adapter_dir, pad_token_id=tokenizer.pad_token_id)
+    chart_warning = write_loss_chart(metrics.get("loss_history") or [], run_dir / LOSS_CHART,
+                                     title=recipe.name if run_dir.name == recipe.name else f"{recipe.name}: {run_dir.name}")
+    if chart_warning and notes is not None:
+        notes.append(chart_warning)
+    card = model_card(recipe, metrics, adapter_dir, pad_token_id=tokenizer.pad_token_id,
+                      loss_chart=LOSS_CHART if chart_warning is None else None)
     write_text_atomic(run_dir / "README.md", card)
     write_text_atomic(run_dir / FINISHED_MARKER, json.dumps(metrics, indent=2, default=str) + "\n")
     return adapter_dir
@@ -91,10 +102,11 @@ def git_commit_of(path: Path) -> str | None:
 
 
 def model_card(recipe: Recipe, metrics: dict[str, Any], adapter_dir: Path, *,
-               pad_token_id: int | None = None) -> str:
+               pad_token_id: int | None = None, loss_chart: str | None = None) -> str:
     """A README.md saying what was trained, on what, how well, and how to load it.
 
     `pad_token_id` (the tokenizer's) goes into a classifier's loading code: decoder classifiers need it.
+    `loss_chart` is the loss curve image next to the card, shown under the training table.
     """
     base = metrics.get("base_model", recipe.model.path)
     adapter = recipe.adapter
@@ -130,6 +142,7 @@ def model_card(recipe: Recipe, metrics: dict[str, Any], adapter_dir: Path, *,
            _percent_row("eval macro-F1", metrics.get("eval_f1"))] if labels else []),
         f"| wall time | {metrics.get('train_seconds', 0):.0f} s |",
         "",
+        *([f"![train loss, eval loss and learning rate against step]({loss_chart})", ""] if loss_chart else []),
         "The full recipe is in `recipe.yaml` next to this file; `lorafit train recipe.yaml` reproduces the run.",
         "",
         "## Use it",

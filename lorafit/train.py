@@ -24,9 +24,10 @@ if TYPE_CHECKING:
     from lorafit.models import Precision
 
 # What lorafit itself creates in a run folder; --overwrite removes only these.
-RUN_FOLDER_ENTRIES = ("adapter", ".adapter.tmp", "recipe.yaml", "metrics.json", "README.md", "checkpoints", "logs")
+RUN_FOLDER_ENTRIES = ("adapter", ".adapter.tmp", "recipe.yaml", "metrics.json", "README.md", "loss.png", "checkpoints",
+                      "logs")
 # `lorafit eval`'s default output: scores of the adapter being replaced would be stale, so they go too.
-EVAL_OUTPUTS = ("eval/report.json", "eval/samples.jsonl")
+EVAL_OUTPUTS = ("eval/report.json", "eval/samples.jsonl", "eval/scores.png")
 
 
 @dataclass
@@ -167,7 +168,7 @@ def run_train(recipe: Recipe, console: Console, *, dry_run: bool = False, resume
                        eval_f1=_last_logged(trainer.state.log_history, "eval_f1"))
     if trainer.is_world_process_zero():
         with explained():
-            export.export_run(run_dir, model, tokenizer, recipe, metrics)
+            export.export_run(run_dir, model, tokenizer, recipe, metrics, notes=notes)
     result.metrics = metrics
     return result
 

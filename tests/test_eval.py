@@ -65,6 +65,14 @@ def test_report_and_samples_hold_every_model_side_by_side(trained, tmp_path):
     assert len(rows) == 5
     assert set(rows[0]) == {"prompt", "reference", "base", "run", "random"}
     assert rows[0]["prompt"].endswith("<|im_start|>assistant\n")  # rendered with the training template
+    # The chart next to report.json: one bar color per model (matplotlib's C0, C1, C2), on a non-blank image.
+    assert result.chart_path == out / "scores.png"
+    from PIL import Image
+
+    with Image.open(result.chart_path) as image:
+        assert image.format == "PNG"
+        colors = {color for _, color in image.convert("RGB").getcolors(maxcolors=1 << 20)}
+    assert {(31, 119, 180), (255, 127, 14), (44, 160, 44)} <= colors
     # The base is measured with the adapters switched off: the same numbers as a plain base-only run.
     alone = run_eval(recipe, [trained["random"]], samples=5, out_dir=tmp_path / "alone")
     assert alone.scores[0].loss == pytest.approx(result.scores[0].loss, rel=1e-5)

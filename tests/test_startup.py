@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-HEAVY = ("torch", "transformers", "peft", "trl", "datasets", "accelerate", "bitsandbytes", "numpy")
+HEAVY = ("torch", "transformers", "peft", "trl", "datasets", "accelerate", "bitsandbytes", "numpy", "matplotlib")
 ROOT = Path(__file__).resolve().parents[1]
 
 # Runs the console-script entry point in-process, then reports which heavy packages got imported.
@@ -44,6 +44,7 @@ def test_importing_the_cli_imports_no_ml_library():
 @pytest.mark.parametrize("args", [
     ("--help",),
     ("train", "--help"),
+    ("train", "--sweep", "adapter.r=4,8", "--dry-run", "configs/quickstart.yaml"),
     ("validate", "configs/quickstart.yaml"),
     ("validate", "configs/no-such-recipe.yaml"),
 ])

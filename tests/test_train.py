@@ -61,8 +61,8 @@ def trained_run(tmp_path_factory):
 
 def test_run_folder_holds_exactly_the_record(trained_run):
     run = trained_run["run"]
-    assert sorted(p.name for p in run.iterdir()) == ["README.md", "adapter", "checkpoints", "logs", "metrics.json",
-                                                     "recipe.yaml"]
+    assert sorted(p.name for p in run.iterdir()) == ["README.md", "adapter", "checkpoints", "logs", "loss.png",
+                                                     "metrics.json", "recipe.yaml"]
     adapter_files = {p.name for p in (run / "adapter").iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
             "chat_template.jinja"} <= adapter_files
@@ -77,6 +77,8 @@ def test_run_folder_holds_exactly_the_record(trained_run):
     card = (run / "README.md").read_text()
     assert "PeftModel" in card or "AutoPeftModelForCausalLM" in card
     assert "vllm" in card.lower() and "lorafit merge" in card
+    assert "![train loss, eval loss and learning rate against step](loss.png)" in card
+    assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (run / "loss.png").stat().st_size > 10_000
 
 
 def test_resolved_recipe_in_run_folder_reproduces_the_run(trained_run):

@@ -1,0 +1,374 @@
+"""`lorafit train recipe.yaml --sweep KEY=V1,V2 ...`: a grid of runs, one after another, and a summary.
+
+    runs/<name>/                 the sweep folder (the recipe's output.dir)
+      lr=1e-4,r=8/               a normal run folder per grid point, named after its values
+      lr=2e-4,r=8/ ...
+      sweep.json                 the grid, each run's status and scores, the best run
+      sweep.md                   the same as a table to paste anywhere
+
+Every grid point is a `--set` override list, so its values are typed and checked by the recipe schema
+exactly like `--set`; the whole grid is validated, and every run folder checked, before the first run
+starts. A run that fails (NaN loss, out of memory) is recorded and the sweep goes on; Ctrl-C stops the
+sweep after writing the interrupted run's checkpoint. `--resume` skips finished runs and resumes the rest.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lorafit.errors import Interrupted, LorafitError, RunFailed
+from lorafit.recipe import Recipe, load_recipe, read_yaml_file, validate_recipe
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+SUMMARY_JSON = "sweep.json"
+SUMMARY_TABLE = "sweep.md"
+
+# Folder names stay short and readable: lr=2e-4,r=16 rather than training.learning_rate=2e-4,adapter.r=16.
+_SHORT_KEYS = {
+    "training.learning_rate": "lr", "training.batch_size": "bs", "training.grad_accum": "accum",
+    "training.max_steps": "steps", "training.epochs": "epochs", "training.scheduler": "sched",
+    "training.warmup_ratio": "warmup", "training.weight_decay": "wd", "training.seed": "seed",
+    "training.optimizer": "optim", "adapter.r": "r", "adapter.alpha": "alpha", "adapter.dropout": "dropout",
+    "adapter.target_modules": "targets", "adapter.method": "method", "data.max_length": "len",
+}
+# Keys that decide where the runs go: the sweep chooses those itself.
+_NOT_SWEEPABLE = ("name", "output.dir", "output")
+_MAX_FOLDER_NAME = 120
+
+
+@dataclass(frozen=True)
+class SweepAxis:
+    """One `--sweep KEY=V1,V2` option: the recipe key, its short name, and the values as the user wrote them."""
+
+    key: str
+    short: str
+    texts: tuple[str, ...]
+
+
+@dataclass
+class SweepRun:
+    """One grid point: its folder, its values (typed by the schema) and, once run, how it went."""
+
+    name: str
+    run_dir: Path
+    overrides: list[str]
+    values: dict[str, Any]
+    before: str  # state found before the sweep ran it: new | finished | started
+    plan: str = "train"  # what the sweep does with it: train | resume | skip | train again
+    status: str = "pending"  # pending | finished | failed | interrupted
+    error: str | None = None
+    train_loss: float | None = None
+    eval_loss: float | None = None
+    steps: int | None = None
+    tokens_per_second: float | None = None
+    train_seconds: float | None = None
+    recipe: Recipe | None = field(default=None, repr=False)
+
+
+@dataclass
+class SweepResult:
+    """The grid and what became of each run; `summary_path`/`table_path` are None after a dry run."""
+
+    sweep_dir: Path
+    axes: dict[str, list[Any]]  # recipe key -> its values, typed by the schema
+    runs: list[SweepRun]
+    dry_run: bool
+    short_keys: dict[str, str] = field(default_factory=dict)  # recipe key -> the name used in folder names
+    best: str | None = None
+    summary_path: Path | None = None
+    table_path: Path | None = None
+
+    @property
+    def failed(self) -> list[SweepRun]:
+        """Runs that ended with an error."""
+        return [run for run in self.runs if run.status == "failed"]
+
+
+def run_sweep(recipe_path: Path, overrides: list[str], sweeps: list[str], console: Console, *,
+              dry_run: bool = False, resume: bool = False, overwrite: bool = False, quiet: bool = False,
+              resume_command: str = "lorafit train <recipe.yaml> --sweep ... --resume") -> SweepResult:
+    """Run every point of the grid that `sweeps` spans over the recipe (one after another) and write the summary.
+
+    With dry_run, only list the grid and what would happen to each point. `resume_command` is shown when a run is
+    interrupted; it re-runs the same sweep with --resume.
+    """
+    from lorafit.train import check_run_dir
+
+    axes = parse_sweeps(sweeps, overrides)
+    base = load_recipe(recipe_path, overrides)
+    sweep_dir = base.run_dir
+    _check_sweep_dir(sweep_dir)
+    runs = _grid(recipe_path, overrides, axes, sweep_dir)
+    if resume and overwrite:
+        raise LorafitError("--resume continues the sweep and --overwrite starts it again; pass one",
+                           where=f"output.dir: {sweep_dir}")
+    for run in runs:  # every folder checked before the first run starts: no sweep dies at its third point
+        check_run_dir(run.recipe, resume=resume, overwrite=overwrite, dry_run=dry_run)
+        if resume and run.before == "finished":
+            _check_unchanged(run)
+        run.plan = _plan(run.before, resume=resume, overwrite=overwrite)
+    result = SweepResult(sweep_dir, {axis.key: _typed_values(axis, runs) for axis in axes}, runs, dry_run,
+                         short_keys={axis.key: axis.short for axis in axes})
+    if dry_run:
+        return result
+
+    from lorafit.train import run_train
+
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        for index, run in enumerate(runs, start=1):
+            if run.plan == "skip":
+                _read_scores(run)
+                if not quiet:
+                    console.print(f"[dim][{index}/{len(runs)}] {run.name}: finished before, skipped[/dim]")
+                continue
+            if not quiet:
+                console.rule(f"[{index}/{len(runs)}] {run.name}", style="cyan")
+            try:
+                trained = run_train(run.recipe, console, resume=run.plan == "resume",
+                                    overwrite=overwrite, quiet=quiet, resume_command=resume_command)
+            except Interrupted:
+                run.status = "interrupted"
+                raise
+            except RunFailed as exc:  # this point diverged or ran out of memory; the others may well not
+                run.status, run.error = "failed", str(exc)
+                if not quiet:
+                    console.print(f"[red]{run.name} failed:[/red] {exc}")
+                continue
+            except LorafitError as exc:  # a setup problem (data, model) that every later point would hit too
+                run.status, run.error = "failed", str(exc)
+                raise LorafitError(f"sweep stopped at {run.name}: {exc.message}", where=exc.where,
+                                   hint=exc.hint) from None
+            for note in [] if quiet else trained.notes:
+                if note.startswith("warning"):
+                    console.print(f"[yellow]{note}[/yellow]")
+            _read_scores(run)
+    finally:
+        result.best = _best(runs)
+        result.summary_path, result.table_path = _write_summary(result, recipe_path)
+    return result
+
+
+def _plan(before: str, *, resume: bool, overwrite: bool) -> str:
+    if before == "new":
+        return "train"
+    if overwrite:
+        return "train again"
+    if resume:
+        return "skip" if before == "finished" else "resume"
+    # Only a dry run gets here (a real run was refused by check_run_dir): say what stands in the way.
+    return "refused: finished (--resume skips it)" if before == "finished" else "refused: started (pass --resume)"
+
+
+def parse_sweeps(sweeps: list[str], overrides: list[str] = ()) -> list[SweepAxis]:
+    """`KEY=V1,V2` options as axes; commas inside [...] / {...} / quotes belong to one value."""
+    axes: list[SweepAxis] = []
+    set_keys = {item.partition("=")[0].strip() for item in overrides}
+    for spec in sweeps:
+        key, sep, text = spec.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise LorafitError(f"--sweep {spec!r}: expected section.key=V1,V2,...",
+                               hint="e.g. --sweep training.learning_rate=1e-4,2e-4")
+        if key in _NOT_SWEEPABLE or key.startswith("output."):
+            raise LorafitError(f"--sweep {key}: the sweep decides the run folders itself (runs/<name>/<values>/)",
+                               hint="set output.dir or name in the recipe (or with --set) to move the whole sweep")
+        if key in set_keys:
+            raise LorafitError(f"--sweep {key}: also given with --set; pass the key to one of them")
+        if any(axis.key == key for axis in axes):
+            raise LorafitError(f"--sweep {key}: given twice; list all its values in one option",
+                               hint=f"--sweep {key}=V1,V2,V3")
+        texts = tuple(value.strip() for value in _split_values(text))
+        if not texts or any(not value for value in texts):
+            raise LorafitError(f"--sweep {spec!r}: empty value", hint="separate values with commas: KEY=V1,V2")
+        if len(set(texts)) != len(texts):
+            raise LorafitError(f"--sweep {key}: a value is listed twice ({text})")
+        axes.append(SweepAxis(key, _SHORT_KEYS.get(key, key.rsplit(".", 1)[-1]), texts))
+    shorts = [axis.short for axis in axes]
+    return [SweepAxis(a.key, a.key if shorts.count(a.short) > 1 else a.short, a.texts) for a in axes]
+
+
+def _split_values(text: str) -> list[str]:
+    values, depth, quote, current = [], 0, "", []
+    for char in text:
+        if quote:
+            quote = "" if char == quote else quote
+        elif char in "\"'":
+            quote = char
+        elif char in "[{":
+            depth += 1
+        elif char in "]}":
+            depth -= 1
+        elif char == "," and depth == 0:
+            values.append("".join(current))
+            current = []
+            continue
+        current.append(char)
+    values.append("".join(current))
+    return values
+
+
+def _folder_value(text: str) -> str:
+    """A value as it reads in a folder name: [q_proj,v_proj] -> q_proj+v_proj, path separators replaced."""
+    text = re.sub(r"[\[\]{}'\" ]", "", text).replace(",", "+")
+    return re.sub(r"[^A-Za-z0-9._+-]", "_", text) or "_"
+
+
+def _grid(recipe_path: Path, overrides: list[str], axes: list[SweepAxis], sweep_dir: Path) -> list[SweepRun]:
+    from lorafit.runs import run_state
+
+    runs: list[SweepRun] = []
+    seen: dict[str, str] = {}
+    for texts in itertools.product(*(axis.texts for axis in axes)):
+        name = ",".join(f"{axis.short}={_folder_value(text)}" for axis, text in zip(axes, texts, strict=True))
+        if len(name) > _MAX_FOLDER_NAME:
+            raise LorafitError(f"--sweep: the run folder name {name[:60]}... is too long",
+                               hint="sweep fewer keys or shorter values")
+        if name in seen:
+            raise LorafitError(f"--sweep: {seen[name]} and {texts} both give the run folder {name}",
+                               hint="list distinct values")
+        seen[name] = str(texts)
+        point = [f"{axis.key}={text}" for axis, text in zip(axes, texts, strict=True)]
+        run_dir = sweep_dir / name
+        try:
+            recipe = load_recipe(recipe_path, [*overrides, *point, f"output.dir={run_dir}"])
+        except LorafitError as exc:
+            raise LorafitError(exc.message, where=f"--sweep {' '.join(point)}", hint=exc.hint) from None
+        values = {axis.key: _value_at(recipe, axis.key) for axis in axes}
+        runs.append(SweepRun(name, run_dir, point, values, run_state(run_dir) or "new", recipe=recipe))
+    by_values: dict[str, str] = {}
+    for run in runs:  # 1e-4 and 0.0001 are one grid point
+        key = json.dumps(run.values, sort_keys=True, default=str)
+        if key in by_values:
+            raise LorafitError(f"--sweep: {by_values[key]} and {run.name} are the same values",
+                               hint="list distinct values")
+        by_values[key] = run.name
+    return runs
+
+
+def _value_at(recipe: Recipe, key: str) -> Any:
+    node: Any = recipe
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else getattr(node, part, None)
+    return node.model_dump(mode="json") if hasattr(node, "model_dump") else node
+
+
+def _typed_values(axis: SweepAxis, runs: list[SweepRun]) -> list[Any]:
+    values: list[Any] = []
+    for run in runs:
+        if run.values[axis.key] not in values:
+            values.append(run.values[axis.key])
+    return values
+
+
+def _check_sweep_dir(sweep_dir: Path) -> None:
+    from lorafit.runs import run_state
+
+    if run_state(sweep_dir) is not None:
+        raise LorafitError("this folder holds a single run; a sweep puts its runs in folders inside its own",
+                           where=f"output.dir: {sweep_dir}",
+                           hint="give the sweep another output.dir (--set output.dir=runs/<name>-sweep) or name")
+    if sweep_dir.exists() and not sweep_dir.is_dir():
+        raise LorafitError("is a file, not a folder", where=f"output.dir: {sweep_dir}")
+
+
+def _check_unchanged(run: SweepRun) -> None:
+    """A finished run is only skipped when it was trained from this grid point's recipe."""
+    saved_path = run.run_dir / "recipe.yaml"
+    try:
+        saved = validate_recipe(read_yaml_file(saved_path), source=str(saved_path))
+    except LorafitError:
+        raise LorafitError("refusing to skip this finished run: its recipe.yaml is missing or unreadable",
+                           where=str(run.run_dir), hint="pass --overwrite to train the grid again") from None
+    old, new = _flat(saved.model_dump(mode="json")), _flat(run.recipe.model_dump(mode="json"))
+    changes = [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(set(old) | set(new))
+               if old.get(key) != new.get(key) and not key.startswith("output.")
+               and not (key == "data.labels" and new.get(key) is None)]  # classes are filled in at training
+    if changes:
+        raise LorafitError("refusing to skip this finished run: it was trained with a different recipe: "
+                           + "; ".join(changes), where=str(run.run_dir),
+                           hint="pass --overwrite to train the grid again, or resume with the original recipe")
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict) and value:
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(_flat(item, f"{prefix}.{key}" if prefix else key))
+        return out
+    return {prefix: value}
+
+
+def _read_scores(run: SweepRun) -> None:
+    from lorafit.runs import read_run
+
+    info = read_run(run.run_dir)
+    if info is None:
+        return
+    run.status = "finished" if info.status == "finished" else run.status
+    run.train_loss, run.eval_loss, run.steps = info.train_loss, info.eval_loss, info.steps
+    run.tokens_per_second, run.train_seconds = info.tokens_per_second, info.train_seconds
+
+
+def _best(runs: list[SweepRun]) -> str | None:
+    """The finished run with the lowest eval loss (train loss when no run was evaluated)."""
+    finished = [run for run in runs if run.status == "finished"]
+    key = "eval_loss" if any(run.eval_loss is not None for run in finished) else "train_loss"
+    scored = [run for run in finished if getattr(run, key) is not None]
+    return min(scored, key=lambda run: getattr(run, key)).name if scored else None
+
+
+def _write_summary(result: SweepResult, recipe_path: Path) -> tuple[Path, Path]:
+    from lorafit.export import write_text_atomic
+
+    payload = {
+        "recipe": str(recipe_path),
+        "sweep_dir": str(result.sweep_dir),
+        "axes": result.axes,
+        "best": result.best,
+        "runs": [_run_record(run) for run in result.runs],
+    }
+    summary = result.sweep_dir / SUMMARY_JSON
+    table = result.sweep_dir / SUMMARY_TABLE
+    write_text_atomic(summary, json.dumps(payload, indent=2, default=str) + "\n")
+    write_text_atomic(table, summary_table(result))
+    return summary, table
+
+
+def _run_record(run: SweepRun) -> dict[str, Any]:
+    record = {key: value for key, value in asdict(run).items() if key not in ("recipe", "before", "overrides")}
+    record["run_dir"] = str(run.run_dir)
+    return record
+
+
+def summary_table(result: SweepResult) -> str:
+    """The sweep as a Markdown table, one row per run, the best one marked."""
+    keys = list(result.axes)
+    header = ["run", *(result.short_keys.get(key, key) for key in keys), "status", "steps", "train loss", "eval loss", "tokens/s", "train time"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for run in result.runs:
+        cells = [f"**{run.name}** (best)" if run.name == result.best else run.name,
+                 *(_cell(run.values[key]) for key in keys), run.status, _cell(run.steps),
+                 _number(run.train_loss, ".4f"), _number(run.eval_loss, ".4f"),
+                 _number(run.tokens_per_second, ",.0f"), _number(run.train_seconds, ".1f", " s")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, list):
+        return ", ".join(str(item) for item in value)
+    return "-" if value is None else str(value)
+
+
+def _number(value: float | None, spec: str, unit: str = "") -> str:
+    return f"{value:{spec}}{unit}" if isinstance(value, (int, float)) else "-"
