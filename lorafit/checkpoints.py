@@ -8,14 +8,13 @@
   rotation, which deletes any `checkpoint-*` it finds, is switched off.
 - `check_resume` (before any model is loaded) refuses to resume with a different recipe and picks the newest
   complete checkpoint; `record_run` writes the recipe fingerprint it compares against.
-- `remove_own_checkpoints` is all that `--overwrite` deletes here.
+- The names of the folders and markers, and what `--overwrite` may delete, are spelled in `run_folder`.
 
 The training loop that calls `publish` and `rotate` after each save is `lorafit.trainer.fit`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -26,11 +25,9 @@ from typing import Any
 
 from lorafit.errors import LorafitError, RunFailed
 from lorafit.recipe import Recipe
-
-CHECKPOINTS = "checkpoints"
-STAGING = ".incomplete"
-MARKER = "lorafit-checkpoint.json"
-RUN_RECORD = "lorafit-run.json"
+from lorafit.run_folder import CHECKPOINT_MARKER as MARKER
+from lorafit.run_folder import CHECKPOINT_STAGING as STAGING
+from lorafit.run_folder import CHECKPOINTS, RUN_RECORD, fsync_path, read_marker, write_json_atomic
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 # Recipe sections that decide what a checkpoint's weights mean; training.* (max_steps, save_steps...) may change.
 _FINGERPRINTED = ("model", "quantization", "adapter", "data", "template")
@@ -64,7 +61,7 @@ def record_run(run_dir: Path, recipe: Recipe, data_sha256: dict[str, str]) -> No
     if path.exists():
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(path, fingerprint(recipe, data_sha256))
+    write_json_atomic(path, fingerprint(recipe, data_sha256))
 
 
 def check_resume(recipe: Recipe, data_sha256: dict[str, str]) -> tuple[Path | None, list[str]]:
@@ -99,7 +96,8 @@ def check_resume(recipe: Recipe, data_sha256: dict[str, str]) -> tuple[Path | No
     notes.extend(skipped)
     if complete:
         return complete[-1], notes
-    if (run_dir / "metrics.json").exists():
+    marker = read_marker(run_dir)
+    if marker is not None and marker.status == "finished":
         raise LorafitError("nothing to resume: this finished run has no complete checkpoint",
                            where=f"--resume {run_dir}", hint="pass --overwrite to train again")
     notes.append("resume: no complete checkpoint found, starting from step 0")
@@ -188,8 +186,8 @@ def publish(source: Path, folder: Path) -> Path:
     """Mark a finished checkpoint complete and rename it into place (after flushing it to disk)."""
     files = {str(p.relative_to(source)): p.stat().st_size for p in sorted(source.rglob("*")) if p.is_file()}
     for name in files:
-        _fsync(source / name)
-    _write_json_atomic(source / MARKER, {"step": checkpoint_step(source), "files": files})
+        fsync_path(source / name)
+    write_json_atomic(source / MARKER, {"step": checkpoint_step(source), "files": files})
     target = folder / source.name
     if target.exists():
         if not (target / MARKER).exists():
@@ -202,7 +200,7 @@ def publish(source: Path, folder: Path) -> Path:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(source, target)
-    _fsync(folder)
+    fsync_path(folder)
     return target
 
 
@@ -213,36 +211,3 @@ def rotate(folder: Path, keep: int | None) -> None:
     ours = complete_checkpoints(folder)
     for path in ours[: max(len(ours) - keep, 0)]:
         shutil.rmtree(path)
-
-
-def remove_own_checkpoints(run_dir: Path) -> None:
-    """What --overwrite deletes from checkpoints/: lorafit's checkpoints, staging and run record, nothing else."""
-    folder = run_dir / CHECKPOINTS
-    if not folder.is_dir():
-        return
-    for entry in folder.iterdir():
-        if entry.name == STAGING or (entry.is_dir() and (entry / MARKER).is_file()):
-            shutil.rmtree(entry)
-        elif entry.name == RUN_RECORD:
-            entry.unlink()
-    with contextlib.suppress(OSError):  # still holds files lorafit did not write: they stay
-        folder.rmdir()
-
-
-def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(payload, handle, indent=2)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync(path: Path) -> None:
-    """Flush to disk so a rename after a power loss never points at empty files (best effort on odd filesystems)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)

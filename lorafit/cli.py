@@ -282,10 +282,13 @@ def merge(
 
     def work() -> None:
         from lorafit.merge import parse_adapter_spec, run_merge
+        from lorafit.run_folder import sigterm_as_interrupt
 
         specs = ([parse_adapter_spec(str(adapter))] if adapter else []) + [parse_adapter_spec(s) for s in more or []]
-        result = run_merge(specs, out, base=base, method=method, density=density, as_adapter=as_adapter,
-                           base_weights=base_weights, dtype=dtype, overwrite=overwrite, max_shard_size=max_shard_size)
+        with sigterm_as_interrupt():  # `kill` stops it like Ctrl-C: exit 130, staging removed, --out as it was
+            result = run_merge(specs, out, base=base, method=method, density=density, as_adapter=as_adapter,
+                               base_weights=base_weights, dtype=dtype, overwrite=overwrite,
+                               max_shard_size=max_shard_size)
         if as_json:
             _print_json({"command": "merge", "ok": True, **asdict(result)})
         else:
@@ -315,10 +318,12 @@ def eval_command(
 
     def work() -> None:
         from lorafit.evaluate import run_eval
+        from lorafit.run_folder import sigterm_as_interrupt
 
         recipe = load_recipe(recipe_path, overrides or [])
-        result = run_eval(recipe, list(adapters), data_file=data, samples=samples, max_new_tokens=max_new_tokens,
-                          batch_size=batch_size, out_dir=out)
+        with sigterm_as_interrupt():  # `kill` stops it like Ctrl-C: exit 130, staging removed, --out as it was
+            result = run_eval(recipe, list(adapters), data_file=data, samples=samples,
+                              max_new_tokens=max_new_tokens, batch_size=batch_size, out_dir=out)
         if as_json:
             payload = {key: value for key, value in asdict(result).items() if key != "samples"}
             _print_json({"command": "eval", "ok": True, **payload})

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lorafit import adapters, data, models
+from lorafit import adapters, data, models, run_folder
 from lorafit.errors import LorafitError
 from lorafit.recipe import Recipe
 from lorafit.templates import apply_template
@@ -98,7 +98,11 @@ def run_eval(recipe: Recipe, adapter_dirs: list[str | Path], *, data_file: str |
             raise LorafitError(f"must be a positive number, got {value}", where=option)
     trained = [adapters.read_trained_adapter(path) for path in adapter_dirs]
     names = _adapter_names(trained)
-    out_dir = Path(out_dir) if out_dir else recipe.run_dir / "eval"
+    out_dir = Path(out_dir).expanduser() if out_dir else recipe.run_dir / run_folder.EVAL
+    # Before any model loads: the report replaces only an earlier report of lorafit's, never a file of the user's
+    # (such as the --data file itself when it sits in the same folder).
+    run_folder.check_output_folder(out_dir, "eval", overwrite=True, where=f"--out {out_dir}",
+                                   names=[run_folder.EVAL_REPORT, run_folder.EVAL_SAMPLES])
 
     # 1. Tokenizer + template as in training, and every adapter checked against the base (meta device).
     precision, warning = models.choose_precision(recipe.training.precision)
@@ -180,8 +184,8 @@ def run_eval(recipe: Recipe, adapter_dirs: list[str | Path], *, data_file: str |
                    for i, e in enumerate(examples)]
     result = EvalResult(
         recipe=recipe.name, base=source, data=described, template=template, examples=len(examples),
-        max_new_tokens=max_new_tokens if generate else 0, scores=scores, report_path=out_dir / "report.json",
-        samples_path=out_dir / "samples.jsonl", samples=sample_rows, notes=notes,
+        max_new_tokens=max_new_tokens if generate else 0, scores=scores, report_path=out_dir / run_folder.EVAL_REPORT,
+        samples_path=out_dir / run_folder.EVAL_SAMPLES, samples=sample_rows, notes=notes,
     )
     result.seconds = time.perf_counter() - started
     _write(result)
@@ -465,7 +469,7 @@ def _classification_eval(recipe: Recipe, labels: list[str], trained: list[adapte
         sample_rows.append({**row, **{n: labels[ids[i]] for n, ids in predicted.items()}})
     result = EvalResult(
         recipe=recipe.name, base=source, data=described, template="none", examples=len(examples), max_new_tokens=0,
-        scores=scores, report_path=out_dir / "report.json", samples_path=out_dir / "samples.jsonl",
+        scores=scores, report_path=out_dir / run_folder.EVAL_REPORT, samples_path=out_dir / run_folder.EVAL_SAMPLES,
         samples=sample_rows, notes=notes, task=recipe.task, labels=labels,
     )
     result.seconds = time.perf_counter() - started
@@ -521,17 +525,18 @@ def _classify(model, name: str, adapter: adapters.TrainedAdapter | None, example
 
 
 def _write(result: EvalResult) -> None:
-    from lorafit.export import write_text_atomic
-    from lorafit.plots import EVAL_CHART, write_eval_chart
+    """Publish report.json, samples.jsonl and the chart together (staged, then moved into place with the eval
+    marker): an interrupted eval leaves no half-written report."""
+    from lorafit.plots import write_eval_chart
 
-    result.report_path.parent.mkdir(parents=True, exist_ok=True)
-    chart = result.report_path.with_name(EVAL_CHART)
-    warning = write_eval_chart(result, chart)
-    if warning:
-        result.notes.append(warning)
-    else:
-        result.chart_path = chart
-    report = {key: value for key, value in asdict(result).items() if key != "samples"}
-    write_text_atomic(result.report_path, json.dumps(report, indent=2, default=str) + "\n")
-    lines = [json.dumps(row, ensure_ascii=False) + "\n" for row in result.samples]
-    write_text_atomic(result.samples_path, "".join(lines))
+    out_dir = result.report_path.parent
+    with run_folder.staged_output(out_dir, "eval", where=f"--out {out_dir}") as staging:
+        warning = write_eval_chart(result, staging / run_folder.EVAL_CHART)
+        if warning:
+            result.notes.append(warning)
+        else:
+            result.chart_path = out_dir / run_folder.EVAL_CHART
+        report = {key: value for key, value in asdict(result).items() if key != "samples"}
+        run_folder.write_json_atomic(staging / result.report_path.name, report)
+        lines = [json.dumps(row, ensure_ascii=False) + "\n" for row in result.samples]
+        run_folder.write_atomic(staging / result.samples_path.name, "".join(lines))

@@ -6,35 +6,26 @@
       metrics.json     losses, tokens/s, memory, time, versions, hardware, data fingerprint
       README.md        model card: how it was trained and how to load it
       loss.png         train loss, eval loss and learning rate against step (shown in the model card)
+      lorafit.json     the ownership marker: kind run, the entries above, status (see run_folder)
 
-Files are written to a temporary name and renamed, so a crash never leaves a half-written record.
+Files are written to a temporary name and renamed, so a crash never leaves a half-written record; the marker
+lists each entry before it is written and says `finished` only once all of them are.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lorafit import run_folder
 from lorafit.recipe import Recipe, dump_recipe
 
 if TYPE_CHECKING:
     from peft import PeftModel
     from transformers import PreTrainedTokenizerBase
-
-ADAPTER_DIR = "adapter"
-FINISHED_MARKER = "metrics.json"
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write a file so readers see either the old or the complete new content."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
 
 def export_run(run_dir: Path, model: PeftModel, tokenizer: PreTrainedTokenizerBase, recipe: Recipe,
                metrics: dict[str, Any], notes: list[str] | None = None) -> Path:
@@ -44,25 +35,28 @@ def export_run(run_dir: Path, model: PeftModel, tokenizer: PreTrainedTokenizerBa
     """
     import shutil
 
-    from lorafit.plots import LOSS_CHART, write_loss_chart
+    from lorafit.plots import write_loss_chart
 
-    adapter_dir = run_dir / ADAPTER_DIR
-    staging = run_dir / f".{ADAPTER_DIR}.tmp"
+    adapter_dir = run_dir / run_folder.ADAPTER
+    staging = run_dir / run_folder.ADAPTER_STAGING
+    run_folder.update_marker(run_dir, add_files=[run_folder.ADAPTER, run_folder.ADAPTER_STAGING, run_folder.RECIPE,
+                                                 run_folder.MODEL_CARD, run_folder.METRICS, run_folder.LOSS_CHART])
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging, safe_serialization=True)
     tokenizer.save_pretrained(staging)
     if adapter_dir.exists():
         shutil.rmtree(adapter_dir)
     os.replace(staging, adapter_dir)
-    write_text_atomic(run_dir / "recipe.yaml", dump_recipe(recipe))
-    chart_warning = write_loss_chart(metrics.get("loss_history") or [], run_dir / LOSS_CHART,
+    run_folder.write_atomic(run_dir / run_folder.RECIPE, dump_recipe(recipe))
+    chart_warning = write_loss_chart(metrics.get("loss_history") or [], run_dir / run_folder.LOSS_CHART,
                                      title=recipe.name if run_dir.name == recipe.name else f"{recipe.name}: {run_dir.name}")
     if chart_warning and notes is not None:
         notes.append(chart_warning)
     card = model_card(recipe, metrics, adapter_dir, pad_token_id=tokenizer.pad_token_id,
-                      loss_chart=LOSS_CHART if chart_warning is None else None)
-    write_text_atomic(run_dir / "README.md", card)
-    write_text_atomic(run_dir / FINISHED_MARKER, json.dumps(metrics, indent=2, default=str) + "\n")
+                      loss_chart=run_folder.LOSS_CHART if chart_warning is None else None)
+    run_folder.write_atomic(run_dir / run_folder.MODEL_CARD, card)
+    run_folder.write_json_atomic(run_dir / run_folder.METRICS, metrics)
+    run_folder.update_marker(run_dir, status="finished")
     return adapter_dir
 
 

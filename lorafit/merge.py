@@ -16,17 +16,14 @@ original weights, or the weights after the same 4-bit quantize -> de-quantize ro
 from __future__ import annotations
 
 import gc
-import json
 import math
-import os
 import resource
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lorafit import adapters, models
+from lorafit import adapters, models, run_folder
 from lorafit.errors import LorafitError, RunFailed
 
 if TYPE_CHECKING:
@@ -41,10 +38,10 @@ METHODS = ("linear", "cat", "svd", "ties", "ties_svd", "dare_linear", "dare_ties
            "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd")
 BASE_WEIGHTS = ("auto", "original", "dequantized")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-# What merge writes; --overwrite replaces only entries like these, anything else in the folder stays.
-_OUTPUT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json",
-                    "tokenizer*", "special_tokens_map.json", "chat_template.jinja", "added_tokens.json",
-                    "vocab.json", "merges.txt", "README.md", "adapter_config.json", "merge.json")
+# Files a merge usually writes, refused up front when a file of the user's already has the name.
+_LIKELY_OUTPUTS = ("config.json", "generation_config.json", "adapter_config.json", "tokenizer.json",
+                   "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "vocab.json",
+                   "merges.txt", run_folder.MODEL_CARD, run_folder.MERGE_RECORD)
 # Max |logit difference| allowed between merged and base+adapter, relative to the largest logit: fp32
 # merges are exact up to summation order; 16-bit ones round every merged weight once, which moves the
 # extreme logits of a 30-layer model by a few percent (SmolLM2-135M, bf16: 3.7%).
@@ -166,10 +163,7 @@ def run_merge(specs: list[AdapterSpec], out_dir: str | Path, *, base: str | None
         effect = _compare(_logits(model, prompts), reference)[0]
 
     # 3. Merge (or save the combined adapter) and verify against base+adapter before anything is written.
-    staging = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
+    with run_folder.staged_output(out_dir, "merge", where=f"--out {out_dir}") as staging:
         if as_adapter:
             model.save_pretrained(str(staging), selected_adapters=["default"], safe_serialization=True)
             model.load_adapter(str(staging), adapter_name="reloaded")
@@ -207,13 +201,9 @@ def run_merge(specs: list[AdapterSpec], out_dir: str | Path, *, base: str | None
             task="sequence-classification" if labels is not None else "causal-lm", labels=labels,
         )
         result.seconds = time.perf_counter() - started
-        (staging / "README.md").write_text(_model_card(result), encoding="utf-8")
-        (staging / "merge.json").write_text(json.dumps(asdict(result), indent=2, default=str) + "\n",
-                                            encoding="utf-8")
-        result.files = sorted(p.name for p in staging.iterdir())
-        _publish(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        result.files = sorted({*(p.name for p in staging.iterdir()), run_folder.MODEL_CARD, run_folder.MERGE_RECORD})
+        run_folder.write_atomic(staging / run_folder.MODEL_CARD, _model_card(result))
+        run_folder.write_json_atomic(staging / run_folder.MERGE_RECORD, asdict(result))
     result.peak_memory_mb = _peak_memory_mb()
     result.seconds = time.perf_counter() - started
     return result
@@ -230,16 +220,15 @@ def _check_out_dir(out_dir: Path, *, overwrite: bool, inputs: list[Path]) -> Non
     for path in inputs:
         if path.exists():
             forbidden[path.resolve()] = "an input folder (adapter or base model)"
-            if (path.parent / "recipe.yaml").is_file():
+            if (path.parent / run_folder.RECIPE).is_file():
                 forbidden.setdefault(path.resolve().parent, "a run folder")
     if resolved in forbidden:
         raise LorafitError(f"refusing to write the merged model into {forbidden[resolved]}", where=f"--out {out_dir}",
                            hint="choose a new folder, e.g. merged/<name>")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise LorafitError("exists and is not a folder", where=f"--out {out_dir}")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise LorafitError("the output folder is not empty", where=f"--out {out_dir}",
-                           hint="choose an empty or new folder, or pass --overwrite to replace a previous merge")
+    # Only an earlier merge's own files (listed in its lorafit.json) are ever replaced; nothing else is touched.
+    # The exact file names are known once the model is saved (publishing checks them again); these are checked now.
+    likely = [*_LIKELY_OUTPUTS, *(p.name for p in out_dir.glob("*.safetensors*"))] if out_dir.is_dir() else []
+    run_folder.check_output_folder(out_dir, "merge", overwrite=overwrite, where=f"--out {out_dir}", names=likely)
 
 
 def _classifier_labels(trained: list[TrainedAdapter], specs: list[AdapterSpec]) -> list[str] | None:
@@ -481,19 +470,6 @@ def _compare(got: list[torch.Tensor], want: list[torch.Tensor]) -> tuple[float, 
 
 # ----------------------------------------------------------------------------------------------------
 # Output
-
-
-def _publish(staging: Path, out_dir: Path) -> None:
-    """Move the verified files into out_dir, replacing only what an earlier merge wrote there."""
-    if not out_dir.exists():
-        os.replace(staging, out_dir)
-        return
-    for pattern in _OUTPUT_PATTERNS:
-        for old in out_dir.glob(pattern):
-            if old.is_file():
-                old.unlink()
-    for new in staging.iterdir():
-        os.replace(new, out_dir / new.name)
 
 
 def _peak_memory_mb() -> float:

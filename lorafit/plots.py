@@ -17,14 +17,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lorafit.run_folder import EVAL_CHART, LOSS_CHART  # noqa: F401 - the names belong to the folder layout
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
     from lorafit.evaluate import EvalResult
     from lorafit.runs import RunInfo
 
-LOSS_CHART = "loss.png"
-EVAL_CHART = "scores.png"
 _DPI = 100
 
 

@@ -260,7 +260,7 @@ class Recipe(_Section):
     @property
     def run_dir(self) -> Path:
         """The run folder this recipe writes to."""
-        return Path(self.output.dir or f"runs/{self.name}")
+        return Path(self.output.dir or f"runs/{self.name}").expanduser()
 
 
 SECTIONS: dict[str, type[BaseModel]] = {

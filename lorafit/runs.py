@@ -106,12 +106,13 @@ def find_runs(folders: list[Path]) -> list[Path]:
 
 
 def run_state(folder: Path) -> str | None:
-    """How far a run folder got: finished, started (checkpoints, no export yet), or None when it is no run."""
-    if (folder / "metrics.json").is_file() and (folder / "recipe.yaml").is_file():
-        return "finished"
-    if (folder / "checkpoints" / "lorafit-run.json").is_file():
-        return "started"
-    return None
+    """How far a run folder got: finished, started (no export yet), or None when it is no run (by lorafit.json)."""
+    from lorafit.run_folder import read_marker
+
+    marker = read_marker(folder)
+    if marker is None or marker.kind != "run":
+        return None
+    return "finished" if marker.status == "finished" else "started"
 
 
 def read_run(folder: Path) -> RunInfo | None:

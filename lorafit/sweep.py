@@ -326,7 +326,7 @@ def _best(runs: list[SweepRun]) -> str | None:
 
 
 def _write_summary(result: SweepResult, recipe_path: Path) -> tuple[Path, Path]:
-    from lorafit.export import write_text_atomic
+    from lorafit.run_folder import write_atomic
 
     payload = {
         "recipe": str(recipe_path),
@@ -337,8 +337,8 @@ def _write_summary(result: SweepResult, recipe_path: Path) -> tuple[Path, Path]:
     }
     summary = result.sweep_dir / SUMMARY_JSON
     table = result.sweep_dir / SUMMARY_TABLE
-    write_text_atomic(summary, json.dumps(payload, indent=2, default=str) + "\n")
-    write_text_atomic(table, summary_table(result))
+    write_atomic(summary, json.dumps(payload, indent=2, default=str) + "\n")
+    write_atomic(table, summary_table(result))
     return summary, table
 
 

@@ -5,7 +5,6 @@ Read `run_train` top to bottom: each step is one call into the module that owns 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import resource
@@ -14,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lorafit.errors import LorafitError, RunFailed
+from lorafit import run_folder
+from lorafit.errors import Interrupted, LorafitError, RunFailed
 from lorafit.recipe import Recipe, dump_recipe
 
 if TYPE_CHECKING:
@@ -22,12 +22,6 @@ if TYPE_CHECKING:
 
     from lorafit.data import DataReport
     from lorafit.models import Precision
-
-# What lorafit itself creates in a run folder; --overwrite removes only these.
-RUN_FOLDER_ENTRIES = ("adapter", ".adapter.tmp", "recipe.yaml", "metrics.json", "README.md", "loss.png", "checkpoints",
-                      "logs")
-# `lorafit eval`'s default output: scores of the adapter being replaced would be stale, so they go too.
-EVAL_OUTPUTS = ("eval/report.json", "eval/samples.jsonl", "eval/scores.png")
 
 
 @dataclass
@@ -51,16 +45,43 @@ def run_train(recipe: Recipe, console: Console, *, dry_run: bool = False, resume
               resume_command: str = "lorafit train <recipe.yaml> --resume") -> TrainResult:
     """Train the recipe's adapter and write the run folder (or, with dry_run, only check and describe it).
 
-    `resume_command` is the exact command line shown when the run is interrupted.
+    `resume_command` is the exact command line shown when the run is interrupted. The run folder is locked for the
+    whole run (one writer per folder) and its marker's status follows the run: running, then finished,
+    interrupted or failed.
     """
+    replace = check_run_dir(recipe, resume=resume, overwrite=overwrite, dry_run=dry_run)
+    if dry_run or not _is_main_process():
+        return _train(recipe, console, dry_run=dry_run, resume=resume, replace=replace, quiet=quiet,
+                      resume_command=resume_command)
+    run_dir = recipe.run_dir
+    with run_folder.folder_lock(run_dir, where=f"output.dir: {run_dir}"):
+        # Again under the lock: another lorafit may have written here between the first check and the lock.
+        replace = check_run_dir(recipe, resume=resume, overwrite=overwrite, dry_run=dry_run)
+        started_at = _marker_updated(run_dir)
+        try:
+            return _train(recipe, console, dry_run=dry_run, resume=resume, replace=replace, quiet=quiet,
+                          resume_command=resume_command)
+        except BaseException as exc:
+            if _marker_updated(run_dir) != started_at:  # this process marked the folder running: say how it ended
+                stopped = isinstance(exc, (Interrupted, KeyboardInterrupt))
+                run_folder.update_marker(run_dir, status="interrupted" if stopped else "failed")
+            raise
+
+
+def _marker_updated(run_dir: Path) -> str | None:
+    marker = run_folder.read_marker(run_dir)
+    return None if marker is None else f"{marker.updated}/{marker.status}"
+
+
+def _train(recipe: Recipe, console: Console, *, dry_run: bool, resume: bool, replace: bool, quiet: bool,
+           resume_command: str) -> TrainResult:
     from lorafit import adapters, checkpoints, data, export, models
 
     started = time.perf_counter()
     run_dir = recipe.run_dir
     notes: list[str] = []
 
-    # 1. Everything that can be checked without loading weights, before any folder is created.
-    check_run_dir(recipe, resume=resume, overwrite=overwrite, dry_run=dry_run)
+    # 1. Everything that can be checked without loading weights, before any folder is written.
     precision, precision_warning = models.choose_precision(recipe.training.precision)
     notes.append(f"precision {precision.name} on {precision.device} ({precision.reason})")
     if precision_warning:
@@ -103,12 +124,12 @@ def run_train(recipe: Recipe, console: Console, *, dry_run: bool = False, resume
         return result
 
     # 4. Train: atomic checkpoints, clean Ctrl-C, and out-of-memory / disk-full explained (see trainer.py).
-    _prepare_run_dir(run_dir, overwrite=overwrite)
+    _prepare_run_dir(run_dir, replace=replace)
     if _is_main_process():
         checkpoints.record_run(run_dir, recipe, prepared.report.fingerprint)
         # Written now, not only at export: `lorafit train runs/x/recipe.yaml --overwrite` must not lose the file it
         # runs from if training then fails, and an interrupted run can be resumed from its own folder.
-        export.write_text_atomic(run_dir / "recipe.yaml", dump_recipe(recipe))
+        run_folder.write_atomic(run_dir / run_folder.RECIPE, dump_recipe(recipe))
     from lorafit.progress import ThroughputMeter
     from lorafit.trainer import explained_failures, fit, nonfinite_parameters
 
@@ -173,9 +194,18 @@ def run_train(recipe: Recipe, console: Console, *, dry_run: bool = False, resume
     return result
 
 
-def check_run_dir(recipe: Recipe, *, resume: bool, overwrite: bool, dry_run: bool) -> None:
-    """Refuse output folders that would destroy something: finished runs, home, cwd, model or data folders."""
-    run_dir = recipe.run_dir.expanduser().resolve()
+def check_run_dir(recipe: Recipe, *, resume: bool, overwrite: bool, dry_run: bool) -> bool:
+    """Refuse output folders that would destroy something: finished runs, files lorafit did not write, home, cwd,
+    model or data folders, paths the filesystem cannot hold.
+
+    Returns whether lorafit's own entries in the folder are to be replaced: with --overwrite, or when the folder
+    holds a run that stopped before its first checkpoint (nothing in it is worth keeping, and the corrected re-run
+    must not need a flag).
+    """
+    from lorafit import checkpoints
+
+    run_dir = recipe.run_dir.resolve()
+    where = f"output.dir: {recipe.run_dir}"
     forbidden = {Path("/").resolve(): "the filesystem root", Path.home().resolve(): "your home folder",
                  Path.cwd().resolve(): "the current folder"}
     model_path = Path(recipe.model.path).expanduser()
@@ -185,53 +215,51 @@ def check_run_dir(recipe: Recipe, *, resume: bool, overwrite: bool, dry_run: boo
     if isinstance(recipe.data.eval, str):
         data_files.append(recipe.data.eval)
     for item in data_files:
-        if Path(item).exists():
-            forbidden[Path(item).resolve().parent] = "the data folder"
+        if Path(item).expanduser().exists():
+            forbidden[Path(item).expanduser().resolve().parent] = "the data folder"
     if run_dir in forbidden:
-        raise LorafitError(f"refusing to write a run into {forbidden[run_dir]}", where=f"output.dir: {run_dir}",
+        raise LorafitError(f"refusing to write a run into {forbidden[run_dir]}", where=where,
                            hint="use a dedicated folder such as runs/<name>")
     if resume and overwrite:
         raise LorafitError("--resume continues the run in output.dir and --overwrite starts it again; pass one",
-                           where=f"output.dir: {run_dir}")
-    if dry_run:
-        return
-    is_run = (run_dir / "metrics.json").exists() or (run_dir / "checkpoints").exists()
-    foreign = [name for name in RUN_FOLDER_ENTRIES if (run_dir / name).exists()] if not is_run else []
+                           where=where)
+    run_folder.check_output_path(run_dir, where=where)
+    run_folder.check_not_inside_an_output(run_dir, "run", where=where)
+    if dry_run or not run_dir.is_dir():
+        return False
+    marker = run_folder.read_marker(run_dir)
+    if marker is not None and marker.kind != "run":
+        raise LorafitError(f"this folder holds a lorafit {marker.kind} output, not a run", where=where,
+                           hint="choose another output.dir")
+    foreign = run_folder.foreign_entries(run_dir, [*run_folder.RUN_ENTRIES, run_folder.MARKER], marker)
     if foreign:
         raise LorafitError(f"this folder already holds {', '.join(foreign)}, which lorafit did not write",
-                           where=f"output.dir: {run_dir}",
-                           hint="choose a new or empty output.dir; lorafit never replaces files it did not create")
-    if resume:
-        return
-    if (run_dir / "metrics.json").exists() and not overwrite:
-        raise LorafitError("this folder already holds a finished run", where=f"output.dir: {run_dir}",
+                           where=where, hint="choose a new or empty output.dir; lorafit never replaces files it did "
+                           "not create")
+    if marker is None or resume:
+        return False
+    if overwrite:
+        return True
+    if marker.status == "finished":
+        raise LorafitError("this folder already holds a finished run", where=where,
                            hint="pass --overwrite to replace it, --resume to continue, or choose another output.dir")
-    if (run_dir / "checkpoints").exists() and not overwrite:
-        raise LorafitError("this folder holds checkpoints of an unfinished run", where=f"output.dir: {run_dir}",
-                           hint="pass --resume to continue it, or --overwrite to start again")
+    if checkpoints.complete_checkpoints(run_dir / run_folder.CHECKPOINTS):
+        raise LorafitError(f"this folder holds checkpoints of an unfinished run ({marker.status or 'stopped'})",
+                           where=where, hint="pass --resume to continue it, or --overwrite to start again")
+    return True
 
 
-def _prepare_run_dir(run_dir: Path, *, overwrite: bool) -> None:
-    import shutil
-
-    from lorafit import checkpoints
-
-    if overwrite and run_dir.exists() and _is_main_process():
+def _prepare_run_dir(run_dir: Path, *, replace: bool) -> None:
+    """Claim the folder with the run marker (status running), after removing an earlier run's entries if replaced."""
+    if not _is_main_process():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return
+    marker = run_folder.read_marker(run_dir)
+    if replace and marker is not None:
         # Only what lorafit wrote; anything else the user put there (even inside checkpoints/) stays.
-        checkpoints.remove_own_checkpoints(run_dir)
-        for name in RUN_FOLDER_ENTRIES:
-            target = run_dir / name
-            if name == checkpoints.CHECKPOINTS:
-                continue
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
-        for name in EVAL_OUTPUTS:
-            (run_dir / name).unlink(missing_ok=True)
-        with contextlib.suppress(OSError):  # kept when the user put anything else there
-            (run_dir / "eval").rmdir()
+        run_folder.remove_owned(run_dir, marker)
     run_dir.mkdir(parents=True, exist_ok=True)
+    run_folder.write_marker(run_dir, "run", files=[run_folder.RECIPE, run_folder.CHECKPOINTS], status="running")
 
 
 def _is_main_process() -> bool:
@@ -368,7 +396,8 @@ def _trackers(recipe: Recipe) -> tuple[list[str], list]:
         from transformers.integrations import TensorBoardCallback
 
         if int(os.environ.get("RANK", "0")) == 0:
-            callbacks.append(TensorBoardCallback(tb_writer=SummaryWriter(str(recipe.run_dir / "logs"))))
+            run_folder.update_marker(recipe.run_dir, add_files=[run_folder.LOGS])  # listed before it is written
+            callbacks.append(TensorBoardCallback(tb_writer=SummaryWriter(str(recipe.run_dir / run_folder.LOGS))))
         wanted = [w for w in wanted if w != "tensorboard"]
     return wanted or ["none"], callbacks
 

@@ -26,7 +26,7 @@ from rich.console import Console
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from lorafit import checkpoints, models
+from lorafit import checkpoints, models, run_folder
 from lorafit.cli import app
 from lorafit.errors import EXIT_INTERRUPTED, EXIT_RUN_FAILED, EXIT_USER_ERROR, Interrupted, LorafitError, RunFailed
 from lorafit.progress import ProgressCallback
@@ -398,6 +398,7 @@ def test_case14_finished_run_is_refused_without_overwrite_and_kept(tiny_llama, t
     (run / "adapter").mkdir(parents=True)
     (run / "metrics.json").write_text("{}")
     (run / "adapter" / "adapter_model.safetensors").write_bytes(b"weights")
+    run_folder.write_marker(run, "run", files=["adapter", "metrics.json"], status="finished")
     before = digest_tree(run)
     recipe = write_recipe(tmp_path / "r.yaml", raw_recipe(tiny_llama, toy_data, run))
     assert_one_line_error(*cli("train", str(recipe)), "already holds a finished run", "--overwrite")
@@ -426,15 +427,19 @@ def test_case14_files_lorafit_did_not_write_are_never_replaced(tiny_llama, toy_d
 def test_case14_overwrite_and_rotation_delete_only_what_lorafit_wrote(tiny_llama, toy_data, tmp_path):
     run = tmp_path / "run"
     recipe = make_recipe(tiny_llama, toy_data, run, training={"max_steps": 4, "save_steps": 1, "save_total_limit": 1})
+    run.mkdir()
+    (run / "notes.txt").write_text("keep me too")
+    run_folder.write_marker(run, "run", files=["checkpoints"], status="interrupted")
     foreign = run / "checkpoints" / "checkpoint-100"  # looks like an HF checkpoint; HF's rotation would delete it
     foreign.mkdir(parents=True)
     (foreign / "mine.txt").write_text("keep me")
-    (run / "notes.txt").write_text("keep me too")
     run_train(recipe, QUIET, overwrite=True)
     assert checkpoint_steps(run) == [4]  # rotated down to save_total_limit ...
     assert (foreign / "mine.txt").read_text() == "keep me"  # ... without touching what is not ours
     (run / "eval").mkdir()
     (run / "eval" / "report.json").write_text("{}")  # `lorafit eval` of the adapter about to be replaced: stale
+    run_folder.write_marker(run / "eval", "eval", files=["report.json"], status="finished")
+    run_folder.write_marker(run, "run", files=["eval"], status="finished")
     run_train(recipe, QUIET, overwrite=True)  # --overwrite replaces only lorafit's files
     assert (foreign / "mine.txt").read_text() == "keep me" and (run / "notes.txt").read_text() == "keep me too"
     assert not (run / "eval").exists()
@@ -667,3 +672,163 @@ def test_case20_secrets_from_the_environment_never_reach_the_run_folder(tiny_lla
             assert value.encode() not in content, f"{name} leaked into {path}"
     args = torch.load(next(p for p in files if p.name == "training_args.bin"), weights_only=False)
     assert args.hub_token is None and not args.push_to_hub
+
+
+# ----------------------------------------------------------------------------------------------------
+# Added after trying it as a new user would (21-26)
+
+
+def test_case21_a_run_folder_is_marked_with_kind_status_and_the_files_lorafit_wrote(tiny_llama, toy_data, tmp_path):
+    """Case 21: a finished run's lorafit.json says kind run, status finished, and lists exactly what lorafit wrote."""
+    run = tmp_path / "run"
+    (run / "notes.txt").parent.mkdir()
+    (run / "notes.txt").write_text("mine")
+    run_train(make_recipe(tiny_llama, toy_data, run, training={"max_steps": 2}), QUIET)
+    marker = run_folder.read_marker(run)
+    assert marker is not None and marker.kind == "run" and marker.status == "finished" and not marker.legacy
+    assert sorted(marker.files) == sorted(["adapter", ".adapter.tmp", "recipe.yaml", "metrics.json", "README.md",
+                                           "checkpoints"])
+    assert sorted(p.name for p in run.iterdir()) == sorted(["adapter", "recipe.yaml", "metrics.json", "README.md",
+                                                           "checkpoints", "lorafit.json", "notes.txt"])
+    assert marker.lorafit_version and marker.created
+    assert run_folder.read_marker(tmp_path) is None  # any other folder: not lorafit's
+
+
+@pytest.mark.parametrize("flag", ["--resume", "--overwrite", None])
+def test_case21_a_user_folder_that_looks_like_a_run_is_never_touched(tiny_llama, toy_data, tmp_path, no_model_load,
+                                                                     flag):
+    """Case 21: a user's folder holding README.md and checkpoints/ is not lorafit's without the marker: refused,
+    with or without --resume/--overwrite, and every byte stays as it was."""
+    run = tmp_path / "project"
+    (run / "checkpoints" / "checkpoint-5").mkdir(parents=True)
+    (run / "checkpoints" / "checkpoint-5" / "model.safetensors").write_bytes(b"mine")
+    (run / "README.md").write_text("my notes")
+    (run / "metrics.json").write_text("{}")
+    before = digest_tree(run)
+    recipe = write_recipe(tmp_path / "r.yaml", raw_recipe(tiny_llama, toy_data, run))
+    assert_one_line_error(*cli("train", str(recipe), *([flag] if flag else [])),
+                          "README.md", "checkpoints", "which lorafit did not write")
+    assert digest_tree(run) == before
+
+
+def test_case21_runs_of_older_lorafit_are_recognised_by_their_run_record(tiny_llama, toy_data, tmp_path):
+    """Case 21: a run written before lorafit.json existed (recognised by checkpoints/lorafit-run.json) is still
+    lorafit's: refused as a finished run, replaced by --overwrite, and then carries a real marker."""
+    run = tmp_path / "run"
+    recipe = make_recipe(tiny_llama, toy_data, run, training={"max_steps": 2})
+    run_train(recipe, QUIET)
+    (run / "lorafit.json").unlink()  # as an older lorafit left it
+    marker = run_folder.read_marker(run)
+    assert marker.legacy and marker.kind == "run" and marker.status == "finished"
+    assert "adapter" in marker.files and "checkpoints" in marker.files
+    recipe_file = write_recipe(tmp_path / "r.yaml", raw_recipe(tiny_llama, toy_data, run,
+                                                               training={"max_steps": 2}))
+    assert_one_line_error(*cli("train", str(recipe_file)), "already holds a finished run")
+    run_train(recipe, QUIET, overwrite=True)
+    assert not run_folder.read_marker(run).legacy
+
+
+def test_case21_a_run_stopped_before_its_first_checkpoint_does_not_block_the_rerun(tiny_llama, toy_data, tmp_path,
+                                                                                  monkeypatch):
+    """Case 21/23: a run that failed before any checkpoint leaves a folder marked failed, and the corrected re-run
+    needs no flag (nothing in it was worth keeping)."""
+    run = tmp_path / "run"
+    recipe = make_recipe(tiny_llama, toy_data, run, training={"max_steps": 2, "save_steps": 10})
+    fail_at_step(monkeypatch, 1, RunFailed("simulated failure"))
+    with pytest.raises(RunFailed):
+        run_train(recipe, QUIET)
+    assert run_folder.read_marker(run).status == "failed"
+    monkeypatch.undo()
+    assert run_train(recipe, QUIET).metrics["global_step"] == 2
+    assert run_folder.read_marker(run).status == "finished"
+
+
+def test_case21_interrupt_marks_the_run_interrupted(tiny_llama, toy_data, tmp_path, monkeypatch):
+    """Case 21: Ctrl-C leaves the marker's status at interrupted; resuming sets it to finished."""
+    run = tmp_path / "run"
+    recipe = make_recipe(tiny_llama, toy_data, run, training={"max_steps": 4})
+    signal_at_step(monkeypatch, 2)
+    with pytest.raises(Interrupted):
+        run_train(recipe, QUIET)
+    assert run_folder.read_marker(run).status == "interrupted"
+    monkeypatch.undo()
+    run_train(recipe, QUIET, resume=True)
+    assert run_folder.read_marker(run).status == "finished"
+
+
+def test_case21_merge_overwrite_replaces_only_an_earlier_merge(tmp_path, tiny_llama):
+    """Case 21: merge --overwrite into a folder of someone else's model files is refused (nothing deleted); into an
+    earlier merge it replaces that merge's files, by its marker."""
+    from lorafit.merge import AdapterSpec, run_merge
+
+    adapter = save_untrained_adapter(tiny_llama, tmp_path / "adapter")
+    other = tmp_path / "someone-elses-model"
+    other.mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        (other / name).write_text("theirs")
+    before = digest_tree(other)
+    with pytest.raises(LorafitError, match="which lorafit did not write"):
+        run_merge([AdapterSpec(adapter)], other, overwrite=True)
+    assert digest_tree(other) == before
+    out = tmp_path / "merged"
+    run_merge([AdapterSpec(adapter)], out)
+    (out / "mine.txt").write_text("keep")
+    first = run_folder.read_marker(out)
+    assert first.kind == "merge" and first.status == "finished" and "model.safetensors" in first.files
+    with pytest.raises(LorafitError, match="earlier merge.*--overwrite"):
+        run_merge([AdapterSpec(adapter)], out)
+    run_merge([AdapterSpec(adapter)], out, overwrite=True)
+    assert (out / "mine.txt").read_text() == "keep" and not (out / run_folder.STAGING).exists()
+
+
+def test_case21_eval_never_overwrites_its_own_data_file(tiny_llama, tmp_path, toy_data_factory):
+    """Case 21: eval --out pointing at the folder of the --data file named samples.jsonl refuses before any model
+    loads, and the data file is unchanged."""
+    adapter = save_untrained_adapter(tiny_llama, tmp_path / "adapter")
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    data_file = toy_data_factory(n=8, name="data/samples.jsonl")
+    before = data_file.read_bytes()
+    recipe = write_recipe(tmp_path / "r.yaml", raw_recipe(tiny_llama, data_file, tmp_path / "run"))
+    assert_one_line_error(*cli("eval", str(recipe), "--adapter", str(adapter), "--data", str(data_file),
+                               "--out", str(data_dir)), "samples.jsonl", "which lorafit did not write")
+    assert data_file.read_bytes() == before
+
+
+def test_case21_outputs_inside_what_another_output_owns_are_refused(tiny_llama, toy_data, tmp_path, no_model_load):
+    """Case 21: a run or merge placed inside a run's adapter/ or checkpoints/ (which that run's --overwrite deletes)
+    is refused up front."""
+    run = tmp_path / "run"
+    (run / "adapter").mkdir(parents=True)
+    run_folder.write_marker(run, "run", files=["adapter", "checkpoints"], status="finished")
+    recipe = write_recipe(tmp_path / "r.yaml", raw_recipe(tiny_llama, toy_data, run / "adapter" / "inner"))
+    assert_one_line_error(*cli("train", str(recipe)), "inside", "adapter", "--overwrite there would delete it")
+    adapter = save_untrained_adapter(tiny_llama, tmp_path / "lora")
+    code, lines = cli("merge", str(adapter), "--out", str(run / "checkpoints" / "merged"))
+    assert_one_line_error(code, lines, "inside", "checkpoints")
+
+
+def test_case22_a_second_train_on_the_same_folder_exits_naming_the_holder(tiny_llama, toy_data, tmp_path,
+                                                                         no_model_load):
+    """Case 22: while one lorafit holds the run folder, a second train exits 1 naming the holder's pid; after the
+    holder is gone (even killed: the lock file stays behind) the folder is free again."""
+    run = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", raw_recipe(tiny_llama, toy_data, run))
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        from pathlib import Path
+        from lorafit.run_folder import folder_lock
+        with folder_lock(Path({str(run)!r}), where="test"):
+            print("locked", flush=True)
+            time.sleep(60)
+        """)], stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert_one_line_error(*cli("train", str(recipe)), f"pid {holder.pid}", "another lorafit process")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (run / run_folder.LOCK).exists()  # left behind by the kill, but stale: the next run is not blocked
+    with run_folder.folder_lock(run, where="test"):
+        assert (run / run_folder.LOCK).read_text().strip() == str(os.getpid())
+    assert not (run / run_folder.LOCK).exists()
