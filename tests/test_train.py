@@ -61,8 +61,8 @@ def trained_run(tmp_path_factory):
 
 def test_run_folder_holds_exactly_the_record(trained_run):
     run = trained_run["run"]
-    assert sorted(p.name for p in run.iterdir()) == ["README.md", "adapter", "checkpoints", "logs", "loss.png",
-                                                     "metrics.json", "recipe.yaml"]
+    assert sorted(p.name for p in run.iterdir()) == ["README.md", "adapter", "checkpoints", "logs", "lorafit.json",
+                                                     "loss.png", "metrics.json", "recipe.yaml"]
     adapter_files = {p.name for p in (run / "adapter").iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
             "chat_template.jinja"} <= adapter_files
