@@ -121,8 +121,14 @@ def build_peft_config(section: AdapterSection, model: nn.Module, task_type: str 
                                hint=f"this model has: {_describe_leaf_names(modules)}")
     modules_to_save = list(section.modules_to_save) or None
     if section.method == "prefix":
-        return PrefixTuningConfig(task_type=task_type, num_virtual_tokens=section.num_virtual_tokens)
+        return PrefixTuningConfig(task_type=task_type, num_virtual_tokens=section.num_virtual_tokens,
+                                  modules_to_save=modules_to_save)
     targets = resolve_target_modules(model, section.target_modules)
+    layers = _layer_count(model)
+    beyond = [i for i in section.layers_to_transform or [] if layers is not None and i >= layers]
+    if beyond:
+        raise LorafitError(f"layer {beyond[0]} does not exist: this model has {layers} layers (0-{layers - 1})",
+                           where="adapter.layers_to_transform", hint=f"use indices from 0 to {layers - 1}")
     if section.method == "ia3":
         mlp = [t for t in targets if any(_has_part(n, _MLP_PARTS) and not _has_part(n, _ATTENTION_PARTS)
                                          for n in modules if n == t or n.endswith("." + t))]
@@ -141,6 +147,17 @@ def build_peft_config(section: AdapterSection, model: nn.Module, task_type: str 
         use_dora=section.use_dora,
         init_lora_weights=True if section.init == "default" else section.init,
     )
+
+
+def _layer_count(model: nn.Module) -> int | None:
+    """How many transformer layers the model has (None when its config does not say)."""
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        value = getattr(text, key, None)
+        if isinstance(value, int):
+            return value
+    return None
 
 
 def peft_task_type(task: str) -> str:
@@ -201,13 +218,16 @@ def read_trained_adapter(path: str | Path) -> TrainedAdapter:
         hint = "pass its adapter/ subfolder" if (path / "adapter" / "adapter_config.json").is_file() else (
             "point at a folder saved by lorafit train or PEFT save_pretrained")
         raise LorafitError("no adapter_config.json in this folder", where=where, hint=hint)
-    try:
-        config = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise LorafitError(f"adapter_config.json is not valid JSON ({exc})", where=where) from None
+    from lorafit.models import check_weight_files, read_json_file
+
+    config = read_json_file(path / "adapter_config.json", where=where)
+    if not isinstance(config.get("peft_type"), str):
+        raise LorafitError("adapter_config.json does not name its peft_type", where=where,
+                           hint="point at a folder saved by lorafit train or PEFT save_pretrained")
     if not (path / "adapter_model.safetensors").is_file():
         raise LorafitError("no adapter_model.safetensors in the adapter folder", where=where,
                            hint="lorafit reads safetensors adapters only (pickled .bin files can run code when loaded)")
+    check_weight_files(path, where=where)
     run_recipe = path.parent / "recipe.yaml"
     recipe = load_recipe(run_recipe) if run_recipe.is_file() else None
     return TrainedAdapter(path=path, config=config, recipe=recipe)

@@ -78,9 +78,12 @@ def _execute(work: Callable[[], Any], *, debug: bool, as_json: bool = False) -> 
     except Exception as exc:
         if debug:
             raise
-        err.print(Text(f"internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
-                       style="bold red"))
+        message = f"internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        err.print(Text(message, style="bold red"))
         err.print("This is a lorafit bug or an unhandled case; re-run with --debug for the traceback and report it.")
+        if as_json:
+            _print_json({"ok": False, "error": message, "where": None,
+                         "hint": "re-run with --debug for the traceback and report it", "exit_code": EXIT_RUN_FAILED})
         raise typer.Exit(EXIT_RUN_FAILED) from None
 
 
@@ -147,8 +150,8 @@ def train(
             return
         if dry_run:
             _render_dry_run(console, result, dump_recipe(result.recipe or recipe))
-        else:
-            _render_train(console, result)
+        else:  # --quiet still prints the run summary: it is the result
+            _render_train(Console(highlight=False) if quiet else console, result, quiet=quiet)
 
     _execute(work, debug=debug, as_json=as_json)
 
@@ -220,7 +223,10 @@ def validate(recipe_path: RecipeArg, overrides: SetOpt = None, as_json: JsonOpt 
     """Check a recipe (schema, values, cross-field rules) without loading any model."""
 
     def work() -> None:
+        from lorafit.train import check_settings
+
         recipe = load_recipe(recipe_path, overrides or [])
+        check_settings(recipe)
         if as_json:
             _print_json({"command": "validate", "ok": True, "recipe": recipe.model_dump(mode="json")})
         elif not quiet:  # the exit code is the result
@@ -450,9 +456,10 @@ def _highlight_trained(pieces: list[tuple[str, bool]]) -> Text:
     return text
 
 
-def _render_train(console: Console, result) -> None:
+def _render_train(console: Console, result, *, quiet: bool = False) -> None:
     m = result.metrics
-    _render_notes(console, result)
+    if not quiet:
+        _render_notes(console, result)
     table = Table(title=f"run {m['name']}", show_header=False)
     table.add_row("adapter", str(result.run_dir / "adapter"))
     table.add_row("steps", str(m["global_step"]))

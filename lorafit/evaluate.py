@@ -328,11 +328,47 @@ def _generate(model, examples: list[_Example], tokenizer, batch_size: int, max_n
         width = max(len(e.prompt_ids) for e in batch)
         ids = torch.tensor([[pad] * (width - len(e.prompt_ids)) + e.prompt_ids for e in batch], device=device)
         mask = torch.tensor([[0] * (width - len(e.prompt_ids)) + [1] * len(e.prompt_ids) for e in batch], device=device)
-        with torch.no_grad():
-            generated = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+        if _prefix_tuning_active(model):
+            generated = _greedy_by_forward(model, ids, mask, max_new_tokens, eos_ids, pad)
+        else:
+            with torch.no_grad():
+                generated = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
         for row in generated[:, width:].tolist():
             outputs.append(tokenizer.decode(row, skip_special_tokens=True).strip())
     return outputs
+
+
+def _prefix_tuning_active(model) -> bool:
+    """Whether the model generates through an active prefix-tuning adapter (not under disable_adapter)."""
+    config = getattr(model, "active_peft_config", None)
+    return bool(config is not None and config.peft_type == "PREFIX_TUNING" and model.has_active_enabled_adapter)
+
+
+def _greedy_by_forward(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, eos_ids: list[int],
+                       pad: int) -> torch.Tensor:
+    """Greedy decoding with one full forward pass per new token, for prefix-tuning adapters.
+
+    PEFT's generate() loses a prefix adapter's virtual tokens with this transformers version (its tokens equal the
+    base model's at batch size 1), while forward() applies them exactly as in training, where the loss is right. So
+    each token is the argmax of forward(); position ids follow the attention mask, so left padding does not shift a
+    row's positions and the answers do not depend on the batch size. Costs O(n^2) in the answer length, which is
+    short in an eval.
+    """
+    import torch
+
+    stop = torch.tensor(eos_ids, device=ids.device)
+    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+    for _ in range(max_new_tokens):
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1]
+        token = torch.where(done, torch.full_like(done, pad, dtype=ids.dtype), logits.argmax(-1))
+        ids = torch.cat([ids, token[:, None]], dim=1)
+        mask = torch.cat([mask, (~done).to(mask.dtype)[:, None]], dim=1)
+        done |= torch.isin(token, stop)
+        if bool(done.all()):
+            break
+    return ids
 
 
 def normalize_answer(text: str) -> str:

@@ -115,9 +115,11 @@ def run_merge(specs: list[AdapterSpec], out_dir: str | Path, *, base: str | None
         raise LorafitError(f"unknown choice {base_weights!r}", where="--base-weights", hint=" | ".join(BASE_WEIGHTS))
     if not 0.0 < density <= 1.0:
         raise LorafitError(f"must be in (0, 1], got {density}", where="--density")
+    _check_shard_size(max_shard_size)
 
     # 1. Read the adapters and check them against the base's config, before any weights are read.
     trained = [adapters.read_trained_adapter(spec.path) for spec in specs]
+    _check_mergeable(trained, specs, method)
     section = adapters.base_model_section(trained[0], base)
     source = models.resolve_model_source(section)
     _check_out_dir(out_dir, overwrite=overwrite, inputs=[t.path for t in trained] + [Path(source)])
@@ -214,6 +216,7 @@ def run_merge(specs: list[AdapterSpec], out_dir: str | Path, *, base: str | None
 
 
 def _check_out_dir(out_dir: Path, *, overwrite: bool, inputs: list[Path]) -> None:
+    run_folder.check_output_path(out_dir, where=f"--out {out_dir}")  # first: a link loop stops resolve()
     resolved = out_dir.resolve()
     forbidden = {Path("/").resolve(): "the filesystem root", Path.home().resolve(): "your home folder",
                  Path.cwd().resolve(): "the current folder"}
@@ -229,6 +232,40 @@ def _check_out_dir(out_dir: Path, *, overwrite: bool, inputs: list[Path]) -> Non
     # The exact file names are known once the model is saved (publishing checks them again); these are checked now.
     likely = [*_LIKELY_OUTPUTS, *(p.name for p in out_dir.glob("*.safetensors*"))] if out_dir.is_dir() else []
     run_folder.check_output_folder(out_dir, "merge", overwrite=overwrite, where=f"--out {out_dir}", names=likely)
+
+
+def _check_mergeable(trained: list[TrainedAdapter], specs: list[AdapterSpec], method: str) -> None:
+    """Refuse, before any weights load, what PEFT cannot merge or combine, with the reason."""
+    kinds = [str(t.config.get("peft_type", "")).upper() for t in trained]
+    for adapter, kind in zip(trained, kinds, strict=True):
+        if kind not in ("LORA", "IA3"):
+            raise LorafitError(
+                f"a {kind.lower().replace('_', '-')} adapter cannot be merged: it adds learned virtual tokens to every "
+                "forward pass instead of changing weights, so there is nothing to fold into the base model",
+                where=f"adapter: {adapter.path}",
+                hint="use it with PEFT on top of the base (lorafit eval does), or train method: lora for a mergeable "
+                     "adapter")
+    combine = len(specs) > 1 or specs[0].weight != 1.0
+    if combine and len(set(kinds)) > 1:
+        raise LorafitError(f"cannot combine adapters of different methods ({' and '.join(sorted(set(kinds)))}): PEFT "
+                           "combines adapters of one method only", where="--adapter",
+                           hint="merge them one after the other: merge the first, then pass the merged folder as "
+                                "--base when merging the next")
+    if combine and kinds[0] == "IA3" and method != "linear":
+        raise LorafitError(f"IA3 adapters are combined linearly only, not with {method}", where="--method",
+                           hint="use --method linear (the default)")
+
+
+def _check_shard_size(text: str) -> None:
+    """--max-shard-size, parsed the way save_pretrained will parse it (huggingface_hub's sharding), before any work."""
+    from huggingface_hub.serialization._base import parse_size_to_int
+
+    try:
+        size = parse_size_to_int(text)
+    except (ValueError, TypeError):
+        size = 0
+    if size <= 0:
+        raise LorafitError(f"not a size: {text!r}", where="--max-shard-size", hint="e.g. 5GB, 500MB or 100KB")
 
 
 def _classifier_labels(trained: list[TrainedAdapter], specs: list[AdapterSpec]) -> list[str] | None:
@@ -364,10 +401,13 @@ def _attach(model, trained: list[TrainedAdapter], specs: list[AdapterSpec], meth
         peft_model.load_adapter(str(adapter.path), adapter_name=name)
     torch.manual_seed(0)  # dare_* drop weights at random: the same command gives the same model
     try:
-        peft_model.add_weighted_adapter(
-            names, [s.weight for s in specs], "default", combination_type=method,
-            density=density if method not in ("linear", "cat", "svd") else None,
-        )
+        if str(trained[0].config.get("peft_type", "")).upper() == "IA3":  # IA3 has only the linear combination
+            peft_model.add_weighted_adapter(names, [s.weight for s in specs], "default")
+        else:
+            peft_model.add_weighted_adapter(
+                names, [s.weight for s in specs], "default", combination_type=method,
+                density=density if method not in ("linear", "cat", "svd") else None,
+            )
     except ValueError as exc:
         hint = "use --method cat or svd for adapters of different ranks" if "same r" in str(exc) else None
         raise LorafitError(f"cannot combine these adapters: {exc}", where="--method", hint=hint) from None

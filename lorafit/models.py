@@ -59,7 +59,8 @@ def _check_local_folder(path: Path, section: ModelSection) -> None:
     if not config_file.exists():
         raise LorafitError("no config.json in the model folder", where=f"model.path: {path}",
                            hint="point at a folder saved with save_pretrained")
-    config = json.loads(config_file.read_text())
+    config = read_json_file(config_file, where=f"model.path: {path}")
+    check_weight_files(path, where=f"model.path: {path}")
     if config.get("auto_map") and not section.trust_remote_code:
         raise LorafitError(
             "this model ships its own Python code (auto_map in config.json), which lorafit does not run by default",
@@ -74,6 +75,53 @@ def _check_local_folder(path: Path, section: ModelSection) -> None:
             where=f"model.path: {path}",
             hint="convert them to safetensors, or set model.allow_pickle_weights: true if you trust the source",
         )
+
+
+def read_json_file(path: Path, *, where: str) -> dict:
+    """A JSON object file of a model or adapter folder; a cut-off or corrupt one is a user error naming it."""
+    try:
+        value = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise LorafitError(f"{path.name} is cut off or corrupt (not valid JSON: {first_line(exc)[:80]})", where=where,
+                           hint="download or copy the folder again") from None
+    if not isinstance(value, dict):
+        raise LorafitError(f"{path.name} is not a JSON object", where=where, hint="download or copy the folder again")
+    return value
+
+
+def check_weight_files(folder: Path, *, where: str) -> None:
+    """Refuse cut-off or corrupt safetensors files before anything loads them (a few bytes read per file).
+
+    A safetensors file is an 8-byte header length, a JSON header giving every tensor's byte range, then the data:
+    the file must be exactly as long as the header says. Interrupted downloads and copies fail this check.
+    """
+    for name in ("model.safetensors.index.json", "adapter_config.json"):
+        if (folder / name).is_file():
+            read_json_file(folder / name, where=where)
+    for path in sorted(folder.glob("*.safetensors")):
+        problem = _safetensors_problem(path)
+        if problem:
+            raise LorafitError(f"{path.name} is cut off or corrupt ({problem})", where=where,
+                               hint="download or copy the file again")
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            return f"{size} bytes, shorter than its header"
+        length = int.from_bytes(head, "little")
+        if length > size - 8:
+            return f"its header claims {length:,} bytes, the file has {size:,}"
+        try:
+            header = json.loads(handle.read(length).decode("utf-8"))
+            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        except (UnicodeDecodeError, ValueError, KeyError, TypeError, IndexError, AttributeError):
+            return "its header is not valid"
+    if 8 + length + end != size:
+        return f"{size:,} bytes where its header says {8 + length + end:,}"
+    return None
 
 
 def _builtin_smollm2() -> Path:
@@ -199,7 +247,7 @@ def load_tokenizer(recipe: Recipe, source: str) -> PreTrainedTokenizerBase:
         tokenizer = AutoTokenizer.from_pretrained(
             source, revision=section.revision, trust_remote_code=section.trust_remote_code
         )
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - tokenizers raises a bare Exception on a corrupt tokenizer.json
         raise LorafitError(first_line(exc), where=f"model.path: {section.path}",
                            hint="check the folder or hub id, your network and HF_TOKEN for gated models") from None
     if tokenizer.pad_token is None:
@@ -264,8 +312,12 @@ def load_base_model(recipe: Recipe, source: str, precision: Precision, *,
     try:
         model = auto_class.from_pretrained(source, **kwargs)
     except ImportError as exc:
-        raise LorafitError(first_line(exc), where="quantization",
-                           hint="pip install bitsandbytes, or remove the quantization section") from None
+        if quant is not None and "bitsandbytes" in str(exc):
+            raise LorafitError(first_line(exc), where="quantization",
+                               hint="pip install bitsandbytes, or remove the quantization section") from None
+        # e.g. flash_attention_2 without flash-attn: the package named in the message is missing
+        raise LorafitError(first_line(exc), where=f"model: {section.path}",
+                           hint="install the package named above, or change model.attn_implementation") from None
     except (OSError, ValueError) as exc:
         raise LorafitError(first_line(exc), where=f"model.path: {section.path}") from None
     model.config.use_cache = False  # the KV cache is useless in training and costs memory

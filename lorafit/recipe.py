@@ -43,6 +43,11 @@ class ModelSection(_Section):
         False, description="Allow loading .bin/.pt (pickle) weights; pickles can execute code when loaded."
     )
 
+    @field_validator("path")
+    @classmethod
+    def _home_expanded(cls, value: str) -> str:
+        return _expand_home(value)
+
 
 class QuantizationSection(_Section):
     bits: Literal[4, 8] = Field(4, description="Load the base model in 4-bit (QLoRA) or 8-bit via bitsandbytes.")
@@ -91,6 +96,49 @@ class AdapterSection(_Section):
             raise ValueError("must name at least one module or a preset such as all-linear")
         return value
 
+    @field_validator("layers_to_transform")
+    @classmethod
+    def _layer_indices(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and (not value or min(value) < 0):
+            raise ValueError("must list layer indices from 0 (or be null for every layer)")
+        return value
+
+    @model_validator(mode="after")
+    def _settings_the_method_uses(self) -> AdapterSection:
+        # A setting the chosen method cannot use is refused, never ignored. Defaults are fine: a run's recipe.yaml
+        # lists every key with its default, and must load again.
+        unused = [key for key in _NOT_USED_BY[self.method] if getattr(self, key) != _default_of(self, key)]
+        if unused:
+            raise ValueError(f"{', '.join(unused)}: not used by method: {self.method} (only by "
+                             f"{_USED_BY_WHOM[unused[0]]}); remove {'it' if len(unused) == 1 else 'them'} or change "
+                             "the method")
+        if self.method == "lora" and self.init == "orthogonal" and self.r % 2:
+            raise ValueError(f"init: orthogonal builds A and B from the two halves of an r x r orthogonal matrix, so "
+                             f"it needs an even r (got r: {self.r})")
+        return self
+
+
+# Settings of one PEFT method that the others do not have (prefix tuning learns virtual tokens, not weight deltas).
+_LORA_ONLY = ("r", "alpha", "dropout", "bias", "layers_to_transform", "use_rslora", "use_dora", "init")
+_NOT_USED_BY = {
+    "lora": ("num_virtual_tokens",),
+    "ia3": (*_LORA_ONLY, "num_virtual_tokens"),
+    "prefix": (*_LORA_ONLY, "target_modules"),
+}
+_USED_BY_WHOM = {**{key: "method: lora" for key in _LORA_ONLY}, "num_virtual_tokens": "method: prefix",
+                 "target_modules": "methods lora and ia3"}
+
+
+def _default_of(section: AdapterSection, key: str) -> Any:
+    if key == "alpha":  # default: twice r
+        return 2 * section.r
+    return AdapterSection.model_fields[key].get_default(call_default_factory=True)
+
+
+def _expand_home(value: str) -> str:
+    """`~` and `~user` mean a home folder wherever lorafit reads a path, as in the shell."""
+    return os.path.expanduser(value) if value.startswith("~") else value
+
 
 class DataSection(_Section):
     train: str | list[str] = Field(description="Training data: local jsonl/json/csv/parquet file(s) or a hub dataset id.")
@@ -124,7 +172,12 @@ class DataSection(_Section):
     def _fraction_in_range(cls, value: str | float | None) -> str | float | None:
         if isinstance(value, float) and not 0.0 < value < 1.0:
             raise ValueError("a held-out fraction must be between 0 and 1 (exclusive), or give a file")
-        return value
+        return _expand_home(value) if isinstance(value, str) else value
+
+    @field_validator("train")
+    @classmethod
+    def _home_expanded(cls, value: str | list[str]) -> str | list[str]:
+        return [_expand_home(item) for item in value] if isinstance(value, list) else _expand_home(value)
 
     @field_validator("labels", mode="before")
     @classmethod
@@ -159,6 +212,11 @@ class TemplateSection(_Section):
         if self.name == "custom" and not self.custom:
             raise ValueError("name: custom needs template.custom (Jinja text or a .jinja file)")
         return self
+
+    @field_validator("custom")
+    @classmethod
+    def _home_expanded(cls, value: str | None) -> str | None:
+        return _expand_home(value) if value is not None and "\n" not in value else value
 
 
 class TrainingSection(_Section):
@@ -197,7 +255,7 @@ class OutputSection(_Section):
     def _usable_path(cls, value: str | None) -> str | None:
         if value is not None and "\0" in value:  # path calls raise on it, deep inside the run-folder checks
             raise ValueError("a folder path cannot contain a NUL character")
-        return value
+        return _expand_home(value) if value is not None else None
 
 
 class Recipe(_Section):
@@ -219,14 +277,30 @@ class Recipe(_Section):
     def _usable_as_folder_name(cls, value: str) -> str:
         if not value.strip() or "\0" in value:  # it names the default run folder, runs/<name>
             raise ValueError("must be a non-empty name without NUL characters")
+        parts = Path(value).parts
+        if os.path.isabs(value) or ".." in parts or value.startswith("~"):
+            # runs/<name> must stay inside runs/: `name: ../../x` would put the run anywhere
+            raise ValueError("must be a name, not a path outside runs/ (no leading /, ~ or .. parts); set output.dir "
+                             "to choose the folder")
+        too_long = next((part for part in parts if len(part.encode()) > 255), None)
+        if too_long is not None:
+            raise ValueError(f"is {len(too_long.encode())} bytes long; file systems allow 255 per folder name")
         return value
 
     @model_validator(mode="after")
     def _cross_field_checks(self) -> Recipe:
-        if self.quantization and self.adapter.init in ("pissa", "olora", "orthogonal"):
+        if self.quantization and self.adapter.init in ("pissa", "olora"):
             raise ValueError(
                 f"adapter.init: {self.adapter.init} decomposes full-precision weights and cannot start from a "
                 "quantized model; use init: default with quantization, or remove the quantization section"
+            )
+        if self.quantization and self.adapter.init == "orthogonal":
+            # It needs only the layer shapes, but PEFT creates the matrices in the base layer's storage dtype, which
+            # under bitsandbytes is packed 8-bit integers: the adapter could not be trained.
+            raise ValueError(
+                "adapter.init: orthogonal cannot be used with quantization: PEFT stores the orthogonal matrices in "
+                "the base layer's weight dtype, which is packed uint8 in a 4/8-bit model; use init: default or "
+                "gaussian with quantization, or remove the quantization section"
             )
         if self.adapter.method != "lora" and (self.adapter.use_dora or self.adapter.use_rslora):
             raise ValueError("adapter.use_dora / use_rslora only apply to method: lora")
@@ -406,6 +480,8 @@ def _resolve_input_paths(raw: dict[str, Any], base_dir: Path) -> None:
     """Make the input paths a file names relative to that file, so recipes can be shared and extended."""
 
     def resolve(value: Any, *, must_look_like_file: bool) -> Any:
+        if isinstance(value, str):
+            value = _expand_home(value)
         if not isinstance(value, str) or "\0" in value or os.path.isabs(value) or value in BUILTIN_MODELS:
             return value  # (a NUL byte makes path calls raise; such a value is reported as not found later)
         candidate = base_dir / value
@@ -430,6 +506,9 @@ def _resolve_input_paths(raw: dict[str, Any], base_dir: Path) -> None:
         template["custom"] = resolve(template["custom"], must_look_like_file=True)
 
 
+_INPUT_PATHS = ("model.path", "data.train", "data.eval", "template.custom")
+
+
 def _apply_override(raw: dict[str, Any], override: str) -> None:
     """Apply one `--set section.key=value`; the value is parsed as YAML so types follow the schema."""
     key_path, sep, text = override.partition("=")
@@ -440,6 +519,13 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
     except yaml.YAMLError:
         value = text
     keys = key_path.strip().split(".")
+    if ".".join(keys) in _INPUT_PATHS:
+        # A path typed on the command line means what it means in the shell: relative to the current folder, as a
+        # path in a file is relative to that file. The resolved path is what the run's recipe.yaml records.
+        section, key = keys
+        resolved = {section: {key: value}}
+        _resolve_input_paths(resolved, Path.cwd())
+        value = resolved[section][key]
     node = raw
     for key in keys[:-1]:
         child = node.get(key)

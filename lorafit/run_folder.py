@@ -393,6 +393,13 @@ def check_output_path(path: Path, *, where: str) -> None:
         raise LorafitError("contains a symbolic link loop", where=where, hint="fix the link or choose another path")
     except OSError as exc:
         raise path_error(exc, where) from None
+    try:
+        _check_resolved_output_path(resolved, where=where)
+    except OSError as exc:  # exists() / is_dir() raise on names the filesystem refuses (too long, ...)
+        raise path_error(exc, where) from None
+
+
+def _check_resolved_output_path(resolved: Path, *, where: str) -> None:
     max_name = _max_name_length(resolved)
     for part in resolved.parts:
         if len(part.encode()) > max_name:
@@ -411,7 +418,7 @@ def check_output_path(path: Path, *, where: str) -> None:
 
 
 def _max_name_length(path: Path) -> int:
-    for folder in (path, *path.parents):
+    for folder in path.parents:  # the deepest existing folder decides (`path` itself may be too long to stat)
         if folder.is_dir():
             with contextlib.suppress(OSError, ValueError):
                 return os.pathconf(folder, "PC_NAME_MAX")

@@ -16,7 +16,7 @@ from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from lorafit.errors import LorafitError
-from lorafit.recipe import SECTIONS, ModelSection, load_recipe
+from lorafit.recipe import SECTIONS, ModelSection, Recipe, load_recipe
 
 
 @dataclass
@@ -28,6 +28,7 @@ class StarterResult:
     target_modules: str | list[str]
     resolved_targets: list[str]
     notes: list[str]
+    task: str = "causal-lm"
 
 
 def run_init(model: str, data: str, out: Path, *, name: str | None = None, qlora: bool = False,
@@ -40,10 +41,16 @@ def run_init(model: str, data: str, out: Path, *, name: str | None = None, qlora
     if out.exists() and not overwrite:
         raise LorafitError("file already exists", where=str(out), hint="pass --overwrite or choose another --out")
     notes: list[str] = []
-    data_path = Path(data)
+    data_path = Path(data).expanduser()
+    model = str(Path(model).expanduser()) if model.startswith("~") else model
     data_section = DataSection(train=str(data_path.resolve()) if data_path.exists() else data)
     rows, _ = read_rows(data_section.train, data_section)
-    data_format = detect_format(rows[:1], data_section)
+    label_columns = _classification_columns(rows)
+    task = "sequence-classification" if label_columns else "causal-lm"
+    data_format = None if label_columns else detect_format(rows[:1], data_section)
+    if label_columns:
+        notes.append(f"detected a label column ({label_columns['label']!r}, {len({str(r.get(label_columns['label'])) for r in rows})} "
+                     f"classes) beside the text column {label_columns['text']!r}: task sequence-classification")
 
     section = ModelSection(path=model)
     targets: str | list[str] = "attention+mlp"
@@ -56,10 +63,17 @@ def run_init(model: str, data: str, out: Path, *, name: str | None = None, qlora
         targets, resolved = "all-linear", []
 
     run_name = name or out.stem
+    data_values: dict[str, Any] = {"train": _relative_to(data_section.train, out.parent), "eval": 0.05}
+    if label_columns:
+        renamed = {key: column for key, column in label_columns.items() if key != column}
+        data_values.update({"format": "auto", **({"fields": renamed} if renamed else {})})
+    else:
+        data_values["format"] = data_format
     values: dict[str, dict[str, Any]] = {
+        "": {"task": task},
         "model": {"path": model},
         "adapter": {"target_modules": targets},
-        "data": {"train": _relative_to(data_section.train, out.parent), "eval": 0.05, "format": data_format},
+        "data": data_values,
         "training": {"gradient_checkpointing": True, "optimizer": "paged_adamw_8bit"} if qlora else {},
         "quantization": {"bits": 4} if qlora else {},
     }
@@ -67,7 +81,31 @@ def run_init(model: str, data: str, out: Path, *, name: str | None = None, qlora
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text, encoding="utf-8")
     load_recipe(out)  # what init writes must validate; a failure here is a lorafit bug, not the user's
-    return StarterResult(out, data_format, targets, resolved, notes)
+    return StarterResult(out, data_format or "text+label", targets, resolved, notes, task=task)
+
+
+# Column names that hold a class label, and the text it belongs to, as data sets commonly name them.
+_LABEL_NAMES = ("label", "labels", "class", "category", "sentiment", "intent", "target")
+_TEXT_NAMES = ("text", "sentence", "review", "content", "document", "input", "question", "comment")
+_MAX_CLASSES = 50
+
+
+def _classification_columns(rows: list[dict[str, Any]]) -> dict[str, str] | None:
+    """{text: column, label: column} when the rows are text with a class label (few distinct short values)."""
+    if not rows or not isinstance(rows[0], dict):
+        return None
+    columns = list(rows[0])
+    label = next((c for name in _LABEL_NAMES for c in columns if c.lower() == name), None)
+    text = next((c for name in _TEXT_NAMES for c in columns if c.lower() == name), None)
+    if label is None or text is None:
+        return None
+    values = [row.get(label) for row in rows]
+    if not all(isinstance(v, (str, int)) and not isinstance(v, bool) and len(str(v)) <= 64 for v in values):
+        return None
+    distinct = {str(v) for v in values}
+    if not 2 <= len(distinct) <= min(_MAX_CLASSES, max(2, len(rows) // 2)):
+        return None
+    return {"text": text, "label": label}
 
 
 def _relative_to(value: str, folder: Path) -> str:
@@ -87,6 +125,8 @@ def _render(name: str, path: str, values: dict[str, dict[str, Any]], *, include_
              "# Check it without loading anything: lorafit validate <this file>;"
              " see samples and counts: lorafit train <this file> --dry-run",
              f"name: {name}"]
+    task = values.get("", {}).get("task", "causal-lm")
+    lines.append(f"task: {task}  # {Recipe.model_fields['task'].description}")
     for section, model in SECTIONS.items():
         if not section or (section == "quantization" and not include_quantization):
             continue

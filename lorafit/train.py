@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from lorafit import run_folder
 from lorafit.errors import Interrupted, LorafitError, RunFailed
-from lorafit.recipe import Recipe, dump_recipe
+from lorafit.recipe import Recipe, TrainingSection, dump_recipe
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -49,6 +49,7 @@ def run_train(recipe: Recipe, console: Console, *, dry_run: bool = False, resume
     whole run (one writer per folder) and its marker's status follows the run: running, then finished,
     interrupted or failed.
     """
+    check_settings(recipe)
     replace = check_run_dir(recipe, resume=resume, overwrite=overwrite, dry_run=dry_run)
     if dry_run or not _is_main_process():
         return _train(recipe, console, dry_run=dry_run, resume=resume, replace=replace, quiet=quiet,
@@ -66,6 +67,51 @@ def run_train(recipe: Recipe, console: Console, *, dry_run: bool = False, resume
                 stopped = isinstance(exc, (Interrupted, KeyboardInterrupt))
                 run_folder.update_marker(run_dir, status="interrupted" if stopped else "failed")
             raise
+
+
+def check_settings(recipe: Recipe) -> None:
+    """Refuse names the schema accepts but the libraries (or this machine) would reject once training starts:
+    the scheduler and optimizer names transformers knows, trackers that are installed, an attention kernel whose
+    package is there. Run by `validate` and `train` (also --dry-run) before any model loads."""
+    import importlib.util
+
+    t = recipe.training
+    # The defaults need no check; other names are looked up in transformers (importing it takes a moment).
+    if t.scheduler != TrainingSection.model_fields["scheduler"].default:
+        from transformers.trainer_utils import SchedulerType
+
+        names = [s.value for s in SchedulerType]
+        if t.scheduler not in names:
+            raise LorafitError(f"unknown scheduler {t.scheduler!r}", where="training.scheduler",
+                               hint=f"transformers has: {', '.join(names)}")
+    if t.optimizer != TrainingSection.model_fields["optimizer"].default:
+        from transformers.training_args import OptimizerNames
+
+        names = [o.value for o in OptimizerNames]
+        if t.optimizer not in names:
+            raise LorafitError(f"unknown optimizer {t.optimizer!r}", where="training.optimizer",
+                               hint=f"transformers has: {', '.join(names)}")
+    wanted = recipe.output.report_to if isinstance(recipe.output.report_to, list) else []
+    for name in [w for w in wanted if w not in ("none", "all")]:
+        if name == "tensorboard":
+            if importlib.util.find_spec("tensorboard") is None:
+                raise LorafitError("tensorboard is not installed", where="output.report_to",
+                                   hint="pip install tensorboard, or set report_to: [none]")
+            continue
+        from transformers.integrations.integration_utils import (INTEGRATION_TO_CALLBACK,
+                                                                 get_available_reporting_integrations)
+
+        if name not in INTEGRATION_TO_CALLBACK:
+            raise LorafitError(f"unknown tracker {name!r}", where="output.report_to",
+                               hint=f"transformers knows: {', '.join(INTEGRATION_TO_CALLBACK)}, or none")
+        if name not in get_available_reporting_integrations():
+            raise LorafitError(f"the tracker {name!r} is not installed", where="output.report_to",
+                               hint=f"pip install {name.replace('_', '-')}, or remove it from report_to")
+    if recipe.model.attn_implementation == "flash_attention_2":
+        if importlib.util.find_spec("flash_attn") is None:
+            raise LorafitError("flash_attention_2 needs the flash-attn package, which is not installed",
+                               where="model.attn_implementation",
+                               hint="pip install flash-attn (CUDA GPUs only), or use sdpa / auto")
 
 
 def _marker_updated(run_dir: Path) -> str | None:
@@ -204,8 +250,9 @@ def check_run_dir(recipe: Recipe, *, resume: bool, overwrite: bool, dry_run: boo
     """
     from lorafit import checkpoints
 
-    run_dir = recipe.run_dir.resolve()
     where = f"output.dir: {recipe.run_dir}"
+    run_folder.check_output_path(recipe.run_dir, where=where)  # first: a link loop or too long a name stops resolve()
+    run_dir = recipe.run_dir.resolve()
     forbidden = {Path("/").resolve(): "the filesystem root", Path.home().resolve(): "your home folder",
                  Path.cwd().resolve(): "the current folder"}
     model_path = Path(recipe.model.path).expanduser()
@@ -223,7 +270,6 @@ def check_run_dir(recipe: Recipe, *, resume: bool, overwrite: bool, dry_run: boo
     if resume and overwrite:
         raise LorafitError("--resume continues the run in output.dir and --overwrite starts it again; pass one",
                            where=where)
-    run_folder.check_output_path(run_dir, where=where)
     run_folder.check_not_inside_an_output(run_dir, "run", where=where)
     if dry_run or not run_dir.is_dir():
         return False

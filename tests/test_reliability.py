@@ -832,3 +832,313 @@ def test_case22_a_second_train_on_the_same_folder_exits_naming_the_holder(tiny_l
     with run_folder.folder_lock(run, where="test"):
         assert (run / run_folder.LOCK).read_text().strip() == str(os.getpid())
     assert not (run / run_folder.LOCK).exists()
+
+
+def _tiny_lora_run(model_dir: Path, data_file: Path, run: Path, **adapter) -> Path:
+    """Train a 2-step adapter on the tiny model; returns its adapter folder."""
+    raw = raw_recipe(model_dir, data_file, run, training={"max_steps": 2, "save_steps": 10})
+    if adapter:
+        raw["adapter"] = adapter
+    run_train(validate_recipe(raw), QUIET)
+    return run / "adapter"
+
+
+@pytest.mark.parametrize("damage", ["config.json", "model.safetensors", "tokenizer.json"])
+def test_case23_cut_off_model_files_are_user_errors(tiny_llama, toy_data, tmp_path, damage):
+    """Case 23: a model folder with a cut-off config.json, model.safetensors or tokenizer.json (an interrupted
+    download) is exit 1 with one line naming the file, before any output folder; --json prints its object."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama, model)
+    data = (model / damage).read_bytes()
+    (model / damage).write_bytes(data[: len(data) // 2])
+    recipe = write_recipe(tmp_path / "r.yaml", raw_recipe(model, toy_data, tmp_path / "run"))
+    message = assert_one_line_error(*cli("train", str(recipe)), str(model))
+    if damage != "tokenizer.json":
+        assert damage in message and "cut off or corrupt" in message
+    assert not (tmp_path / "run").exists()
+    result = CliRunner().invoke(app, ["train", str(recipe), "--json"])
+    payload = json.loads(result.stdout)
+    assert result.exit_code == EXIT_USER_ERROR and payload["ok"] is False and payload["exit_code"] == EXIT_USER_ERROR
+
+
+@pytest.mark.parametrize("damage", ["adapter_config.json", "adapter_model.safetensors", "not-an-object"])
+def test_case23_cut_off_adapter_files_are_user_errors_in_merge_and_eval(tiny_llama, toy_data, tmp_path, damage):
+    """Case 23: merge and eval of an adapter whose adapter_config.json or weights are cut off (or whose config is
+    not a JSON object) end with one line naming the file; nothing is written."""
+    adapter = save_untrained_adapter(tiny_llama, tmp_path / "adapter")
+    if damage == "not-an-object":
+        (adapter / "adapter_config.json").write_text("[1, 2]")
+    else:
+        data = (adapter / damage).read_bytes()
+        (adapter / damage).write_bytes(data[: len(data) - 7])
+    name = "adapter_config.json" if damage == "not-an-object" else damage
+    assert_one_line_error(*cli("merge", str(adapter), "--out", str(tmp_path / "merged")), name)
+    assert not (tmp_path / "merged").exists()
+    recipe = write_recipe(tmp_path / "r.yaml", raw_recipe(tiny_llama, toy_data, tmp_path / "run",
+                                                          data={"eval": str(toy_data)}))
+    assert_one_line_error(*cli("eval", str(recipe), "--adapter", str(adapter), "--out", str(tmp_path / "ev")), name)
+    assert not (tmp_path / "ev").exists()
+
+
+def _uninstalled_tracker() -> str | None:
+    from transformers.integrations.integration_utils import (INTEGRATION_TO_CALLBACK,
+                                                             get_available_reporting_integrations)
+
+    return next((name for name in INTEGRATION_TO_CALLBACK if name not in get_available_reporting_integrations()
+                 and name != "azure_ml"), None)
+
+
+@pytest.mark.parametrize(("section", "value", "where"), [
+    ("training", {"scheduler": "cosine_annealing"}, "training.scheduler"),
+    ("training", {"optimizer": "adamw_turbo"}, "training.optimizer"),
+    ("output", {"report_to": ["not_a_tracker"]}, "output.report_to"),
+    ("output", {"report_to": ["UNINSTALLED"]}, "output.report_to"),
+    ("model", {"attn_implementation": "flash_attention_2"}, "model.attn_implementation"),
+])
+def test_case23_names_the_libraries_reject_fail_in_validate_and_dry_run(tiny_llama, toy_data, tmp_path, no_model_load,
+                                                                       section, value, where):
+    """Case 23: scheduler/optimizer names transformers does not have, trackers that are unknown or not installed,
+    and flash_attention_2 without flash-attn are refused by validate and --dry-run, naming the key, before any
+    model loads (the flash case only where flash-attn is missing)."""
+    import importlib.util
+
+    if value.get("report_to") == ["UNINSTALLED"]:
+        tracker = _uninstalled_tracker()
+        if tracker is None:
+            pytest.skip("every tracker is installed here")
+        value = {"report_to": [tracker]}
+    if "attn_implementation" in value and importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash-attn is installed here")
+    recipe = write_recipe(tmp_path / "r.yaml", raw_recipe(tiny_llama, toy_data, tmp_path / "run", **{section: value}))
+    assert_one_line_error(*cli("validate", str(recipe)), where)
+    assert_one_line_error(*cli("train", str(recipe), "--dry-run"), where)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("case", ["file", "too-long", "file-parent", "link-loop"])
+def test_case23_output_paths_the_filesystem_cannot_hold(tiny_llama, toy_data, tmp_path, no_model_load, case):
+    """Case 23: output.dir that is a file, lies under a file, has a name too long for the filesystem, or runs into
+    a symlink loop is exit 1 with one line, before any model loads, and creates nothing."""
+    out = {"file": tmp_path / "taken", "too-long": tmp_path / ("x" * 300), "file-parent": tmp_path / "taken" / "run",
+           "link-loop": tmp_path / "loop" / "run"}[case]
+    (tmp_path / "taken").write_text("a file")
+    os.symlink(tmp_path / "loop", tmp_path / "loop")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    recipe = write_recipe(tmp_path / "r.yaml", raw_recipe(tiny_llama, toy_data, out))
+    before.append("r.yaml")
+    assert_one_line_error(*cli("train", str(recipe)), "output.dir")
+    assert_one_line_error(*cli("train", str(recipe), "--dry-run"), "output.dir")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(before)
+
+
+def test_case23_a_run_that_fails_before_writing_leaves_no_folder(tiny_llama, toy_data, tmp_path):
+    """Case 23: a run refused after the folder lock was taken (here: target_modules that match nothing, found when
+    the model loads) leaves no half-created folder, so the corrected re-run starts like a first one."""
+    run = tmp_path / "runs" / "new"
+    raw = raw_recipe(tiny_llama, toy_data, run, adapter={"target_modules": ["nope_proj"]})
+    assert_one_line_error(*cli("train", str(write_recipe(tmp_path / "r.yaml", raw))), "nope_proj")
+    assert not run.exists()
+
+
+def test_case23_merge_checks_max_shard_size_before_any_work(tiny_llama, tmp_path, monkeypatch):
+    """Case 23: --max-shard-size is parsed up front (as save_pretrained will), so a typo costs no merge."""
+    adapter = save_untrained_adapter(tiny_llama, tmp_path / "adapter")
+    from lorafit import merge as merge_module
+
+    monkeypatch.setattr(merge_module, "_load_full", lambda *a, **k: pytest.fail("the base model was loaded"))
+    assert_one_line_error(*cli("merge", str(adapter), "--out", str(tmp_path / "m"), "--max-shard-size", "5 gigs"),
+                          "--max-shard-size", "5GB")
+    assert not (tmp_path / "m").exists()
+
+
+def test_case23_internal_errors_print_a_json_object_too(tiny_llama, toy_data, tmp_path, monkeypatch):
+    """Case 23 / README promise: --json prints one {"ok": false} object even for an internal error (exit 2)."""
+    import lorafit.train
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated bug")
+
+    monkeypatch.setattr(lorafit.train, "run_train", broken)
+    recipe = write_recipe(tmp_path / "r.yaml", raw_recipe(tiny_llama, toy_data, tmp_path / "run"))
+    result = CliRunner().invoke(app, ["train", str(recipe), "--json"])
+    assert result.exit_code == EXIT_RUN_FAILED
+    payload = json.loads(result.stdout)
+    assert payload["ok"] is False and "simulated bug" in payload["error"] and payload["exit_code"] == EXIT_RUN_FAILED
+
+
+def test_case23_home_and_dotdot_in_paths(tiny_llama, toy_data, tmp_path, monkeypatch, no_model_load):
+    """Case 23 (paths): `~` in output.dir, model.path and data.train means the home folder (never a folder named
+    `~`), and `name: ../../x` cannot place the run outside runs/."""
+    home = tmp_path / "home"
+    (home / "data").mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    (home / "data" / "toy.jsonl").write_bytes(toy_data.read_bytes())
+    recipe = validate_recipe({"name": "r", "model": {"path": str(tiny_llama)}, "data": {"train": "~/data/toy.jsonl"},
+                              "output": {"dir": "~/runs/r"}})
+    assert recipe.run_dir == home / "runs" / "r" and recipe.data.train == str(home / "data" / "toy.jsonl")
+    (tmp_path / "r.yaml").write_text("name: r\nmodel:\n  path: m\ndata:\n  train: ~/data/toy.jsonl\n")
+    assert load_recipe(tmp_path / "r.yaml").data.train == str(home / "data" / "toy.jsonl")
+    escaping = write_recipe(tmp_path / "esc.yaml", {**raw_recipe(tiny_llama, toy_data, tmp_path / "x"),
+                                                     "name": "../../x", "output": {"report_to": ["none"]}})
+    assert_one_line_error(*cli("validate", str(escaping)), "name", "outside runs/")
+    assert not (tmp_path / "~").exists()
+
+
+def test_case23_set_paths_are_resolved_against_the_current_folder(tiny_llama, toy_data, tmp_path, monkeypatch):
+    """Case 23 (paths, --set): `--set data.train=rel.jsonl` and `--set model.path=models/x` mean those paths as
+    seen from the current folder, and the resolved (absolute) paths are what the recipe records."""
+    import shutil
+
+    work = tmp_path / "work"
+    (work / "models").mkdir(parents=True)
+    shutil.copytree(tiny_llama, work / "models" / "x")
+    shutil.copy(toy_data, work / "rel.jsonl")
+    elsewhere = tmp_path / "recipes"
+    elsewhere.mkdir()
+    (elsewhere / "r.yaml").write_text("name: r\nmodel:\n  path: placeholder\ndata:\n  train: placeholder.jsonl\n")
+    monkeypatch.chdir(work)
+    recipe = load_recipe(elsewhere / "r.yaml", ["model.path=models/x", "data.train=rel.jsonl"])
+    assert recipe.model.path == str(work / "models" / "x") and recipe.data.train == str(work / "rel.jsonl")
+    monkeypatch.chdir(tmp_path)  # somewhere else: the recorded paths still name the same files
+    assert Path(recipe.model.path).is_dir() and Path(recipe.data.train).is_file()
+
+
+@pytest.mark.parametrize(("adapter", "expected"), [
+    ({"method": "prefix", "layers_to_transform": [0]}, "layers_to_transform: not used by method: prefix"),
+    ({"method": "ia3", "layers_to_transform": [0]}, "layers_to_transform: not used by method: ia3"),
+    ({"method": "prefix", "r": 8}, "r: not used by method: prefix"),
+    ({"method": "lora", "num_virtual_tokens": 10}, "num_virtual_tokens: not used by method: lora"),
+    ({"method": "lora", "init": "orthogonal", "r": 5}, "needs an even r"),
+])
+def test_case24_settings_the_method_cannot_use_are_refused(tiny_llama, toy_data, tmp_path, adapter, expected):
+    """Case 24: a setting the chosen method would ignore is a validate-time error naming the key."""
+    raw = raw_recipe(tiny_llama, toy_data, tmp_path / "run")
+    raw["adapter"] = adapter
+    assert_one_line_error(*cli("validate", str(write_recipe(tmp_path / "r.yaml", raw))), expected)
+
+
+def test_case24_orthogonal_under_qlora_is_refused_for_the_right_reason(tiny_llama, toy_data, tmp_path):
+    """Case 24: init: orthogonal under quantization is refused because PEFT would build the matrices in the 4-bit
+    layer's packed uint8 dtype — not because it 'decomposes full-precision weights' (it needs only the shapes)."""
+    raw = raw_recipe(tiny_llama, toy_data, tmp_path / "run", adapter={"init": "orthogonal"}, quantization={"bits": 4})
+    message = assert_one_line_error(*cli("validate", str(write_recipe(tmp_path / "r.yaml", raw))), "orthogonal")
+    assert "uint8" in message and "decomposes" not in message
+
+
+def test_case24_layers_beyond_the_model_are_refused_with_the_layer_count(tiny_llama, toy_data, tmp_path):
+    """Case 24: layers_to_transform naming a layer the model does not have is a user error naming the layer count
+    (in --dry-run, before any folder)."""
+    raw = raw_recipe(tiny_llama, toy_data, tmp_path / "run", adapter={"layers_to_transform": [0, 7]})
+    layers = json.loads((tiny_llama / "config.json").read_text())["num_hidden_layers"]
+    assert_one_line_error(*cli("train", str(write_recipe(tmp_path / "r.yaml", raw)), "--dry-run"),
+                          "adapter.layers_to_transform", f"this model has {layers} layers")
+
+
+def test_case24_prefix_tuning_honours_modules_to_save(tiny_llama, toy_data, tmp_path):
+    """Case 24: modules_to_save with method: prefix is honoured: the module is trained and saved with the adapter."""
+    adapter = _tiny_lora_run(tiny_llama, toy_data, tmp_path / "run", method="prefix", modules_to_save=["norm"])
+    saved = load_file(adapter / "adapter_model.safetensors")
+    norm = [name for name in saved if "norm" in name]
+    base = load_file(tiny_llama / "model.safetensors")["model.norm.weight"]
+    assert norm and not torch.equal(saved[norm[0]].float(), base.float())
+
+
+def test_case24_prefix_eval_generates_through_the_prefix(tiny_llama, toy_data, tmp_path):
+    """Case 7: eval of a prefix-tuning adapter generates with the prefix: its first answer token is the argmax of
+    the adapter's own forward pass, and the answers do not change with the batch size."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from lorafit.evaluate import run_eval
+
+    adapter = _tiny_lora_run(tiny_llama, toy_data, tmp_path / "run", method="prefix", num_virtual_tokens=4)
+    raw = raw_recipe(tiny_llama, toy_data, tmp_path / "run", data={"eval": str(toy_data)})
+    raw["adapter"] = {"method": "prefix", "num_virtual_tokens": 4}
+    recipe = validate_recipe(raw)
+    one = run_eval(recipe, [adapter], samples=4, batch_size=1, max_new_tokens=3, out_dir=tmp_path / "e1")
+    four = run_eval(recipe, [adapter], samples=4, batch_size=4, max_new_tokens=3, out_dir=tmp_path / "e4")
+    name = one.scores[1].name
+    assert [s[name] for s in one.samples] == [s[name] for s in four.samples]
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), adapter).eval()
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(adapter)
+    for sample in one.samples:
+        ids = tokenizer(sample["prompt"], add_special_tokens=False, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            first = model(input_ids=ids).logits[0, -1].argmax().item()
+        if first != tokenizer.eos_token_id:
+            assert sample[name].startswith(tokenizer.decode([first], skip_special_tokens=True).strip())
+
+
+def test_case24_merge_refuses_prefix_adapters_and_mixed_methods_up_front(tiny_llama, toy_data, tmp_path,
+                                                                         monkeypatch):
+    """Case 7: merge of a prefix-tuning adapter, and a weighted merge of a LoRA with an IA3 adapter, are refused
+    before any weights load, with the reason."""
+    from lorafit import merge as merge_module
+
+    prefix = _tiny_lora_run(tiny_llama, toy_data, tmp_path / "p", method="prefix", num_virtual_tokens=4)
+    ia3 = _tiny_lora_run(tiny_llama, toy_data, tmp_path / "i", method="ia3")
+    lora = save_untrained_adapter(tiny_llama, tmp_path / "lora")
+    monkeypatch.setattr(merge_module, "_load_full", lambda *a, **k: pytest.fail("the base model was loaded"))
+    assert_one_line_error(*cli("merge", str(prefix), "--out", str(tmp_path / "m")), "prefix-tuning adapter cannot be "
+                          "merged", "virtual tokens")
+    assert_one_line_error(*cli("merge", str(lora), "--adapter", f"{ia3}:0.5", "--out", str(tmp_path / "m")),
+                          "different methods", "IA3", "LORA")
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("command", ["merge", "eval"])
+def test_case25_sigterm_during_merge_or_eval_exits_130_and_leaves_nothing(tiny_llama, toy_data, tmp_path,
+                                                                          monkeypatch, command):
+    """Case 11 of the issue: SIGTERM while merge or eval writes its output exits 130 with one line, removes the
+    staging folder and leaves nothing that looks complete (no output folder at all here)."""
+    from lorafit import evaluate
+    from lorafit import merge as merge_module
+
+    adapter = save_untrained_adapter(tiny_llama, tmp_path / "adapter")
+    out = tmp_path / "out"
+
+    def terminate(*args, **kwargs):
+        assert (out / run_folder.STAGING).is_dir()  # the output is being written
+        os.kill(os.getpid(), signal.SIGTERM)
+        return "never used"
+
+    if command == "merge":
+        monkeypatch.setattr(merge_module, "_model_card", terminate)
+        code, lines = cli("merge", str(adapter), "--out", str(out))
+    else:
+        monkeypatch.setattr(run_folder, "write_atomic", terminate)
+        recipe = write_recipe(tmp_path / "r.yaml", raw_recipe(tiny_llama, toy_data, tmp_path / "run",
+                                                              data={"eval": str(toy_data)}))
+        code, lines = cli("eval", str(recipe), "--adapter", str(adapter), "--samples", "2", "--out", str(out))
+        assert evaluate  # imported for the patch target's module
+    assert_one_line_error(code, lines, "interrupted", str(out), exit_code=EXIT_INTERRUPTED)
+    assert not out.exists()
+
+
+def test_case25_train_quiet_prints_the_run_summary(tiny_llama, toy_data, tmp_path):
+    """README promise: `train --quiet` prints the run summary (and nothing else on stdout)."""
+    raw = raw_recipe(tiny_llama, toy_data, tmp_path / "run", training={"max_steps": 2, "save_steps": 10})
+    result = CliRunner().invoke(app, ["train", str(write_recipe(tmp_path / "r.yaml", raw)), "--quiet"])
+    assert result.exit_code == 0, result.stderr
+    assert "run rel" in result.stdout and "adapter" in result.stdout and "steps" in result.stdout
+    assert "precision" not in result.stdout  # the notes stay quiet
+
+
+def test_case25_init_writes_the_task_and_detects_a_label_column(tiny_llama, tmp_path):
+    """README promise: `lorafit init` on text/label data writes task: sequence-classification and maps the columns;
+    on chat data it writes task: causal-lm."""
+    rows = [{"review": f"film number {i} was {'great' if i % 2 else 'dull'}", "sentiment": "pos" if i % 2 else "neg"}
+            for i in range(20)]
+    data = tmp_path / "reviews.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "r.yaml"
+    assert CliRunner().invoke(app, ["init", str(tiny_llama), str(data), "--out", str(out)]).exit_code == 0
+    recipe = load_recipe(out)
+    assert recipe.task == "sequence-classification"
+    assert recipe.data.fields == {"text": "review", "label": "sentiment"}
+    assert "task: sequence-classification" in out.read_text()

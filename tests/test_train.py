@@ -145,9 +145,10 @@ def test_other_architectures_train(tiny_model_factory, toy_data, tmp_path, arch)
 
 @pytest.mark.parametrize("method", ["ia3", "prefix", "dora"])
 def test_other_peft_methods_train(tiny_llama, toy_data, tmp_path, method):
-    adapter = {"use_dora": True} if method == "dora" else {"method": method}
-    recipe = validate_recipe(tiny_recipe(tiny_llama, toy_data, tmp_path / "run", adapter=adapter,
-                                         training={"max_steps": 2}, output={"report_to": ["none"]}))
+    raw = tiny_recipe(tiny_llama, toy_data, tmp_path / "run", training={"max_steps": 2}, output={"report_to": ["none"]})
+    # IA3 and prefix tuning have no rank or dropout: the LoRA settings would be refused, not ignored.
+    raw["adapter"] = {**raw["adapter"], "use_dora": True} if method == "dora" else {"method": method}
+    recipe = validate_recipe(raw)
     run_train(recipe, QUIET)
     config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == {"ia3": "IA3", "prefix": "PREFIX_TUNING", "dora": "LORA"}[method]
