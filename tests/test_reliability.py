@@ -687,9 +687,9 @@ def test_case21_a_run_folder_is_marked_with_kind_status_and_the_files_lorafit_wr
     marker = run_folder.read_marker(run)
     assert marker is not None and marker.kind == "run" and marker.status == "finished" and not marker.legacy
     assert sorted(marker.files) == sorted(["adapter", ".adapter.tmp", "recipe.yaml", "metrics.json", "README.md",
-                                           "checkpoints"])
+                                           "loss.png", "checkpoints"])
     assert sorted(p.name for p in run.iterdir()) == sorted(["adapter", "recipe.yaml", "metrics.json", "README.md",
-                                                           "checkpoints", "lorafit.json", "notes.txt"])
+                                                           "loss.png", "checkpoints", "lorafit.json", "notes.txt"])
     assert marker.lorafit_version and marker.created
     assert run_folder.read_marker(tmp_path) is None  # any other folder: not lorafit's
 
