@@ -101,6 +101,10 @@ def fit(trainer: transformers.Trainer, recipe: Recipe, *, resume_from: Path | No
     staging = checkpoints.staging_dir(recipe.run_dir)
     if trainer.args.should_save:
         shutil.rmtree(staging, ignore_errors=True)  # an interrupted save (reported by check_resume)
+    if resume_from is not None:
+        finished = _completed_training(trainer, resume_from)
+        if finished is not None:
+            return finished
     stop = _StopRequests()
     guard = _CheckpointGuard(staging.parent, recipe.training.save_total_limit, stop,
                              in_nonfinite_streak=lambda: getattr(trainer, "nonfinite_in_a_row", 0) > 0)
@@ -122,6 +126,28 @@ def fit(trainer: transformers.Trainer, recipe: Recipe, *, resume_from: Path | No
                  else checkpoints.last_saved(recipe.run_dir))
         raise Interrupted(f"interrupted at step {step}; {saved}; resume with: {resume_command}")
     return output
+
+
+def _completed_training(trainer: transformers.Trainer, checkpoint: Path):
+    """The training result read back from `checkpoint` when it already holds every planned step, else None.
+
+    A run killed after its last step (during the final save's aftermath, the export) resumes from the checkpoint of
+    that last step. HF's Trainer would still enter its loop and run one more step (global_step 61 of 60) unless the
+    step count happens to fill whole epochs; so instead the checkpoint's weights and state are loaded as they are,
+    and only what is missing (the export) runs. Its log history already holds the final evaluation: the Trainer
+    evaluates before it saves.
+    """
+    state = transformers.TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+    args = trainer.args
+    planned = args.max_steps if args.max_steps > 0 else \
+        trainer.set_initial_training_values(args, trainer.get_train_dataloader())[-1]
+    if state.global_step < planned:
+        return None
+    model = trainer.model
+    # As the Trainer itself loads a PEFT checkpoint on resume: into the active adapter, kept trainable.
+    model.load_adapter(str(checkpoint), adapter_name=model.active_adapter, is_trainable=True)
+    trainer.state = state
+    return transformers.trainer_utils.TrainOutput(state.global_step, None, {})
 
 
 class _StopRequests:

@@ -1142,3 +1142,59 @@ def test_case25_init_writes_the_task_and_detects_a_label_column(tiny_llama, tmp_
     assert recipe.task == "sequence-classification"
     assert recipe.data.fields == {"text": "review", "label": "sentiment"}
     assert "task: sequence-classification" in out.read_text()
+
+
+_KILL_AT = """
+import os, signal, sys
+point, recipe = sys.argv[1], sys.argv[2]
+from lorafit import export
+from lorafit.progress import ProgressCallback
+if point == "export":  # after the last step and its checkpoint: while the run folder is being exported
+    export.export_run = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)
+else:  # at the end of optimizer step N, before that step's checkpoint (if any) is saved
+    step, original = int(point), ProgressCallback.on_step_end
+    def on_step_end(self, args, state, control, **kwargs):
+        result = original(self, args, state, control, **kwargs)
+        if state.global_step == step:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return result
+    ProgressCallback.on_step_end = on_step_end
+from lorafit.cli import main
+sys.argv = ["lorafit", "train", recipe, "--quiet"]
+main()
+"""
+
+
+def _kill_and_resume(tiny_llama, toy_data, tmp_path, point: str) -> None:
+    """Train uninterrupted; train again killed with SIGKILL at `point`, then resume: the same adapter, bit for bit,
+    no step run twice or past max_steps."""
+    straight = tmp_path / "straight"
+    raw = raw_recipe(tiny_llama, toy_data, straight)
+    run_train(validate_recipe(raw), QUIET)
+    run = tmp_path / "killed"
+    recipe = write_recipe(tmp_path / "k.yaml", raw_recipe(tiny_llama, toy_data, run))
+    killed = subprocess.run([sys.executable, "-c", _KILL_AT, point, str(recipe)], capture_output=True, text=True,
+                            timeout=600, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert not (run / "metrics.json").exists()
+    resumed = run_train(validate_recipe(raw_recipe(tiny_llama, toy_data, run)), QUIET, resume=True)
+    assert resumed.metrics["global_step"] == 6 and max(checkpoint_steps(run)) == 6
+    assert not (run / "checkpoints" / "checkpoint-7").exists()
+    mine, theirs = adapter_weights(run), adapter_weights(straight)
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    assert run_folder.read_marker(run).status == "finished"
+
+
+def test_case26_kill_after_the_last_step_resumes_without_training_past_max_steps(tiny_llama, toy_data, tmp_path):
+    """Case 26: SIGKILL after the last step's checkpoint (during the export), then --resume: only the export runs —
+    no checkpoint-7 for a 6-step recipe — and the adapter equals an uninterrupted run's bit for bit."""
+    _kill_and_resume(tiny_llama, toy_data, tmp_path, "export")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", ["1", "3", "4", "6"])
+def test_case26_kill_at_any_step_resumes_bit_exactly(tiny_llama, toy_data, tmp_path, point):
+    """Case 26: SIGKILL before the first checkpoint (step 1), between checkpoints (3), right at a checkpoint step
+    before its save (4), and at the last step before the final save (6); each resumed adapter equals an
+    uninterrupted run's bit for bit. (Kills mid-save: the case17 tests.)"""
+    _kill_and_resume(tiny_llama, toy_data, tmp_path, point)
