@@ -99,6 +99,7 @@ def run_eval(recipe: Recipe, adapter_dirs: list[str | Path], *, data_file: str |
     trained = [adapters.read_trained_adapter(path) for path in adapter_dirs]
     names = _adapter_names(trained)
     out_dir = Path(out_dir).expanduser() if out_dir else recipe.run_dir / run_folder.EVAL
+    data_file = Path(data_file).expanduser() if data_file is not None else None
     # Before any model loads: the report replaces only an earlier report of lorafit's, never a file of the user's
     # (such as the --data file itself when it sits in the same folder).
     run_folder.check_output_folder(out_dir, "eval", overwrite=True, where=f"--out {out_dir}",
