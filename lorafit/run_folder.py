@@ -287,7 +287,7 @@ def folder_lock(folder: Path, *, where: str) -> Iterator[None]:
     """
     import fcntl
 
-    created = not folder.exists()
+    created = [p for p in (folder, *folder.parents) if not p.exists()]  # removed again on release, when empty
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except FileExistsError:
@@ -325,9 +325,11 @@ def folder_lock(folder: Path, *, where: str) -> Iterator[None]:
         with contextlib.suppress(OSError):
             path.unlink()
         os.close(fd)
-        if created:
-            with contextlib.suppress(OSError):
-                folder.rmdir()  # only when empty
+        for made in created:  # deepest first; rmdir refuses a folder that is not empty
+            try:
+                made.rmdir()
+            except OSError:
+                break
 
 
 def path_error(exc: OSError, where: str) -> LorafitError:
