@@ -939,7 +939,7 @@ def test_case23_a_run_that_fails_before_writing_leaves_no_folder(tiny_llama, toy
     run = tmp_path / "runs" / "new"
     raw = raw_recipe(tiny_llama, toy_data, run, adapter={"target_modules": ["nope_proj"]})
     assert_one_line_error(*cli("train", str(write_recipe(tmp_path / "r.yaml", raw))), "nope_proj")
-    assert not run.exists()
+    assert not run.exists() and not run.parent.exists()  # runs/ was created for it, and goes with it
 
 
 def test_case23_merge_checks_max_shard_size_before_any_work(tiny_llama, tmp_path, monkeypatch):
