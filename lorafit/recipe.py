@@ -449,7 +449,11 @@ _StrictLoader.add_constructor(
 
 
 def _load_with_extends(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
-    resolved = path.resolve()
+    try:
+        resolved = path.resolve()
+    except (RuntimeError, OSError) as exc:  # a symlink loop (RuntimeError before Python 3.13), a name too long
+        raise LorafitError(f"cannot open the recipe ({exc})", where=str(path),
+                           hint="fix the link or the path") from None
     if resolved in seen:
         chain = " -> ".join(str(p) for p in (*seen, resolved))
         raise LorafitError(f"extends forms a cycle: {chain}", where=str(path))
@@ -486,8 +490,11 @@ def _resolve_input_paths(raw: dict[str, Any], base_dir: Path) -> None:
             return value  # (a NUL byte makes path calls raise; such a value is reported as not found later)
         candidate = base_dir / value
         looks_local = value.startswith(("./", "../")) or value.lower().endswith(_DATA_SUFFIXES + (".jinja",))
-        if candidate.exists() or (must_look_like_file and looks_local):
-            return str(candidate.resolve())
+        try:
+            if candidate.exists() or (must_look_like_file and looks_local):
+                return str(candidate.resolve())
+        except (RuntimeError, OSError):  # a symlink loop or a name too long: left as written, reported when opened
+            return str(candidate)
         return value
 
     data = raw.get("data")

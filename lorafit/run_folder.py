@@ -332,6 +332,24 @@ def folder_lock(folder: Path, *, where: str) -> Iterator[None]:
                 break
 
 
+def check_not_locked(folder: Path, *, where: str) -> None:
+    """Refuse now, before any work, when another lorafit holds the folder's lock (naming its pid)."""
+    import fcntl
+
+    try:
+        fd = os.open(folder / LOCK, os.O_RDONLY)
+    except OSError:
+        return  # no lock file: nobody writes there
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        raise LorafitError(f"another lorafit process (pid {holder}) is writing to this folder", where=where,
+                           hint="wait for it to finish, or choose another output folder") from None
+    finally:
+        os.close(fd)
+
+
 def path_error(exc: OSError, where: str) -> LorafitError:
     """A user error for an output path the filesystem refuses (a file in the way, no permission, too long, loop)."""
     reasons = {
@@ -361,6 +379,7 @@ def check_output_folder(out_dir: Path, kind: Kind, *, overwrite: bool, where: st
     """
     check_output_path(out_dir, where=where)
     check_not_inside_an_output(out_dir, kind, where=where)
+    check_not_locked(out_dir, where=where)  # before the work: the lock itself is taken when the output is written
     if not out_dir.exists() or is_empty(out_dir):
         return
     marker = read_marker(out_dir)

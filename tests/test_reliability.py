@@ -1198,3 +1198,28 @@ def test_case26_kill_at_any_step_resumes_bit_exactly(tiny_llama, toy_data, tmp_p
     before its save (4), and at the last step before the final save (6); each resumed adapter equals an
     uninterrupted run's bit for bit. (Kills mid-save: the case17 tests.)"""
     _kill_and_resume(tiny_llama, toy_data, tmp_path, point)
+
+
+def test_case22_merge_into_a_folder_another_lorafit_writes_is_refused_before_any_work(tiny_llama, tmp_path,
+                                                                                      monkeypatch):
+    """Case 22: while another lorafit holds an output folder, merge into it exits 1 naming the holder, before the
+    base model loads."""
+    from lorafit import merge as merge_module
+
+    adapter = save_untrained_adapter(tiny_llama, tmp_path / "adapter")
+    out = tmp_path / "merged"
+    monkeypatch.setattr(merge_module, "_load_full", lambda *a, **k: pytest.fail("the base model was loaded"))
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import time
+        from pathlib import Path
+        from lorafit.run_folder import folder_lock
+        with folder_lock(Path({str(out)!r}), where="test"):
+            print("locked", flush=True)
+            time.sleep(60)
+        """)], stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert_one_line_error(*cli("merge", str(adapter), "--out", str(out)), f"pid {holder.pid}")
+    finally:
+        holder.kill()
+        holder.wait()
