@@ -1,7 +1,9 @@
 """The `lorafit` command line. Thin: parse options, load the recipe, call one run_* function, render.
 
 Heavy libraries (torch, transformers, peft, trl) are imported inside the run_* functions, so `--help`
-and recipe errors are instant.
+and recipe errors are instant. Even the recipe schema is imported inside each command: building its pydantic
+models is half of `import lorafit.cli` (~0.15 s), and `lorafit --help` needs none of it (budget: --help and
+validate under 0.5 s, scripts/bench.py).
 """
 
 from __future__ import annotations
@@ -20,20 +22,6 @@ from rich.table import Table
 from rich.text import Text
 
 from lorafit.errors import EXIT_INTERRUPTED, EXIT_RUN_FAILED, LorafitError
-
-
-# The recipe schema is imported on first use: building its pydantic models is half of `import lorafit.cli`
-# (~0.15 s), and `lorafit --help` needs none of it. Budget: --help and validate under 0.5 s (scripts/bench.py).
-def load_recipe(*args, **kwargs):
-    from lorafit.recipe import load_recipe as load
-
-    return load(*args, **kwargs)
-
-
-def dump_recipe(*args, **kwargs):
-    from lorafit.recipe import dump_recipe as dump
-
-    return dump(*args, **kwargs)
 
 
 app = typer.Typer(
@@ -104,12 +92,6 @@ def _quiet_libraries(debug: bool) -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def _is_main_process() -> bool:
-    import os
-
-    return os.environ.get("RANK", "0") == "0"
-
-
 def _print_json(payload: dict[str, Any]) -> None:
     sys.stdout.write(json.dumps(payload, indent=2, default=str) + "\n")
 
@@ -135,6 +117,8 @@ def train(
         return
 
     def work() -> None:
+        from lorafit.models import is_main_process
+        from lorafit.recipe import dump_recipe, load_recipe
         from lorafit.train import run_train
 
         console = Console(quiet=quiet or as_json, highlight=False)
@@ -143,7 +127,7 @@ def train(
                                      *[arg for item in overrides or [] for arg in ("--set", item)], "--resume"])
         result = run_train(recipe, console, dry_run=dry_run, resume=resume, overwrite=overwrite,
                            quiet=quiet or as_json, resume_command=resume_command)
-        if not _is_main_process():
+        if not is_main_process():
             return  # under torchrun / accelerate launch, rank 0 alone reports
         if as_json:
             _print_json(_train_payload(result, recipe))
@@ -223,6 +207,7 @@ def validate(recipe_path: RecipeArg, overrides: SetOpt = None, as_json: JsonOpt 
     """Check a recipe (schema, values, cross-field rules) without loading any model."""
 
     def work() -> None:
+        from lorafit.recipe import load_recipe
         from lorafit.train import check_settings
 
         recipe = load_recipe(recipe_path, overrides or [])
@@ -247,7 +232,7 @@ def inspect_modules(
     """What can I target, and what will it cost? Module tree, presets, parameter counts, memory (config only)."""
 
     def work() -> None:
-        from lorafit.inspect import run_inspect
+        from lorafit.inspect_modules import run_inspect
 
         result = run_inspect(target, overrides or [])
         if as_json:
@@ -324,6 +309,7 @@ def eval_command(
 
     def work() -> None:
         from lorafit.evaluate import run_eval
+        from lorafit.recipe import load_recipe
         from lorafit.run_folder import sigterm_as_interrupt
 
         recipe = load_recipe(recipe_path, overrides or [])
@@ -360,7 +346,7 @@ def _train_payload(result, recipe) -> dict[str, Any]:
                  "eos_trained": result.report.eos_trained,
                  **({"label_counts": result.report.label_counts} if result.report.label_counts else {})},
         "notes": result.notes,
-        "metrics": result.metrics,
+        "metrics": result.metrics.as_json() if result.metrics else {},
     }
 
 
@@ -460,17 +446,17 @@ def _render_train(console: Console, result, *, quiet: bool = False) -> None:
     m = result.metrics
     if not quiet:
         _render_notes(console, result)
-    table = Table(title=f"run {m['name']}", show_header=False)
+    table = Table(title=f"run {m.name}", show_header=False)
     table.add_row("adapter", str(result.run_dir / "adapter"))
-    table.add_row("steps", str(m["global_step"]))
-    table.add_row("train loss (last log)", _fmt(m.get("train_loss_final")))
-    table.add_row("eval loss", _fmt(m.get("eval_loss")))
-    if "eval_accuracy" in m:  # sequence classification
-        table.add_row("eval accuracy / macro-F1", f"{_pct(m.get('eval_accuracy'))} / {_pct(m.get('eval_f1'))}")
-    table.add_row("tokens/s", f"{m['tokens_per_second']:,.0f}" if m.get("tokens_per_second") else "-")
-    table.add_row("train time", f"{m['train_seconds']:.1f} s (wall {m['wall_seconds']:.1f} s)")
-    table.add_row("peak memory", f"{m['peak_memory_mb']:,.0f} MiB")
-    table.add_row("trainable params", f"{m['trainable_params']:,}")
+    table.add_row("steps", str(m.global_step))
+    table.add_row("train loss (last log)", _fmt(m.train_loss_final))
+    table.add_row("eval loss", _fmt(m.eval_loss))
+    if m.labels is not None:  # sequence classification
+        table.add_row("eval accuracy / macro-F1", f"{_pct(m.eval_accuracy)} / {_pct(m.eval_f1)}")
+    table.add_row("tokens/s", f"{m.tokens_per_second:,.0f}" if m.tokens_per_second else "-")
+    table.add_row("train time", f"{m.train_seconds:.1f} s (wall {m.wall_seconds:.1f} s)")
+    table.add_row("peak memory", f"{m.peak_memory_mb:,.0f} MiB")
+    table.add_row("trainable params", f"{m.trainable_params:,}")
     console.print(table)
 
 

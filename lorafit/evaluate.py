@@ -12,6 +12,7 @@ cross-entropy over the classes), accuracy, macro-F1 and per-class counts, and ea
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import re
@@ -129,68 +130,83 @@ def run_eval(recipe: Recipe, adapter_dirs: list[str | Path], *, data_file: str |
             notes.append(f"warning: {name} was trained {'with' if adapter.quantized else 'without'} 4/8-bit "
                          f"quantization, evaluated {'with' if recipe.quantization else 'without'} it (this recipe)")
     del meta_model
+
+    # 2. The eval rows, read and encoded as training read them.
     if labels is not None:
         if max_new_tokens is not None:
             notes.append("--max-new-tokens does not apply to a classifier (nothing is generated); ignored")
-        return _classification_eval(recipe, labels, trained, names, data_file=data_file, samples=samples,
-                                    batch_size=batch_size, out_dir=out_dir, precision=precision, source=source,
-                                    tokenizer=tokenizer, notes=notes, started=started)
+        examples, described = _labelled_examples(recipe, labels, data_file, samples, tokenizer, notes)
+        template, max_new_tokens = "none", 0
+    else:
+        examples, described, template = _causal_examples(recipe, data_file, samples, tokenizer, names,
+                                                         saved_tokenizers, notes)
+        if template == "none":  # format text: documents, no prompt to answer, so nothing is generated
+            max_new_tokens = 0
+        elif max_new_tokens is None:  # enough for the longest reference; greedy text past it cannot raise exact match
+            max_new_tokens = max(len(tokenizer(e.reference, add_special_tokens=False)["input_ids"])
+                                 for e in examples) + 16
 
-    # 2. The eval rows, rendered with the recipe's template.
-    rows, described = _eval_rows(recipe, data_file)
-    fmt = data.detect_format(rows, recipe.data)
-    template = "none" if fmt == "text" else apply_template(recipe.template, tokenizer)
-    for name, own in zip(names, saved_tokenizers, strict=True):
-        if fmt != "text" and own is not None and own.chat_template and own.chat_template != tokenizer.chat_template:
-            notes.append(f"warning: {name} was trained with a different chat template than this recipe renders")
-    examples, dropped = _examples(rows[:samples] if samples else rows, fmt, recipe, tokenizer)
-    if dropped:
-        notes.append(f"skipped {dropped} row(s) with no assistant answer to compare against")
-    if not examples:
-        raise LorafitError("no usable eval rows", where=described, hint="rows need a final assistant turn / completion")
-    generate = fmt != "text"
-    if not generate:
-        notes.append("format text: no prompt/reference split, so only loss and perplexity are measured")
-    if max_new_tokens is None:  # enough for the longest reference; greedy text past it cannot raise exact match
-        max_new_tokens = max(len(tokenizer(e.reference, add_special_tokens=False)["input_ids"]) for e in examples) + 16
-
-    # 3. One base, the adapters beside it.
-    from peft import PeftModel
-
-    base = models.load_base_model(recipe, source, precision)
-    if recipe.quantization is None and precision.device != "cpu":
-        base.to(precision.device)  # quantized bases are placed when loaded; in training the Trainer moves the rest
-    base.config.use_cache = True  # training turns the KV cache off; generation needs it
-    model = PeftModel.from_pretrained(base, str(trained[0].path), adapter_name=names[0])
-    for adapter, name in zip(trained[1:], names[1:], strict=True):
-        model.load_adapter(str(adapter.path), adapter_name=name)
-    model.eval()
-    eos_ids = _eos_ids(tokenizer, base)
-
+    # 3. One base, the adapters beside it; every model measured on the same rows.
+    model = _base_with_adapters(recipe, labels, source, precision, tokenizer, trained, names)
+    if labels is not None:
+        measure = functools.partial(_classify, examples=examples, labels=labels, tokenizer=tokenizer,
+                                    batch_size=batch_size)
+    else:
+        measure = functools.partial(_score, examples=examples, tokenizer=tokenizer, batch_size=batch_size,
+                                    max_new_tokens=max_new_tokens, eos_ids=_eos_ids(tokenizer, model.get_base_model()))
     scores: list[Scores] = []
-    outputs: dict[str, list[str]] = {}
+    outputs: dict[str, list] = {}
     for name, adapter in [("base", None), *zip(names, trained, strict=True)]:
         if adapter is None:
-            context = model.disable_adapter()  # the base, with the same weights in memory
+            context = model.disable_adapter()  # the same weights in memory; a classifier's head goes back to the base's
         else:
             model.set_adapter(name)
             context = contextlib.nullcontext()
         with context:
-            score, outputs[name] = _score(model, name, adapter, examples, tokenizer, batch_size,
-                                          max_new_tokens if generate else 0, eos_ids)
+            score, outputs[name] = measure(model, name, adapter)
         scores.append(score)
 
-    # 4. The report and the sample generations.
-    sample_rows = [{"prompt": e.prompt, "reference": e.reference, **{n: outputs[n][i] for n in outputs if outputs[n]}}
-                   for i, e in enumerate(examples)]
+    # 4. The report, and each row with every model's answer (or predicted label).
     result = EvalResult(
         recipe=recipe.name, base=source, data=described, template=template, examples=len(examples),
-        max_new_tokens=max_new_tokens if generate else 0, scores=scores, report_path=out_dir / run_folder.EVAL_REPORT,
-        samples_path=out_dir / run_folder.EVAL_SAMPLES, samples=sample_rows, notes=notes,
+        max_new_tokens=max_new_tokens, scores=scores, report_path=out_dir / run_folder.EVAL_REPORT,
+        samples_path=out_dir / run_folder.EVAL_SAMPLES, samples=_sample_rows(examples, outputs, labels), notes=notes,
+        task=recipe.task, labels=labels,
     )
     result.seconds = time.perf_counter() - started
     _write(result)
     return result
+
+
+def _base_with_adapters(recipe: Recipe, labels: list[str] | None, source: str, precision, tokenizer,
+                        trained: list[adapters.TrainedAdapter], names: list[str]):
+    """One base model (with a classifier head over `labels`, seeded as in training), every adapter loaded beside it."""
+    from peft import PeftModel
+    from transformers import set_seed
+
+    if labels is not None:
+        recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"labels": labels})})
+    set_seed(recipe.training.seed)  # a new classifier head starts from the same random weights as in training
+    base = models.load_base_model(recipe, source, precision, pad_token_id=tokenizer.pad_token_id)
+    if recipe.quantization is None and precision.device != "cpu":
+        base.to(precision.device)  # quantized bases are placed when loaded; in training the Trainer moves the rest
+    if labels is None:
+        base.config.use_cache = True  # training turns the KV cache off; generation needs it
+    model = PeftModel.from_pretrained(base, str(trained[0].path), adapter_name=names[0])
+    for adapter, name in zip(trained[1:], names[1:], strict=True):
+        model.load_adapter(str(adapter.path), adapter_name=name)
+    model.eval()
+    return model
+
+
+def _sample_rows(examples: list, outputs: dict[str, list], labels: list[str] | None) -> list[dict[str, Any]]:
+    """samples.jsonl: each row's input and reference, then what every model answered (or predicted)."""
+    if labels is None:
+        return [{"prompt": e.prompt, "reference": e.reference, **{n: outputs[n][i] for n in outputs if outputs[n]}}
+                for i, e in enumerate(examples)]
+    return [{"text": e.text, **({"text_pair": e.text_pair} if e.text_pair is not None else {}),
+             "reference": labels[e.label], **{n: labels[ids[i]] for n, ids in outputs.items()}}
+            for i, e in enumerate(examples)]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -208,6 +224,38 @@ def _adapter_names(trained: list[adapters.TrainedAdapter]) -> list[str]:
             label = f"{label}_{len(names) + 1}"
         names.append(label)
     return names
+
+
+def _causal_examples(recipe: Recipe, data_file: str | Path | None, samples: int | None, tokenizer,
+                     names: list[str], saved_tokenizers: list, notes: list[str]) -> tuple[list[_Example], str, str]:
+    """The eval rows rendered with the recipe's template, where they came from, and the template's name ("none"
+    for format text: no prompt/reference split, so nothing is generated)."""
+    rows, described = _eval_rows(recipe, data_file)
+    fmt = data.detect_format(rows, recipe.data)
+    template = "none" if fmt == "text" else apply_template(recipe.template, tokenizer)
+    for name, own in zip(names, saved_tokenizers, strict=True):
+        if fmt != "text" and own is not None and own.chat_template and own.chat_template != tokenizer.chat_template:
+            notes.append(f"warning: {name} was trained with a different chat template than this recipe renders")
+    examples, dropped = _examples(rows[:samples] if samples else rows, fmt, recipe, tokenizer)
+    if dropped:
+        notes.append(f"skipped {dropped} row(s) with no assistant answer to compare against")
+    if not examples:
+        raise LorafitError("no usable eval rows", where=described, hint="rows need a final assistant turn / completion")
+    if fmt == "text":
+        notes.append("format text: no prompt/reference split, so only loss and perplexity are measured")
+    return examples, described, template
+
+
+def _labelled_examples(recipe: Recipe, labels: list[str], data_file: str | Path | None, samples: int | None,
+                       tokenizer, notes: list[str]) -> tuple[list[data.LabelledText], str]:
+    """The labelled eval rows, read and tokenized as training read them, and where they came from."""
+    pairs, described = _labelled_eval_rows(recipe, labels, data_file)
+    examples, empty = data.encode_labelled(pairs[:samples] if samples else pairs, recipe.data, tokenizer)
+    if empty:
+        notes.append(f"skipped {empty} row(s) with an empty or missing text")
+    if not examples:
+        raise LorafitError("no usable eval rows", where=described, hint="rows need a text and a label")
+    return examples, described
 
 
 def _eval_rows(recipe: Recipe, data_file: str | Path | None) -> tuple[list[dict[str, Any]], str]:
@@ -458,60 +506,6 @@ def _base_head_note(config, labels: list[str], seed: int) -> str:
     return (f"base: a newly initialised classifier head (seed {seed}, the one training started from): it was never "
             "trained, so expect chance-level scores, give or take what a random projection happens to separate; "
             "the adapters carry the heads they trained")
-
-
-def _classification_eval(recipe: Recipe, labels: list[str], trained: list[adapters.TrainedAdapter],
-                         names: list[str], *, data_file: str | Path | None, samples: int | None, batch_size: int,
-                         out_dir: Path, precision, source: str, tokenizer, notes: list[str],
-                         started: float) -> EvalResult:
-    """run_eval for task sequence-classification: loss, accuracy, macro-F1 and predicted labels per model."""
-    from peft import PeftModel
-    from transformers import set_seed
-
-    # 2. The labelled eval rows, read and tokenized as training read them.
-    pairs, described = _labelled_eval_rows(recipe, labels, data_file)
-    examples, empty = data.encode_labelled(pairs[:samples] if samples else pairs, recipe.data, tokenizer)
-    if empty:
-        notes.append(f"skipped {empty} row(s) with an empty or missing text")
-    if not examples:
-        raise LorafitError("no usable eval rows", where=described, hint="rows need a text and a label")
-
-    # 3. One base with a classifier head over these classes (seeded as in training), the adapters beside it.
-    resolved = recipe.model_copy(update={"data": recipe.data.model_copy(update={"labels": labels})})
-    set_seed(recipe.training.seed)
-    base = models.load_base_model(resolved, source, precision, pad_token_id=tokenizer.pad_token_id)
-    if recipe.quantization is None and precision.device != "cpu":
-        base.to(precision.device)
-    model = PeftModel.from_pretrained(base, str(trained[0].path), adapter_name=names[0])
-    for adapter, name in zip(trained[1:], names[1:], strict=True):
-        model.load_adapter(str(adapter.path), adapter_name=name)
-    model.eval()
-    scores: list[Scores] = []
-    predicted: dict[str, list[int]] = {}
-    for name, adapter in [("base", None), *zip(names, trained, strict=True)]:
-        if adapter is None:
-            context = model.disable_adapter()  # also switches the classifier head back to the base's own
-        else:
-            model.set_adapter(name)
-            context = contextlib.nullcontext()
-        with context:
-            score, predicted[name] = _classify(model, name, adapter, examples, labels, tokenizer, batch_size)
-        scores.append(score)
-
-    # 4. The report, and each row with every model's predicted label.
-    sample_rows = []
-    for i, e in enumerate(examples):
-        row: dict[str, Any] = {"text": e.text, **({"text_pair": e.text_pair} if e.text_pair is not None else {}),
-                               "reference": labels[e.label]}
-        sample_rows.append({**row, **{n: labels[ids[i]] for n, ids in predicted.items()}})
-    result = EvalResult(
-        recipe=recipe.name, base=source, data=described, template="none", examples=len(examples), max_new_tokens=0,
-        scores=scores, report_path=out_dir / run_folder.EVAL_REPORT, samples_path=out_dir / run_folder.EVAL_SAMPLES,
-        samples=sample_rows, notes=notes, task=recipe.task, labels=labels,
-    )
-    result.seconds = time.perf_counter() - started
-    _write(result)
-    return result
 
 
 def _labelled_eval_rows(recipe: Recipe, labels: list[str],

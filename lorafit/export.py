@@ -27,8 +27,11 @@ if TYPE_CHECKING:
     from peft import PeftModel
     from transformers import PreTrainedTokenizerBase
 
+    from lorafit.train import TrainMetrics
+
+
 def export_run(run_dir: Path, model: PeftModel, tokenizer: PreTrainedTokenizerBase, recipe: Recipe,
-               metrics: dict[str, Any], notes: list[str] | None = None) -> Path:
+               metrics: TrainMetrics, notes: list[str] | None = None) -> Path:
     """Write adapter, recipe, loss chart, metrics and model card into the run folder; returns the adapter folder.
 
     A chart that cannot be drawn is a warning appended to `notes`, never a failed export.
@@ -48,14 +51,14 @@ def export_run(run_dir: Path, model: PeftModel, tokenizer: PreTrainedTokenizerBa
         shutil.rmtree(adapter_dir)
     os.replace(staging, adapter_dir)
     run_folder.write_atomic(run_dir / run_folder.RECIPE, dump_recipe(recipe))
-    chart_warning = write_loss_chart(metrics.get("loss_history") or [], run_dir / run_folder.LOSS_CHART,
+    chart_warning = write_loss_chart(metrics.loss_history, run_dir / run_folder.LOSS_CHART,
                                      title=recipe.name if run_dir.name == recipe.name else f"{recipe.name}: {run_dir.name}")
     if chart_warning and notes is not None:
         notes.append(chart_warning)
     card = model_card(recipe, metrics, adapter_dir, pad_token_id=tokenizer.pad_token_id,
                       loss_chart=run_folder.LOSS_CHART if chart_warning is None else None)
     run_folder.write_atomic(run_dir / run_folder.MODEL_CARD, card)
-    run_folder.write_json_atomic(run_dir / run_folder.METRICS, metrics)
+    run_folder.write_json_atomic(run_dir / run_folder.METRICS, metrics.as_json())
     run_folder.update_marker(run_dir, status="finished")
     return adapter_dir
 
@@ -95,20 +98,19 @@ def git_commit_of(path: Path) -> str | None:
         return None
 
 
-def model_card(recipe: Recipe, metrics: dict[str, Any], adapter_dir: Path, *,
+def model_card(recipe: Recipe, metrics: TrainMetrics, adapter_dir: Path, *,
                pad_token_id: int | None = None, loss_chart: str | None = None) -> str:
     """A README.md saying what was trained, on what, how well, and how to load it.
 
     `pad_token_id` (the tokenizer's) goes into a classifier's loading code: decoder classifiers need it.
     `loss_chart` is the loss curve image next to the card, shown under the training table.
     """
-    base = metrics.get("base_model", recipe.model.path)
+    base = metrics.base_model
     adapter = recipe.adapter
     method = adapter.method if adapter.method != "lora" else (
         "DoRA" if adapter.use_dora else "rsLoRA" if adapter.use_rslora else "LoRA")
     quant = f"QLoRA ({recipe.quantization.bits}-bit {recipe.quantization.quant_type})" if recipe.quantization else "none"
-    final = metrics.get("train_loss_final")
-    eval_loss = metrics.get("eval_loss")
+    final, eval_loss = metrics.train_loss_final, metrics.eval_loss
     labels = recipe.data.labels if recipe.task == "sequence-classification" else None
     what = f"A {method} adapter for `{recipe.model.path}`"
     if labels:
@@ -123,18 +125,18 @@ def model_card(recipe: Recipe, metrics: dict[str, Any], adapter_dir: Path, *,
         "| | |", "|---|---|",
         f"| base model | `{recipe.model.path}` (loaded from `{base}`) |",
         f"| method | {method}, r={adapter.r}, alpha={adapter.alpha:g}, dropout={adapter.dropout} |",
-        f"| target modules | {', '.join(metrics.get('target_modules') or []) or adapter.target_modules} |",
+        f"| target modules | {', '.join(metrics.target_modules) or adapter.target_modules} |",
         f"| quantization | {quant} |",
-        f"| trainable parameters | {metrics.get('trainable_params', 0):,} of {metrics.get('total_params', 0):,} |",
-        f"| data | {', '.join(metrics.get('data_fingerprint', {}))} ({metrics.get('train_examples')} examples) |",
-        f"| steps | {metrics.get('global_step')} (batch {recipe.training.batch_size} x accum "
+        f"| trainable parameters | {metrics.trainable_params:,} of {metrics.total_params:,} |",
+        f"| data | {', '.join(metrics.data_fingerprint)} ({metrics.train_examples} examples) |",
+        f"| steps | {metrics.global_step} (batch {recipe.training.batch_size} x accum "
         f"{recipe.training.grad_accum}, lr {recipe.training.learning_rate:g}, {recipe.training.scheduler}) |",
-        f"| precision | {metrics.get('precision')} |",
+        f"| precision | {metrics.precision} |",
         f"| final train loss | {final:.4f} |" if isinstance(final, float) else "| final train loss | n/a |",
         f"| eval loss | {eval_loss:.4f} |" if isinstance(eval_loss, float) else "| eval loss | n/a |",
-        *([_percent_row("eval accuracy", metrics.get("eval_accuracy")),
-           _percent_row("eval macro-F1", metrics.get("eval_f1"))] if labels else []),
-        f"| wall time | {metrics.get('train_seconds', 0):.0f} s |",
+        *([_percent_row("eval accuracy", metrics.eval_accuracy),
+           _percent_row("eval macro-F1", metrics.eval_f1)] if labels else []),
+        f"| wall time | {metrics.train_seconds:.0f} s |",
         "",
         *([f"![train loss, eval loss and learning rate against step]({loss_chart})", ""] if loss_chart else []),
         "The full recipe is in `recipe.yaml` next to this file; `lorafit train recipe.yaml` reproduces the run.",

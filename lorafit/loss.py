@@ -7,8 +7,8 @@ step ~25% slower than a plain cross-entropy (see docs/performance.md). `SFTTrain
 documented extension point: the `TrainedPositionsLoss` mixin here (part of `lorafit.trainer.SFTTrainer`) runs
 the LM head on the positions whose next token is a trained label, through transformers' documented
 `logits_to_keep` forward argument, so prompt, padding and packing-boundary positions cost nothing in the
-vocabulary-sized head. The value is the same mean
-next-token cross-entropy (tests/test_packing.py checks it against TRL's).
+vocabulary-sized head. The value is the same mean next-token cross-entropy (tests/test_packing.py checks it
+against TRL's).
 """
 
 from __future__ import annotations

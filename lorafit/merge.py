@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import gc
 import math
-import resource
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lorafit import adapters, models, run_folder
-from lorafit.errors import LorafitError, RunFailed
+from lorafit.errors import LorafitError, RunFailed, first_line
 
 if TYPE_CHECKING:
     import torch
@@ -87,6 +86,44 @@ class MergeResult:
     labels: list[str] | None = None  # sequence classification: the class names, in id order
 
 
+@dataclass
+class _Adapters:
+    """The adapters to merge and the base they go on: enough to build base + adapter(s) more than once (QLoRA)."""
+
+    trained: list[TrainedAdapter]
+    specs: list[AdapterSpec]
+    section: ModelSection
+    source: str
+    model_class: type  # the transformers class of the base, from its config
+    dtype: torch.dtype
+    method: str
+    density: float
+    classifier: dict | None  # models.classifier_config for a sequence-classification adapter
+
+    @property
+    def combine(self) -> bool:
+        """Several adapters, or one re-weighted: combined into one with PEFT's add_weighted_adapter."""
+        return len(self.specs) > 1 or self.specs[0].weight != 1.0
+
+    def on_full_base(self) -> PeftModel:
+        """The 16/32-bit base as stored on disk, with the adapter(s) attached."""
+        return self.attached_to(_load_full(self.model_class, self.section, self.source, self.dtype,
+                                           self.classifier))
+
+    def attached_to(self, base) -> PeftModel:
+        """`base` with the adapter(s) attached (combined into one named 'default' when several)."""
+        return _attach(base, self.trained, self.specs, self.method, self.density, self.combine)
+
+
+@dataclass
+class _BaseWeights:
+    """Which base weights the adapter(s) are merged into, and why (MergeResult.base_weights*, qlora_fidelity)."""
+
+    name: str  # original | dequantized
+    reason: str
+    fidelity: dict[str, float] = field(default_factory=dict)  # QLoRA: candidate -> max |logit diff| vs trained
+
+
 def parse_adapter_spec(text: str) -> AdapterSpec:
     """`path` or `path:weight` (the weight is a float after the last colon)."""
     path, sep, weight = text.rpartition(":")
@@ -133,34 +170,24 @@ def run_merge(specs: list[AdapterSpec], out_dir: str | Path, *, base: str | None
         adapters.check_adapter_fits(adapter, meta_model, config, source=source, tokenizer=own)
     model_class = type(meta_model)
     del meta_model
-    combine = len(specs) > 1 or specs[0].weight != 1.0
     torch_dtype = _torch_dtype(dtype, config)
     dtype_name = str(torch_dtype).removeprefix("torch.")
     prompts = _verification_prompts(trained[0], tokenizer, notes, classify=labels is not None)
-    classifier = None
-    if labels is not None:
-        # The head config the adapter was trained under; the base's own (fresh) head is replaced by the trained one.
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        classifier = models.classifier_config(labels, pad)
-        from transformers import set_seed
-
-        set_seed(trained[0].recipe.training.seed)  # the fresh head, as training started from: a reproducible report
+    classifier = _classifier_head(labels, tokenizer, trained[0]) if labels is not None else None
 
     # 2. One base copy with the adapter(s) attached, unmerged; for QLoRA the base weights are chosen here.
+    sources = _Adapters(trained, specs, section, source, model_class, torch_dtype, method, density, classifier)
     quantized = [t for t in trained if t.quantized]
-    fidelity: dict[str, float] = {}
     if quantized and not as_adapter:
-        model, reference, chosen, reason = _qlora_base(quantized[0], trained, specs, section, source, model_class,
-                                                       torch_dtype, prompts, base_weights, method, density, fidelity,
-                                                       classifier)
+        model, reference, chosen = _qlora_base(sources, quantized[0], prompts, base_weights)
     else:
         if base_weights == "dequantized":
             notes.append("--base-weights dequantized only applies to QLoRA-trained adapters; used the original base")
-        chosen, reason = "original", ("the adapter was trained on an unquantized base" if not quantized else
-                                      "a combined adapter does not contain base weights")
-        model = _attach(_load_full(model_class, section, source, torch_dtype, classifier), trained, specs, method,
-                        density, combine)
+        model = sources.on_full_base()
         reference = _logits(model, prompts)
+        chosen = _BaseWeights("original", "the adapter was trained on an unquantized base" if not quantized else
+                              "a combined adapter does not contain base weights")
+    combine = sources.combine
     with model.disable_adapter():
         effect = _compare(_logits(model, prompts), reference)[0]
 
@@ -196,17 +223,17 @@ def run_merge(specs: list[AdapterSpec], out_dir: str | Path, *, base: str | None
             out_dir=out_dir, base=source,
             adapters=[{"path": str(s.path), "weight": s.weight, "quantized": t.quantized}
                       for s, t in zip(specs, trained, strict=True)],
-            method=method if combine else None, as_adapter=as_adapter, dtype=dtype_name, base_weights=chosen,
-            base_weights_reason=reason, qlora_fidelity=fidelity, max_logit_diff=max_diff, tolerance=tolerance,
-            top1_agreement=top1, adapter_effect=effect, prompts=len(prompts), files=[],
-            peak_memory_mb=_peak_memory_mb(), seconds=0.0, notes=notes,
+            method=method if combine else None, as_adapter=as_adapter, dtype=dtype_name,
+            base_weights=chosen.name, base_weights_reason=chosen.reason, qlora_fidelity=chosen.fidelity,
+            max_logit_diff=max_diff, tolerance=tolerance, top1_agreement=top1, adapter_effect=effect,
+            prompts=len(prompts), files=[], peak_memory_mb=models.peak_memory_mb(_device()), seconds=0.0, notes=notes,
             task="sequence-classification" if labels is not None else "causal-lm", labels=labels,
         )
         result.seconds = time.perf_counter() - started
         result.files = sorted({*(p.name for p in staging.iterdir()), run_folder.MODEL_CARD, run_folder.MERGE_RECORD})
         run_folder.write_atomic(staging / run_folder.MODEL_CARD, _model_card(result))
         run_folder.write_json_atomic(staging / run_folder.MERGE_RECORD, asdict(result))
-    result.peak_memory_mb = _peak_memory_mb()
+    result.peak_memory_mb = models.peak_memory_mb(_device())
     result.seconds = time.perf_counter() - started
     return result
 
@@ -284,6 +311,16 @@ def _classifier_labels(trained: list[TrainedAdapter], specs: list[AdapterSpec]) 
                            "its classes", where=f"adapter: {adapter.path}",
                            hint="pass the adapter/ folder inside the run folder lorafit train wrote")
     return list(adapter.recipe.data.labels)
+
+
+def _classifier_head(labels: list[str], tokenizer: PreTrainedTokenizerBase, adapter: TrainedAdapter) -> dict:
+    """The head config a sequence-classification adapter was trained under (classes, pad id), with the random
+    generator seeded as in training: the base's fresh head, replaced by the trained one, gives a reproducible report."""
+    from transformers import set_seed
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    set_seed(adapter.recipe.training.seed)
+    return models.classifier_config(labels, pad)
 
 
 def _tokenizer(adapter: TrainedAdapter, section: ModelSection, source: str) -> PreTrainedTokenizerBase:
@@ -380,7 +417,7 @@ def _load_full(model_class, section: ModelSection, source: str, dtype: torch.dty
             use_safetensors=None if section.allow_pickle_weights else True, **head,
         )
     except (OSError, ValueError) as exc:
-        raise LorafitError(f"cannot load the base model: {str(exc).strip().splitlines()[0][:200]}",
+        raise LorafitError(f"cannot load the base model: {first_line(exc)}",
                            where=f"base: {section.path}",
                            hint="check --base, or the folder recorded in the adapter") from None
 
@@ -418,35 +455,31 @@ def _attach(model, trained: list[TrainedAdapter], specs: list[AdapterSpec], meth
     return peft_model
 
 
-def _qlora_base(adapter: TrainedAdapter, trained, specs, section, source, model_class, dtype, prompts, choice,
-                method, density, fidelity: dict[str, float], classifier: dict | None = None):
-    """Pick the 16/32-bit base for a QLoRA adapter; returns (model with adapter attached, its logits, choice, why).
+def _qlora_base(sources: _Adapters, adapter: TrainedAdapter, prompts: list[list[int]],
+                choice: str) -> tuple[PeftModel, list[torch.Tensor], _BaseWeights]:
+    """Pick the 16/32-bit base for a QLoRA adapter (`choice`: auto, original or dequantized): the base with the
+    adapter(s) attached, its logits on `prompts`, and which weights were chosen and why.
 
     The trained QLoRA model (4-bit base + adapter) is the reference. Candidates are built one at a time so at
     most one full-precision copy (plus the small 4-bit one) is in memory.
     """
-    recipe = adapter.recipe.model_copy(update={"model": section})
+    recipe = adapter.recipe.model_copy(update={"model": sources.section})
     precision, _ = models.choose_precision(recipe.training.precision)
-    pad = classifier.get("pad_token_id") if classifier else None
-    quantized_base = models.load_base_model(recipe, source, precision, pad_token_id=pad)
-    combine = len(specs) > 1 or specs[0].weight != 1.0
-    qlora = _attach(quantized_base, trained, specs, method, density, combine)
+    pad = sources.classifier.get("pad_token_id") if sources.classifier else None
+    quantized_base = models.load_base_model(recipe, sources.source, precision, pad_token_id=pad)
+    qlora = sources.attached_to(quantized_base)
     qlora_logits = _logits(qlora, prompts)
     quantized_base = qlora.unload()  # back to the bare 4-bit base, kept for de-quantizing
     del qlora
 
-    def original():
-        return _attach(_load_full(model_class, section, source, dtype, classifier), trained, specs, method, density,
-                       combine)
-
     def dequantized():
         # The same 4-bit -> float round trip the adapter was trained against (bitsandbytes' own de-quantizer).
-        base = quantized_base.dequantize(dtype=dtype).to(dtype)
-        return _attach(base, trained, specs, method, density, combine)
+        return sources.attached_to(quantized_base.dequantize(dtype=sources.dtype).to(sources.dtype))
 
-    build = {"original": original, "dequantized": dequantized}
+    build = {"original": sources.on_full_base, "dequantized": dequantized}
     # The de-quantized candidate goes last: it is usually the closer one, and then it needs no rebuild.
     order = ["original", "dequantized"] if choice == "auto" else [choice]
+    fidelity: dict[str, float] = {}
     model = logits = None
     for name in order:
         del model
@@ -467,7 +500,7 @@ def _qlora_base(adapter: TrainedAdapter, trained, specs, section, source, model_
         other = next(n for n in fidelity if n != name)
         reason = (f"auto: its logits are closer to the trained QLoRA model (max diff {fidelity[name]:.4g} vs "
                   f"{fidelity[other]:.4g} with the {other} base)")
-    return model, logits, name, reason
+    return model, logits, _BaseWeights(name, reason, fidelity)
 
 
 def _logits(model, prompts: list[list[int]]) -> list[torch.Tensor]:
@@ -512,12 +545,11 @@ def _compare(got: list[torch.Tensor], want: list[torch.Tensor]) -> tuple[float, 
 # Output
 
 
-def _peak_memory_mb() -> float:
+def _device() -> str:
+    """Where merging runs: weights are placed on CUDA when there is one."""
     import torch
 
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _model_card(result: MergeResult) -> str:

@@ -340,6 +340,22 @@ def _local_cuda_device() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def is_main_process() -> bool:
+    """Rank 0 under torchrun / accelerate launch (RANK is set before any Trainer exists); True when not distributed."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def peak_memory_mb(device: str) -> float:
+    """This process's peak memory in MiB: allocated CUDA memory on "cuda", else the peak resident set size."""
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
 # ----------------------------------------------------------------------------------------------------
 # Config-only views of a model (inspect-modules, adapter checks in merge/eval)
 

@@ -1,27 +1,75 @@
 """`lorafit train`: recipe -> base model -> adapter -> data -> SFT (or classifier) trainer -> run folder.
 
-Read `run_train` top to bottom: each step is one call into the module that owns it.
+Read `run_train` top to bottom: `_prepare` (precision, tokenizer, data, model with its adapter: all that
+`--dry-run` checks and shows), then `_fit_and_export` (the trainer, the training loop in lorafit/trainer.py, the
+run folder); each step in them is one call into the module that owns it.
 """
 
 from __future__ import annotations
 
 import functools
-import os
-import resource
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lorafit import run_folder
+from lorafit import models, run_folder
 from lorafit.errors import Interrupted, LorafitError, RunFailed
 from lorafit.recipe import Recipe, TrainingSection, dump_recipe
 
 if TYPE_CHECKING:
+    from peft import PeftModel
     from rich.console import Console
+    from transformers import PreTrainedTokenizerBase
 
-    from lorafit.data import DataReport
+    from lorafit.data import DataReport, PreparedData
     from lorafit.models import Precision
+
+
+@dataclass
+class TrainMetrics:
+    """What a finished run measured: `as_json()` is metrics.json; the CLI and the model card read the attributes."""
+
+    name: str
+    base_model: str
+    global_step: int
+    train_loss_final: float | None
+    train_loss_mean: float | None
+    eval_loss: float | None
+    loss_history: list[dict[str, float]]  # one entry per logged step: step, loss / eval_loss, learning_rate...
+    tokens_seen: int
+    tokens_per_second: float | None
+    tokens_per_second_after_first_step: float | None
+    first_step_seconds: float | None  # from process start: imports, data, model, step 1
+    train_seconds: float
+    wall_seconds: float
+    peak_memory_mb: float
+    precision: str
+    device: str
+    seed: int
+    trainable_params: int
+    total_params: int
+    target_modules: list[str]
+    train_examples: int
+    eval_examples: int
+    supervised_token_share: float | None  # None for a classifier: it learns one label per row, not tokens
+    data_fingerprint: dict[str, str]  # data file -> sha256
+    recipe_git_commit: str | None
+    versions: dict[str, str | None]
+    hardware: dict[str, Any]
+    # Sequence classification only (absent from a causal LM's metrics.json):
+    labels: list[str] | None = None
+    label_counts: dict[str, int] | None = None
+    eval_accuracy: float | None = None
+    eval_f1: float | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        """metrics.json's content: every field, the classification ones only for a classifier."""
+        values = asdict(self)
+        if self.labels is None:
+            for key in ("labels", "label_counts", "eval_accuracy", "eval_f1"):
+                del values[key]
+        return values
 
 
 @dataclass
@@ -35,7 +83,7 @@ class TrainResult:
     total_params: int
     target_modules: list[str]
     dry_run: bool
-    metrics: dict[str, Any] = field(default_factory=dict)
+    metrics: TrainMetrics | None = None  # None for a dry run
     notes: list[str] = field(default_factory=list)
     recipe: Recipe | None = None  # as resolved for the run (sequence-classification: data.labels filled in)
 
@@ -51,7 +99,7 @@ def run_train(recipe: Recipe, console: Console, *, dry_run: bool = False, resume
     """
     check_settings(recipe)
     replace = check_run_dir(recipe, resume=resume, overwrite=overwrite, dry_run=dry_run)
-    if dry_run or not _is_main_process():
+    if dry_run or not models.is_main_process():
         return _train(recipe, console, dry_run=dry_run, resume=resume, replace=replace, quiet=quiet,
                       resume_command=resume_command)
     run_dir = recipe.run_dir
@@ -121,13 +169,33 @@ def _marker_updated(run_dir: Path) -> str | None:
 
 def _train(recipe: Recipe, console: Console, *, dry_run: bool, resume: bool, replace: bool, quiet: bool,
            resume_command: str) -> TrainResult:
-    from lorafit import adapters, checkpoints, data, export, models
-
+    """`_prepare` (all that a dry run checks and shows), then, unless it is a dry run, `_fit_and_export`."""
     started = time.perf_counter()
-    run_dir = recipe.run_dir
-    notes: list[str] = []
+    run = _prepare(recipe, resume=resume, dry_run=dry_run)
+    if not dry_run:
+        _fit_and_export(run, console, replace=replace, quiet=quiet, resume_command=resume_command, started=started)
+    return run.result
 
-    # 1. Everything that can be checked without loading weights, before any folder is written.
+
+@dataclass
+class _PreparedRun:
+    """What `_prepare` built and `_fit_and_export` trains: the model with its adapter, its tokenizer and data."""
+
+    result: TrainResult  # what a dry run returns
+    source: str  # where the base model is loaded from
+    tokenizer: PreTrainedTokenizerBase
+    data: PreparedData
+    model: PeftModel
+    gradient_checkpointing: bool
+    checkpoint: Path | None  # --resume: the checkpoint training continues from
+
+
+def _prepare(recipe: Recipe, *, resume: bool, dry_run: bool) -> _PreparedRun:
+    """Everything a dry run checks and shows: precision, tokenizer, data, the resume check, the wrapped model."""
+    from lorafit import adapters, checkpoints, data
+
+    notes: list[str] = []
+    # 1. Everything that can be checked without loading weights.
     precision, precision_warning = models.choose_precision(recipe.training.precision)
     notes.append(f"precision {precision.name} on {precision.device} ({precision.reason})")
     if precision_warning:
@@ -151,7 +219,8 @@ def _train(recipe: Recipe, console: Console, *, dry_run: bool, resume: bool, rep
         notes.extend(resume_notes)
 
     # 3. The model, wrapped with the adapter.
-    gradient_checkpointing = _use_gradient_checkpointing(recipe, precision)
+    gradient_checkpointing = adapters.gradient_checkpointing_on(recipe, on_gpu=precision.device == "cuda",
+                                                                quantized=recipe.quantization is not None)
     # The adapter's random init (LoRA A) and a new classifier head (sequence classification, created as the model
     # loads) must follow the recipe's seed too, not only the data order: the Trainer seeds only when it is built.
     from transformers import set_seed
@@ -161,83 +230,51 @@ def _train(recipe: Recipe, console: Console, *, dry_run: bool, resume: bool, rep
     model = adapters.wrap_model(recipe, base, gradient_checkpointing=gradient_checkpointing)
     trainable, total = model.get_nb_trainable_parameters()
     targets = sorted(getattr(model.peft_config["default"], "target_modules", None) or [])
-    result = TrainResult(run_dir, precision, prepared.report, trainable, total, targets, dry_run, notes=notes,
-                         recipe=recipe)
     if _one_packed_row_per_forward(recipe, model):
         notes.append(f"packing: one packed row per forward pass ({model.config._attn_implementation} attention has no "
                      f"variable-length kernel); {recipe.training.batch_size} rows are accumulated per step")
-    if dry_run:
-        return result
+    result = TrainResult(recipe.run_dir, precision, prepared.report, trainable, total, targets, dry_run, notes=notes,
+                         recipe=recipe)
+    return _PreparedRun(result, source, tokenizer, prepared, model, gradient_checkpointing, checkpoint)
 
-    # 4. Train: atomic checkpoints, clean Ctrl-C, and out-of-memory / disk-full explained (see trainer.py).
+
+def _fit_and_export(run: _PreparedRun, console: Console, *, replace: bool, quiet: bool, resume_command: str,
+                    started: float) -> None:
+    """Train (atomic checkpoints, clean Ctrl-C, out-of-memory / disk-full explained), then write the run folder;
+    `run.result.metrics` is filled in."""
+    from lorafit import checkpoints, export
+    from lorafit.trainer import ThroughputMeter, explained_failures, fit, nonfinite_parameters
+
+    result, recipe = run.result, run.result.recipe
+    run_dir = recipe.run_dir
+    # 4. Train.
     _prepare_run_dir(run_dir, replace=replace)
-    if _is_main_process():
-        checkpoints.record_run(run_dir, recipe, prepared.report.fingerprint)
+    if models.is_main_process():
+        checkpoints.record_run(run_dir, recipe, run.data.report.fingerprint)
         # Written now, not only at export: `lorafit train runs/x/recipe.yaml --overwrite` must not lose the file it
         # runs from if training then fails, and an interrupted run can be resumed from its own folder.
         run_folder.write_atomic(run_dir / run_folder.RECIPE, dump_recipe(recipe))
-    from lorafit.progress import ThroughputMeter
-    from lorafit.trainer import explained_failures, fit, nonfinite_parameters
-
-    trainer = _build_trainer(recipe, model, tokenizer, prepared, precision, console, quiet=quiet)
+    trainer = _build_trainer(recipe, run.model, run.tokenizer, run.data, result.precision, console, quiet=quiet)
     throughput = ThroughputMeter()
     trainer.add_callback(throughput)
-    explained = functools.partial(explained_failures, recipe, gradient_checkpointing=gradient_checkpointing,
-                                  precision=precision.name, resume_command=resume_command)
+    explained = functools.partial(explained_failures, recipe, gradient_checkpointing=run.gradient_checkpointing,
+                                  precision=result.precision.name, resume_command=resume_command)
     with explained():
         train_started = time.perf_counter()
-        output = fit(trainer, recipe, resume_from=checkpoint, resume_command=resume_command)
+        output = fit(trainer, recipe, resume_from=run.checkpoint, resume_command=resume_command)
         train_seconds = time.perf_counter() - train_started
-    nonfinite = nonfinite_parameters(model)
+    nonfinite = nonfinite_parameters(run.model)
     if nonfinite:
         raise RunFailed(f"the trained weights hold NaN/inf ({', '.join(nonfinite[:3])}); no adapter was exported",
                         where="training", hint=f"lower training.learning_rate (now {recipe.training.learning_rate:g}); "
                         f"{checkpoints.last_saved(run_dir)}")
 
     # 5. Export the run folder.
-    classify = prepared.labels is not None
-    history_keys = ("loss", "eval_loss", "eval_accuracy", "eval_f1", "learning_rate", "grad_norm")
-    metrics = {
-        "name": recipe.name,
-        "base_model": source,
-        "global_step": trainer.state.global_step,
-        "train_loss_final": _last_logged(trainer.state.log_history, "loss"),
-        "train_loss_mean": output.training_loss,
-        "eval_loss": _last_logged(trainer.state.log_history, "eval_loss"),
-        "loss_history": [
-            {"step": e["step"], **{k: e[k] for k in history_keys if k in e}}
-            for e in trainer.state.log_history if "loss" in e or "eval_loss" in e
-        ],
-        "tokens_seen": trainer.state.num_input_tokens_seen,
-        "tokens_per_second": trainer.state.num_input_tokens_seen / train_seconds if train_seconds else None,
-        "tokens_per_second_after_first_step": throughput.tokens_per_second_after_first_step,
-        "first_step_seconds": throughput.first_step_seconds,  # from process start: imports, data, model, step 1
-        "train_seconds": train_seconds,
-        "wall_seconds": time.perf_counter() - started,
-        "peak_memory_mb": _peak_memory_mb(precision.device),
-        "precision": precision.name,
-        "device": precision.device,
-        "seed": recipe.training.seed,
-        "trainable_params": trainable,
-        "total_params": total,
-        "target_modules": targets,
-        "train_examples": prepared.report.train_examples,
-        "eval_examples": prepared.report.eval_examples,
-        # A classifier learns one label per row, not tokens: the share of supervised tokens does not apply.
-        "supervised_token_share": None if classify else prepared.report.supervised_share,
-        "data_fingerprint": prepared.report.fingerprint,
-        "recipe_git_commit": export.git_commit_of(Path.cwd()),
-        **export.environment_info(),
-    }
-    if classify:
-        metrics.update(labels=prepared.labels, label_counts=prepared.report.label_counts,
-                       eval_accuracy=_last_logged(trainer.state.log_history, "eval_accuracy"),
-                       eval_f1=_last_logged(trainer.state.log_history, "eval_f1"))
+    result.metrics = _measured(result, recipe, run.source, trainer, output, throughput, train_seconds=train_seconds,
+                               wall_seconds=time.perf_counter() - started)
     if trainer.is_world_process_zero():
         with explained():
-            export.export_run(run_dir, model, tokenizer, recipe, metrics, notes=notes)
-    result.metrics = metrics
-    return result
+            export.export_run(run_dir, run.model, run.tokenizer, recipe, result.metrics, notes=result.notes)
 
 
 def check_run_dir(recipe: Recipe, *, resume: bool, overwrite: bool, dry_run: bool) -> bool:
@@ -297,7 +334,7 @@ def check_run_dir(recipe: Recipe, *, resume: bool, overwrite: bool, dry_run: boo
 
 def _prepare_run_dir(run_dir: Path, *, replace: bool) -> None:
     """Claim the folder with the run marker (status running), after removing an earlier run's entries if replaced."""
-    if not _is_main_process():
+    if not models.is_main_process():
         run_dir.mkdir(parents=True, exist_ok=True)
         return
     marker = run_folder.read_marker(run_dir)
@@ -306,20 +343,6 @@ def _prepare_run_dir(run_dir: Path, *, replace: bool) -> None:
         run_folder.remove_owned(run_dir, marker)
     run_dir.mkdir(parents=True, exist_ok=True)
     run_folder.write_marker(run_dir, "run", files=[run_folder.RECIPE, run_folder.CHECKPOINTS], status="running")
-
-
-def _is_main_process() -> bool:
-    """Rank 0 under torchrun / accelerate launch (set before the Trainer exists); True when not distributed."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def _use_gradient_checkpointing(recipe: Recipe, precision: Precision) -> bool:
-    setting = recipe.training.gradient_checkpointing
-    if setting == "auto":
-        # On a CPU, memory is rarely the limit and recomputation costs ~30% speed; on GPUs and under 4-bit
-        # memory is what decides the batch size.
-        return precision.device == "cuda" or recipe.quantization is not None
-    return bool(setting)
 
 
 def _one_packed_row_per_forward(recipe: Recipe, model) -> bool:
@@ -339,8 +362,8 @@ def _build_trainer(recipe: Recipe, model, tokenizer, prepared, precision: Precis
     from transformers import DataCollatorWithPadding, PrinterCallback
 
     from lorafit import checkpoints
-    from lorafit.progress import EvaluateAtEnd, ProgressCallback
-    from lorafit.trainer import ClassifierTrainer, SFTTrainer
+    from lorafit.progress import ProgressCallback
+    from lorafit.trainer import ClassifierTrainer, EvaluateAtEnd, SFTTrainer
 
     # Sequence classification trains with the plain transformers Trainer; SFTConfig is its arguments plus SFT's.
     classify = recipe.task == "sequence-classification"
@@ -364,6 +387,8 @@ def _build_trainer(recipe: Recipe, model, tokenizer, prepared, precision: Precis
         train_sampling_strategy="group_by_length" if recipe.data.group_by_length else "random",
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.scheduler,
+        # Not a typo: transformers 5 deprecates warmup_ratio and reads a warmup_steps float in [0, 1) as the share
+        # of all steps (TrainingArguments.get_warmup_steps); the recipe keeps warmup_ratio below 1.
         warmup_steps=t.warmup_ratio,
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
@@ -441,11 +466,53 @@ def _trackers(recipe: Recipe) -> tuple[list[str], list]:
         from torch.utils.tensorboard import SummaryWriter
         from transformers.integrations import TensorBoardCallback
 
-        if int(os.environ.get("RANK", "0")) == 0:
+        if models.is_main_process():
             run_folder.update_marker(recipe.run_dir, add_files=[run_folder.LOGS])  # listed before it is written
             callbacks.append(TensorBoardCallback(tb_writer=SummaryWriter(str(recipe.run_dir / run_folder.LOGS))))
         wanted = [w for w in wanted if w != "tensorboard"]
     return wanted or ["none"], callbacks
+
+
+def _measured(result: TrainResult, recipe: Recipe, source: str, trainer, output, throughput, *,
+              train_seconds: float, wall_seconds: float) -> TrainMetrics:
+    """The finished run's TrainMetrics, from the trainer's log history and state."""
+    from lorafit import export
+
+    history, state, report = trainer.state.log_history, trainer.state, result.report
+    history_keys = ("loss", "eval_loss", "eval_accuracy", "eval_f1", "learning_rate", "grad_norm")
+    classify = recipe.task == "sequence-classification"
+    return TrainMetrics(
+        name=recipe.name,
+        base_model=source,
+        global_step=state.global_step,
+        train_loss_final=_last_logged(history, "loss"),
+        train_loss_mean=output.training_loss,
+        eval_loss=_last_logged(history, "eval_loss"),
+        loss_history=[{"step": e["step"], **{k: e[k] for k in history_keys if k in e}}
+                      for e in history if "loss" in e or "eval_loss" in e],
+        tokens_seen=state.num_input_tokens_seen,
+        tokens_per_second=state.num_input_tokens_seen / train_seconds if train_seconds else None,
+        tokens_per_second_after_first_step=throughput.tokens_per_second_after_first_step,
+        first_step_seconds=throughput.first_step_seconds,
+        train_seconds=train_seconds,
+        wall_seconds=wall_seconds,
+        peak_memory_mb=models.peak_memory_mb(result.precision.device),
+        precision=result.precision.name,
+        device=result.precision.device,
+        seed=recipe.training.seed,
+        trainable_params=result.trainable_params,
+        total_params=result.total_params,
+        target_modules=result.target_modules,
+        train_examples=report.train_examples,
+        eval_examples=report.eval_examples,
+        supervised_token_share=None if classify else report.supervised_share,
+        data_fingerprint=report.fingerprint,
+        recipe_git_commit=export.git_commit_of(Path.cwd()),
+        **export.environment_info(),
+        **({"labels": list(recipe.data.labels), "label_counts": report.label_counts,
+            "eval_accuracy": _last_logged(history, "eval_accuracy"), "eval_f1": _last_logged(history, "eval_f1")}
+           if classify else {}),
+    )
 
 
 def _last_logged(history: list[dict], key: str) -> float | None:
@@ -454,10 +521,3 @@ def _last_logged(history: list[dict], key: str) -> float | None:
             return entry[key]
     return None
 
-
-def _peak_memory_mb(device: str) -> float:
-    if device == "cuda":
-        import torch
-
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB

@@ -7,6 +7,8 @@
 - `fit` runs `trainer.train()` so that checkpoints are published atomically and rotated among lorafit's own
   (lorafit/checkpoints.py does both), Ctrl-C / SIGTERM finish the step, save and stop with the resume command
   (a second signal stops at once), and no checkpoint is saved during a NaN/inf streak or with non-finite weights.
+- `ThroughputMeter` records time to the first step and tokens/s after it (metrics.json); `EvaluateAtEnd`
+  evaluates once at the last step, inside training, so the eval loss reaches every tracker.
 - `explained_failures` turns out-of-memory and disk-full into messages with the knobs to turn.
 
 This module imports transformers and TRL at the top: import it inside the function that trains, so
@@ -22,6 +24,7 @@ import os
 import shutil
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -233,6 +236,56 @@ def _barrier() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Callbacks the run adds: the speed it records, the evaluation at the last step
+
+
+class ThroughputMeter(transformers.TrainerCallback):
+    """Time to the first optimizer step, counted from process start, and tokens/s after it (warm-up excluded).
+
+    Both go into metrics.json; scripts/bench.py compares them with TRL and a hand-written loop.
+    """
+
+    def __init__(self):
+        self.first_step_seconds: float | None = None
+        self._first: tuple[float, int] | None = None  # (perf_counter, tokens seen) at the end of the first step
+        self._last: tuple[float, int] | None = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        now = (time.perf_counter(), state.num_input_tokens_seen or 0)
+        if self._first is None:
+            self._first = now
+            started = _process_start_time()
+            self.first_step_seconds = time.time() - started if started is not None else None
+        self._last = now
+
+    @property
+    def tokens_per_second_after_first_step(self) -> float | None:
+        if self._first is None or self._last is None or self._last[0] <= self._first[0]:
+            return None
+        return (self._last[1] - self._first[1]) / (self._last[0] - self._first[0])
+
+
+def _process_start_time() -> float | None:
+    """Wall-clock time this process started (psutil ships with accelerate), or None when unknown."""
+    try:
+        import psutil
+
+        return psutil.Process().create_time()
+    except Exception:  # noqa: BLE001 - a missing or failing psutil only costs this one metric
+        return None
+
+
+class EvaluateAtEnd(transformers.TrainerCallback):
+    """Evaluate once at the last step, inside training, so the eval loss reaches the progress display and every
+    tracker (HF closes tensorboard writers at train end; an evaluate() afterwards would log nowhere)."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps:
+            control.should_evaluate = True
+        return control
 
 
 # ----------------------------------------------------------------------------------------------------

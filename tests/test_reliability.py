@@ -1,4 +1,4 @@
-"""Every case of shared/RELIABILITY.md, each with its own test (named test_caseNN_...).
+"""What bad input and faults get: each test's name and docstring say the case it covers.
 
 The rule checked throughout: a non-zero exit code, one message naming the field, file or value and what to
 do, no traceback (unless --debug), and nothing the user had is lost or changed. Faults that cannot be caused
@@ -37,24 +37,8 @@ QUIET = Console(quiet=True)
 MINIMAL = "name: demo\nmodel:\n  path: smollm2-135m-instruct\ndata:\n  train: train.jsonl\n"
 
 
-def raw_recipe(model_dir: Path, data_file: Path, out: Path, **sections) -> dict:
-    """A recipe for a few quick steps on a tiny model: 6 steps, a checkpoint every 2."""
-    raw = {
-        "name": "rel",
-        "model": {"path": str(model_dir)},
-        "adapter": {"r": 4, "dropout": 0.0},
-        "data": {"train": str(data_file), "max_length": 48},
-        "training": {"max_steps": 6, "batch_size": 4, "grad_accum": 1, "learning_rate": 1e-2, "logging_steps": 1,
-                     "save_steps": 2, "warmup_ratio": 0.0, "scheduler": "constant"},
-        "output": {"dir": str(out), "report_to": ["none"]},
-    }
-    for key, value in sections.items():
-        raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
-    return raw
-
-
-def make_recipe(model_dir: Path, data_file: Path, out: Path, **sections):
-    return validate_recipe(raw_recipe(model_dir, data_file, out, **sections))
+# A few quick steps on a tiny model (conftest's make_recipe): 6 steps, a checkpoint every 2, rank 4, 48 tokens.
+QUICK = {"name": "rel", "adapter": {"r": 4}, "data": {"max_length": 48}}
 
 
 def write_recipe(path: Path, raw: dict) -> Path:
@@ -165,10 +149,11 @@ def fail_saving(monkeypatch, checkpoint_name: str, exc: BaseException) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Recipes (1-5): checked before any model is loaded or folder created
+# Recipes: checked before any model is loaded or folder created
 
 
-def test_case01_unsafe_yaml_tags_are_refused_and_never_executed(tmp_path):
+def test_unsafe_yaml_tags_are_refused_and_never_executed(tmp_path):
+    """A recipe with a !!python/object/apply tag: validate and train refuse it, and the command never runs."""
     marker = tmp_path / "pwned"
     recipe = tmp_path / "r.yaml"
     recipe.write_text(MINIMAL + f"output:\n  dir: !!python/object/apply:os.system ['touch {marker}']\n")
@@ -184,7 +169,8 @@ def test_case01_unsafe_yaml_tags_are_refused_and_never_executed(tmp_path):
       "training.learnig_rate: unknown key; did you mean 'learning_rate'?"),
      (MINIMAL + "training:\n  epochs: 1\n  epochs: 2\n", "duplicate key 'epochs'")],
 )
-def test_case02_unknown_misspelled_and_duplicate_keys(tmp_path, text, expected):
+def test_unknown_misspelled_and_duplicate_keys(tmp_path, text, expected):
+    """An unknown key, a misspelled key (with the suggestion) and a duplicate key are one-line errors."""
     recipe = tmp_path / "r.yaml"
     recipe.write_text(text)
     assert_one_line_error(*cli("train", str(recipe)), expected)
@@ -201,16 +187,18 @@ def test_case02_unknown_misspelled_and_duplicate_keys(tmp_path, text, expected):
      ({"quantization": {"bits": 4}, "adapter": {"init": "pissa"}}, "cannot start from a quantized model"),
      ({"training": {"precision": "fp16"}}, "training.precision: fp16: fp16 mixed precision needs a GPU")],
 )
-def test_case03_out_of_range_or_contradictory_values_fail_before_any_model_load(
-        tiny_llama, toy_data, tmp_path, no_model_load, section, expected):
-    recipe = write_recipe(tmp_path / "r.yaml", raw_recipe(tiny_llama, toy_data, tmp_path / "run", **section))
+def test_out_of_range_or_contradictory_values_fail_before_any_model_load(make_recipe, tiny_llama, toy_data, tmp_path,
+                                                                         no_model_load, section, expected):
+    """Out-of-range or contradictory values are refused naming the key, before any model loads or folder is made."""
+    recipe = write_recipe(tmp_path / "r.yaml", make_recipe(tiny_llama, toy_data, tmp_path / "run", QUICK, **section))
     recipe.write_text(recipe.read_text().replace('"INF"', ".inf"))  # YAML's spelling of infinity; JSON has none
     assert_one_line_error(*cli("train", str(recipe)), expected)
     assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "directory", "not-utf8", "truncated"])
-def test_case04_missing_empty_directory_binary_or_truncated_recipe(tmp_path, case):
+def test_missing_empty_directory_binary_or_truncated_recipe(tmp_path, case):
+    """A recipe path that is missing, empty, a folder, not UTF-8 or cut off mid-value: one line naming the file."""
     path = tmp_path / "r.yaml"
     if case == "empty":
         path.write_text("")
@@ -233,20 +221,22 @@ def test_case04_missing_empty_directory_binary_or_truncated_recipe(tmp_path, cas
      ("max_steps", "expected section.key=value"),
      ("name.sub=1", "'name' is not a section")],
 )
-def test_case05_bad_set_overrides(tmp_path, override, expected):
+def test_bad_set_overrides(tmp_path, override, expected):
+    """--set with an unknown key, a wrong type or a malformed item fails like the same mistake in the file."""
     recipe = tmp_path / "r.yaml"
     recipe.write_text(MINIMAL)
     assert_one_line_error(*cli("train", str(recipe), "--set", override), expected)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Models and adapters (6-11)
+# Models and adapters
 
 
 @pytest.mark.parametrize("path", ["/no/such/model/folder", "no-such-org/no-such-model"])
-def test_case06_missing_model_or_unreachable_hub_id_fails_before_the_output_folder(
-        toy_data, tmp_path, no_model_load, path):
-    recipe = write_recipe(tmp_path / "r.yaml", raw_recipe(Path(path), toy_data, tmp_path / "run"))
+def test_missing_model_or_unreachable_hub_id_fails_before_the_output_folder(make_recipe, toy_data, tmp_path,
+                                                                            no_model_load, path):
+    """A model folder that does not exist, or a hub id that cannot be reached, fails before the output folder exists."""
+    recipe = write_recipe(tmp_path / "r.yaml", make_recipe(Path(path), toy_data, tmp_path / "run", QUICK))
     assert_one_line_error(*cli("train", str(recipe)), f"model.path: {path}")
     assert not (tmp_path / "run").exists()
 
@@ -258,31 +248,35 @@ def copy_model(source: Path, target: Path) -> Path:
     return target
 
 
-def test_case07_model_with_custom_code_is_refused_unless_trusted(tiny_llama, toy_data, tmp_path, no_model_load):
+def test_model_with_custom_code_is_refused_unless_trusted(make_recipe, tiny_llama, toy_data, tmp_path, no_model_load):
+    """A model that ships its own Python code is refused until model.trust_remote_code: true allows it."""
     model = copy_model(tiny_llama, tmp_path / "remote")
     config = json.loads((model / "config.json").read_text())
     config["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}
     (model / "config.json").write_text(json.dumps(config))
-    recipe = write_recipe(tmp_path / "r.yaml", raw_recipe(model, toy_data, tmp_path / "run"))
+    recipe = write_recipe(tmp_path / "r.yaml", make_recipe(model, toy_data, tmp_path / "run", QUICK))
     assert_one_line_error(*cli("train", str(recipe)), "ships its own Python code", "model.trust_remote_code: true")
     assert not (tmp_path / "run").exists()
-    trusted = make_recipe(model, toy_data, tmp_path / "run", model={"trust_remote_code": True})
+    trusted = validate_recipe(make_recipe(model, toy_data, tmp_path / "run", QUICK, model={"trust_remote_code": True}))
     assert models.resolve_model_source(trusted.model) == str(model)  # the flag is what allows it
 
 
-def test_case08_pickle_only_weights_are_refused_unless_allowed(tiny_llama, toy_data, tmp_path, no_model_load):
+def test_pickle_only_weights_are_refused_unless_allowed(make_recipe, tiny_llama, toy_data, tmp_path, no_model_load):
+    """A model with pickle weights only is refused until model.allow_pickle_weights: true allows it."""
     model = copy_model(tiny_llama, tmp_path / "pickled")
     torch.save(load_file(model / "model.safetensors"), model / "pytorch_model.bin")
     (model / "model.safetensors").unlink()
-    recipe = write_recipe(tmp_path / "r.yaml", raw_recipe(model, toy_data, tmp_path / "run"))
+    recipe = write_recipe(tmp_path / "r.yaml", make_recipe(model, toy_data, tmp_path / "run", QUICK))
     assert_one_line_error(*cli("train", str(recipe)), "pickle", "model.allow_pickle_weights: true")
     assert not (tmp_path / "run").exists()
-    allowed = make_recipe(model, toy_data, tmp_path / "run", model={"allow_pickle_weights": True})
+    raw = make_recipe(model, toy_data, tmp_path / "run", QUICK, model={"allow_pickle_weights": True})
+    allowed = validate_recipe(raw)
     assert models.resolve_model_source(allowed.model) == str(model)
 
 
-def test_case09_target_modules_matching_nothing_list_what_the_model_has(tiny_llama, toy_data, tmp_path):
-    raw = raw_recipe(tiny_llama, toy_data, tmp_path / "run", adapter={"target_modules": ["query", "value"]})
+def test_target_modules_matching_nothing_list_what_the_model_has(make_recipe, tiny_llama, toy_data, tmp_path):
+    """target_modules that match nothing: the error lists the modules the model has and the presets."""
+    raw = make_recipe(tiny_llama, toy_data, tmp_path / "run", QUICK, adapter={"target_modules": ["query", "value"]})
     message = assert_one_line_error(*cli("train", str(write_recipe(tmp_path / "r.yaml", raw))),
                                     "adapter.target_modules", "query, value match no module")
     assert "q_proj x2" in message and "v_proj x2" in message and "all-linear" in message
@@ -301,31 +295,35 @@ def save_untrained_adapter(base: Path, folder: Path) -> Path:
 
 @pytest.mark.parametrize(("override", "expected"), [({"hidden_size": 32}, "hidden_size"),
                                                     ({"vocab_size": 600}, "vocab_size")])
-def test_case10_adapter_for_another_base_is_refused_by_merge_and_eval(
-        tiny_llama, tiny_model_factory, toy_data, tmp_path, override, expected):
+def test_adapter_for_another_base_is_refused_by_merge_and_eval(make_recipe, tiny_llama, tiny_model_factory, toy_data,
+                                                               tmp_path, override, expected):
+    """merge and eval refuse an adapter made for a base of another hidden size or vocabulary, naming the mismatch."""
     adapter = save_untrained_adapter(tiny_llama, tmp_path / "adapter")
     other = tiny_model_factory("llama", **override)
     code, lines = cli("merge", str(adapter), "--base", str(other), "--out", str(tmp_path / "merged"))
     assert_one_line_error(code, lines, str(adapter), expected)
     assert not (tmp_path / "merged").exists()
-    raw = raw_recipe(other, toy_data, tmp_path / "run", data={"eval": str(toy_data)})
+    raw = make_recipe(other, toy_data, tmp_path / "run", QUICK, data={"eval": str(toy_data)})
     recipe = write_recipe(tmp_path / "r.yaml", raw)
     code, lines = cli("eval", str(recipe), "--adapter", str(adapter), "--out", str(tmp_path / "eval"))
     assert_one_line_error(code, lines, str(adapter), expected)
 
 
-def test_case11_precision_or_quantization_the_hardware_cannot_do(tiny_llama, toy_data, tmp_path, monkeypatch):
+def test_precision_or_quantization_the_hardware_cannot_do(make_recipe, tiny_llama, toy_data, tmp_path, monkeypatch):
+    """bf16 on a CPU without it trains with a warning and auto picks fp32; fp16 on a CPU and 4-bit without
+    bitsandbytes are refused."""
     monkeypatch.setattr(models, "detect_device", lambda: "cpu")
     monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: False)
     # bf16 without native support: trains, but with a visible note (never a silent 20x slowdown).
-    result = run_train(make_recipe(tiny_llama, toy_data, tmp_path / "run", training={"precision": "bf16"}), QUIET,
-                       dry_run=True)
+    recipe = validate_recipe(make_recipe(tiny_llama, toy_data, tmp_path / "run", QUICK, training={"precision": "bf16"}))
+    result = run_train(recipe, QUIET, dry_run=True)
     assert any(note.startswith("warning:") and "~20x slower" in note for note in result.notes)
-    auto = run_train(make_recipe(tiny_llama, toy_data, tmp_path / "run"), QUIET, dry_run=True)
+    auto = run_train(validate_recipe(make_recipe(tiny_llama, toy_data, tmp_path / "run", QUICK)), QUIET, dry_run=True)
     assert auto.precision.name == "fp32" and "no native bf16" in auto.precision.reason
     # fp16 on a CPU: refused with the reason.
     with pytest.raises(LorafitError, match="training.precision: fp16: fp16 mixed precision needs a GPU"):
-        run_train(make_recipe(tiny_llama, toy_data, tmp_path / "run", training={"precision": "fp16"}), QUIET)
+        run_train(validate_recipe(make_recipe(tiny_llama, toy_data, tmp_path / "run", QUICK,
+                                              training={"precision": "fp16"})), QUIET)
     # 4-bit without a usable bitsandbytes: refused, naming the section and the fix.
     from transformers import AutoModelForCausalLM
 
@@ -334,12 +332,13 @@ def test_case11_precision_or_quantization_the_hardware_cannot_do(tiny_llama, toy
 
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_bitsandbytes)
     with pytest.raises(LorafitError, match="quantization: .*bitsandbytes.*pip install bitsandbytes"):
-        run_train(make_recipe(tiny_llama, toy_data, tmp_path / "run", quantization={"bits": 4}), QUIET)
+        run_train(validate_recipe(make_recipe(tiny_llama, toy_data, tmp_path / "run", QUICK,
+                                              quantization={"bits": 4})), QUIET)
     assert not (tmp_path / "run").exists()
 
 
 # ----------------------------------------------------------------------------------------------------
-# Data (12-13)
+# Data
 
 
 @pytest.mark.parametrize(
@@ -350,28 +349,31 @@ def test_case11_precision_or_quantization_the_hardware_cannot_do(tiny_llama, toy
      ('{"question": "a", "answer": "b"}\n', "cannot tell the data format from columns answer, question"),
      ('{"prompt": "' + "word " * 200 + '", "completion": "b"}\n', "no trainable rows remain (1 no completion tokens")],
 )
-def test_case12_bad_data_is_reported_before_any_model_load_or_folder(tiny_llama, tmp_path, no_model_load,
-                                                                     content, expected):
+def test_bad_data_is_reported_before_any_model_load_or_folder(make_recipe, tiny_llama, tmp_path, no_model_load, content,
+                                                              expected):
+    """Missing, empty, malformed or wrong-column data files are reported (file:line) before any model loads."""
     data = tmp_path / "bad.jsonl"
     if content is not None:
         data.write_text(content)
-    recipe = write_recipe(tmp_path / "r.yaml", raw_recipe(tiny_llama, data, tmp_path / "run"))
+    recipe = write_recipe(tmp_path / "r.yaml", make_recipe(tiny_llama, data, tmp_path / "run", QUICK))
     assert_one_line_error(*cli("train", str(recipe)), expected)
     assert not (tmp_path / "run").exists()
 
 
-def test_case12_dropped_rows_are_counted_and_training_goes_on(tiny_llama, tmp_path):
+def test_dropped_rows_are_counted_and_training_goes_on(make_recipe, tiny_llama, tmp_path):
+    """Rows that cannot teach anything are dropped and counted by reason; the rest still train."""
     data = tmp_path / "mixed.jsonl"
     rows = [{"prompt": "red", "completion": "apple"}] * 4 + [{"prompt": "word " * 200, "completion": "x"},
                                                              {"prompt": "red", "completion": 5}]
     data.write_text("\n".join(json.dumps(row) for row in rows))
-    result = run_train(make_recipe(tiny_llama, data, tmp_path / "run"), QUIET, dry_run=True)
+    result = run_train(validate_recipe(make_recipe(tiny_llama, data, tmp_path / "run", QUICK)), QUIET, dry_run=True)
     assert result.report.train_examples == 4
     assert "data: dropped 1 row(s): no completion tokens left after truncation to data.max_length" in result.notes
     assert "data: dropped 1 row(s): empty or malformed prompt-completion row" in result.notes
 
 
-def test_case13_tokenizer_without_pad_token_still_trains_end_of_turn(tiny_model_factory, toy_data, tmp_path):
+def test_tokenizer_without_pad_token_still_trains_end_of_turn(make_recipe, tiny_model_factory, toy_data, tmp_path):
+    """A tokenizer with no pad token (or pad == eos) still trains the end-of-turn token, so the model learns to stop."""
     from transformers import AutoTokenizer
 
     folder = tiny_model_factory("llama")
@@ -379,7 +381,7 @@ def test_case13_tokenizer_without_pad_token_still_trains_end_of_turn(tiny_model_
     config.pop("pad_token", None)
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     assert AutoTokenizer.from_pretrained(folder).pad_token is None
-    recipe = make_recipe(folder, toy_data, tmp_path / "run")
+    recipe = validate_recipe(make_recipe(folder, toy_data, tmp_path / "run", QUICK))
     tokenizer = models.load_tokenizer(recipe, str(folder))
     assert tokenizer.pad_token == tokenizer.eos_token  # pad == eos ...
     from lorafit.data import prepare_data
@@ -390,43 +392,48 @@ def test_case13_tokenizer_without_pad_token_still_trains_end_of_turn(tiny_model_
 
 
 # ----------------------------------------------------------------------------------------------------
-# Runs and files (14-20)
+# Runs and files
 
 
-def test_case14_finished_run_is_refused_without_overwrite_and_kept(tiny_llama, toy_data, tmp_path, no_model_load):
+def test_finished_run_is_refused_without_overwrite_and_kept(make_recipe, tiny_llama, toy_data, tmp_path, no_model_load):
+    """A folder holding a finished run is refused without --overwrite, and nothing in it changes."""
     run = tmp_path / "run"
     (run / "adapter").mkdir(parents=True)
     (run / "metrics.json").write_text("{}")
     (run / "adapter" / "adapter_model.safetensors").write_bytes(b"weights")
     run_folder.write_marker(run, "run", files=["adapter", "metrics.json"], status="finished")
     before = digest_tree(run)
-    recipe = write_recipe(tmp_path / "r.yaml", raw_recipe(tiny_llama, toy_data, run))
+    recipe = write_recipe(tmp_path / "r.yaml", make_recipe(tiny_llama, toy_data, run, QUICK))
     assert_one_line_error(*cli("train", str(recipe)), "already holds a finished run", "--overwrite")
     assert digest_tree(run) == before
 
 
 @pytest.mark.parametrize("where", ["root", "home", "cwd", "model", "data"])
-def test_case14_dangerous_output_folders_are_refused(tiny_llama, toy_data, tmp_path, no_model_load, where):
+def test_dangerous_output_folders_are_refused(make_recipe, tiny_llama, toy_data, tmp_path, no_model_load, where):
+    """output.dir pointing at the home folder, the current folder, the model or the data folder is refused."""
     out = {"root": Path("/"), "home": Path.home(), "cwd": Path.cwd(), "model": tiny_llama,
            "data": toy_data.parent}[where]
-    recipe = write_recipe(tmp_path / "r.yaml", raw_recipe(tiny_llama, toy_data, out))
+    recipe = write_recipe(tmp_path / "r.yaml", make_recipe(tiny_llama, toy_data, out, QUICK))
     for flag in ("--overwrite", "--dry-run"):
         assert_one_line_error(*cli("train", str(recipe), flag), "refusing to write a run into", "output.dir")
 
 
-def test_case14_files_lorafit_did_not_write_are_never_replaced(tiny_llama, toy_data, tmp_path, no_model_load):
+def test_files_lorafit_did_not_write_are_never_replaced(make_recipe, tiny_llama, toy_data, tmp_path, no_model_load):
+    """Files in output.dir that lorafit did not write are never replaced: the run is refused."""
     run = tmp_path / "project"
     run.mkdir()
     (run / "README.md").write_text("my notes")
-    recipe = write_recipe(tmp_path / "r.yaml", raw_recipe(tiny_llama, toy_data, run))
+    recipe = write_recipe(tmp_path / "r.yaml", make_recipe(tiny_llama, toy_data, run, QUICK))
     assert_one_line_error(*cli("train", str(recipe), "--overwrite"),
                           "already holds README.md, which lorafit did not write")
     assert (run / "README.md").read_text() == "my notes"
 
 
-def test_case14_overwrite_and_rotation_delete_only_what_lorafit_wrote(tiny_llama, toy_data, tmp_path):
+def test_overwrite_and_rotation_delete_only_what_lorafit_wrote(make_recipe, tiny_llama, toy_data, tmp_path):
+    """--overwrite and save_total_limit rotation delete only lorafit's own checkpoints and files, never the user's."""
     run = tmp_path / "run"
-    recipe = make_recipe(tiny_llama, toy_data, run, training={"max_steps": 4, "save_steps": 1, "save_total_limit": 1})
+    recipe = validate_recipe(make_recipe(tiny_llama, toy_data, run, QUICK,
+                                         training={"max_steps": 4, "save_steps": 1, "save_total_limit": 1}))
     run.mkdir()
     (run / "notes.txt").write_text("keep me too")
     run_folder.write_marker(run, "run", files=["checkpoints"], status="interrupted")
@@ -447,9 +454,11 @@ def test_case14_overwrite_and_rotation_delete_only_what_lorafit_wrote(tiny_llama
     assert not (run / "checkpoints" / checkpoints.STAGING).exists()
 
 
-def test_case15_resume_with_a_different_recipe_is_refused_with_the_diff(tiny_llama, toy_data, tmp_path, monkeypatch):
+def test_resume_with_a_different_recipe_is_refused_with_the_diff(make_recipe, tiny_llama, toy_data, tmp_path,
+                                                                 monkeypatch):
+    """--resume with another model/adapter/data than the checkpoints were trained with is refused, showing the diff."""
     run = tmp_path / "run"
-    raw = raw_recipe(tiny_llama, toy_data, run, training={"max_steps": 2})
+    raw = make_recipe(tiny_llama, toy_data, run, QUICK, training={"max_steps": 2})
     signal_at_step(monkeypatch, 2)
     with pytest.raises(Interrupted):
         run_train(validate_recipe(raw), QUIET)
@@ -472,12 +481,13 @@ def test_case15_resume_with_a_different_recipe_is_refused_with_the_diff(tiny_lla
     assert digest_tree(run) == before
 
 
-def test_case16_interrupt_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(
-        tiny_llama, toy_data, tmp_path, monkeypatch):
-    straight = run_train(make_recipe(tiny_llama, toy_data, tmp_path / "straight"), QUIET)
+def test_interrupt_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(make_recipe, tiny_llama, toy_data,
+                                                                              tmp_path, monkeypatch):
+    """Ctrl-C saves a checkpoint at the step boundary; --resume ends with the adapter of a run never stopped."""
+    straight = run_train(validate_recipe(make_recipe(tiny_llama, toy_data, tmp_path / "straight", QUICK)), QUIET)
     handlers = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
 
-    recipe = make_recipe(tiny_llama, toy_data, tmp_path / "run")
+    recipe = validate_recipe(make_recipe(tiny_llama, toy_data, tmp_path / "run", QUICK))
     signal_at_step(monkeypatch, 3, sig=signal.SIGTERM)
     with pytest.raises(Interrupted) as info:
         run_train(recipe, QUIET, resume_command="lorafit train r.yaml --resume")
@@ -497,9 +507,10 @@ def test_case16_interrupt_saves_a_checkpoint_and_resume_matches_an_uninterrupted
         assert torch.allclose(expected[name], got[name], atol=1e-6), name
 
 
-def test_case16_second_interrupt_stops_at_once_keeping_the_last_complete_checkpoint(
-        tiny_llama, toy_data, tmp_path, monkeypatch):
-    recipe = make_recipe(tiny_llama, toy_data, tmp_path / "run")
+def test_second_interrupt_stops_at_once_keeping_the_last_complete_checkpoint(make_recipe, tiny_llama, toy_data,
+                                                                             tmp_path, monkeypatch):
+    """A second Ctrl-C stops at once; the last complete checkpoint is kept and resume continues from it."""
+    recipe = validate_recipe(make_recipe(tiny_llama, toy_data, tmp_path / "run", QUICK))
     signal_at_step(monkeypatch, 3, times=2)
     with pytest.raises(Interrupted, match=r"interrupted again: stopped at once at step 3; the last complete "
                                           r"checkpoint \(.*checkpoint-2\) is kept; resume with"):
@@ -509,8 +520,9 @@ def test_case16_second_interrupt_stops_at_once_keeping_the_last_complete_checkpo
     assert run_train(recipe, QUIET, resume=True).metrics["global_step"] == 6
 
 
-def test_case16_cli_interrupt_exits_130_with_the_resume_command(tiny_llama, toy_data, tmp_path, monkeypatch):
-    recipe = write_recipe(tmp_path / "r.yaml", raw_recipe(tiny_llama, toy_data, tmp_path / "run"))
+def test_cli_interrupt_exits_130_with_the_resume_command(make_recipe, tiny_llama, toy_data, tmp_path, monkeypatch):
+    """An interrupted `lorafit train` exits 130 with one line giving the exact resume command."""
+    recipe = write_recipe(tmp_path / "r.yaml", make_recipe(tiny_llama, toy_data, tmp_path / "run", QUICK))
     signal_at_step(monkeypatch, 2)
     code, lines = cli("train", str(recipe), "--set", "training.max_steps=5")
     expected = f"interrupted at step 2; checkpoint saved; resume with: lorafit train {recipe} --set " \
@@ -522,10 +534,11 @@ def test_case16_cli_interrupt_exits_130_with_the_resume_command(tiny_llama, toy_
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["global_step"] == 5
 
 
-def test_case17_a_crash_during_a_save_leaves_the_previous_checkpoint_and_resume_skips_it(
-        tiny_llama, toy_data, tmp_path, monkeypatch):
+def test_a_crash_during_a_save_leaves_the_previous_checkpoint_and_resume_skips_it(make_recipe, tiny_llama, toy_data,
+                                                                                  tmp_path, monkeypatch):
+    """A crash half-way through a save leaves the previous checkpoint intact; resume skips the incomplete one."""
     run = tmp_path / "run"
-    recipe = make_recipe(tiny_llama, toy_data, run)
+    recipe = validate_recipe(make_recipe(tiny_llama, toy_data, run, QUICK))
     fail_saving(monkeypatch, "checkpoint-4", RuntimeError("simulated crash in the middle of a save"))
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_train(recipe, QUIET)
@@ -543,10 +556,11 @@ def test_case17_a_crash_during_a_save_leaves_the_previous_checkpoint_and_resume_
 
 
 @pytest.mark.slow
-def test_case17_sigkill_during_a_save_leaves_the_previous_checkpoint_and_resume_skips_it(tiny_llama, toy_data,
-                                                                                         tmp_path):
+def test_sigkill_during_a_save_leaves_the_previous_checkpoint_and_resume_skips_it(make_recipe, tiny_llama, toy_data,
+                                                                                  tmp_path):
+    """kill -9 during a save leaves the previous checkpoint intact; resume skips and removes the incomplete one."""
     run = tmp_path / "run"
-    raw = raw_recipe(tiny_llama, toy_data, run)
+    raw = make_recipe(tiny_llama, toy_data, run, QUICK)
     child = textwrap.dedent("""
         import json, os, signal, sys
         import torch
@@ -577,8 +591,9 @@ def test_case17_sigkill_during_a_save_leaves_the_previous_checkpoint_and_resume_
 
 
 @pytest.mark.slow
-def test_case16_sigterm_to_the_cli_process_saves_and_resumes(tiny_llama, toy_data, tmp_path):
-    recipe = write_recipe(tmp_path / "r.yaml", raw_recipe(tiny_llama, toy_data, tmp_path / "run",
+def test_sigterm_to_the_cli_process_saves_and_resumes(make_recipe, tiny_llama, toy_data, tmp_path):
+    """SIGTERM to the CLI process saves a checkpoint, exits 130, and --resume finishes the run."""
+    recipe = write_recipe(tmp_path / "r.yaml", make_recipe(tiny_llama, toy_data, tmp_path / "run", QUICK,
                                                           training={"max_steps": 400, "save_steps": 1000}))
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "NO_COLOR": "1"}
     proc = subprocess.Popen(["lorafit", "train", str(recipe)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -599,10 +614,11 @@ def test_case16_sigterm_to_the_cli_process_saves_and_resumes(tiny_llama, toy_dat
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["global_step"] == step + 2
 
 
-def test_case18_nan_loss_stops_keeps_the_last_good_checkpoint_and_exports_nothing(tiny_llama, toy_data, tmp_path):
+def test_nan_loss_stops_keeps_the_last_good_checkpoint_and_exports_nothing(make_recipe, tiny_llama, toy_data, tmp_path):
+    """NaN losses stop the run after max_nonfinite_steps in a row, keep the last good checkpoint, export nothing."""
     run = tmp_path / "run"
-    recipe = write_recipe(tmp_path / "r.yaml", raw_recipe(
-        tiny_llama, toy_data, run, training={"learning_rate": 1e30, "save_steps": 1, "max_nonfinite_steps": 2}))
+    recipe = write_recipe(tmp_path / "r.yaml", make_recipe(
+        tiny_llama, toy_data, run, QUICK, training={"learning_rate": 1e30, "save_steps": 1, "max_nonfinite_steps": 2}))
     message = assert_one_line_error(*cli("train", str(recipe)), "training: loss was NaN/inf for 2 steps in a row",
                                     "no adapter was exported", "training.learning_rate", exit_code=EXIT_RUN_FAILED)
     assert "the last complete checkpoint" in message
@@ -614,7 +630,8 @@ def test_case18_nan_loss_stops_keeps_the_last_good_checkpoint_and_exports_nothin
         assert all(torch.isfinite(w).all() for w in weights.values()), checkpoint
 
 
-def test_case18_nan_weights_are_never_exported(tiny_llama, toy_data, tmp_path, monkeypatch):
+def test_nan_weights_are_never_exported(make_recipe, tiny_llama, toy_data, tmp_path, monkeypatch):
+    """Weights that turned NaN are never exported: the run fails naming the parameter."""
     original = ProgressCallback.on_train_end
 
     def poison(self, args, state, control, model=None, **kwargs):
@@ -624,14 +641,18 @@ def test_case18_nan_weights_are_never_exported(tiny_llama, toy_data, tmp_path, m
 
     monkeypatch.setattr(ProgressCallback, "on_train_end", poison)
     with pytest.raises(RunFailed, match="the trained weights hold NaN/inf .*lora_B.*no adapter was exported"):
-        run_train(make_recipe(tiny_llama, toy_data, tmp_path / "run", training={"max_steps": 2}), QUIET)
+        run_train(validate_recipe(make_recipe(tiny_llama, toy_data, tmp_path / "run", QUICK,
+                                              training={"max_steps": 2})), QUIET)
     assert not (tmp_path / "run" / "adapter").exists()
 
 
 @pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
                                    RuntimeError("MPS backend out of memory (MPS allocated: 17 GB)")])
-def test_case19_out_of_memory_names_the_knobs_and_their_values(tiny_llama, toy_data, tmp_path, monkeypatch, error):
-    recipe = write_recipe(tmp_path / "r.yaml", raw_recipe(tiny_llama, toy_data, tmp_path / "run",
+def test_out_of_memory_names_the_knobs_and_their_values(make_recipe, tiny_llama, toy_data, tmp_path, monkeypatch,
+                                                        error):
+    """Out of memory: one message with the batch size, grad accum, max_length, checkpointing, quantization and
+    precision in use."""
+    recipe = write_recipe(tmp_path / "r.yaml", make_recipe(tiny_llama, toy_data, tmp_path / "run", QUICK,
                                                           training={"precision": "fp32"}))
     fail_at_step(monkeypatch, 3, error)
     message = assert_one_line_error(*cli("train", str(recipe)), "out of memory", exit_code=EXIT_RUN_FAILED)
@@ -642,10 +663,11 @@ def test_case19_out_of_memory_names_the_knobs_and_their_values(tiny_llama, toy_d
     assert checkpoint_steps(tmp_path / "run") == [2]
 
 
-def test_case19_disk_full_during_a_save_is_explained_and_the_last_checkpoint_kept(
-        tiny_llama, toy_data, tmp_path, monkeypatch):
+def test_disk_full_during_a_save_is_explained_and_the_last_checkpoint_kept(make_recipe, tiny_llama, toy_data, tmp_path,
+                                                                           monkeypatch):
+    """Disk full during a save: the message gives the free space and the knobs, the last complete checkpoint is kept."""
     run = tmp_path / "run"
-    recipe = write_recipe(tmp_path / "r.yaml", raw_recipe(tiny_llama, toy_data, run))
+    recipe = write_recipe(tmp_path / "r.yaml", make_recipe(tiny_llama, toy_data, run, QUICK))
     fail_saving(monkeypatch, "checkpoint-4", OSError(errno.ENOSPC, "No space left on device"))
     message = assert_one_line_error(*cli("train", str(recipe)), f"output.dir: {run}", "disk full", "free",
                                     "checkpoint-2) is kept", "save_total_limit", exit_code=EXIT_RUN_FAILED)
@@ -653,15 +675,17 @@ def test_case19_disk_full_during_a_save_is_explained_and_the_last_checkpoint_kep
     assert checkpoint_steps(run) == [2] and not (run / "checkpoints" / checkpoints.STAGING).exists()
 
 
-def test_case20_secrets_from_the_environment_never_reach_the_run_folder(tiny_llama, toy_data, tmp_path, monkeypatch):
+def test_secrets_from_the_environment_never_reach_the_run_folder(make_recipe, tiny_llama, toy_data, tmp_path,
+                                                                 monkeypatch):
+    """Hub tokens and tracker keys in the environment never appear in any file of the run folder."""
     secrets = {"HF_TOKEN": "hf_PLANTEDsecret0123456789", "HUGGING_FACE_HUB_TOKEN": "hf_PLANTEDsecret9876543210",
                "WANDB_API_KEY": "wandb-PLANTED-key-4242", "MLFLOW_TRACKING_TOKEN": "mlflow-PLANTED-token-77",
                "COMET_API_KEY": "comet-PLANTED-key-11"}
     for name, value in secrets.items():
         monkeypatch.setenv(name, value)
     run = tmp_path / "run"
-    recipe = make_recipe(tiny_llama, toy_data, run, training={"max_steps": 2, "save_steps": 1},
-                         output={"report_to": ["tensorboard"]})
+    recipe = validate_recipe(make_recipe(tiny_llama, toy_data, run, QUICK, training={"max_steps": 2, "save_steps": 1},
+                         output={"report_to": ["tensorboard"]}))
     run_train(recipe, QUIET)
     files = [p for p in run.rglob("*") if p.is_file()]
     assert {"training_args.bin", "recipe.yaml", "README.md", "metrics.json"} <= {p.name for p in files}
@@ -675,15 +699,16 @@ def test_case20_secrets_from_the_environment_never_reach_the_run_folder(tiny_lla
 
 
 # ----------------------------------------------------------------------------------------------------
-# Added after trying it as a new user would (21-26)
+# Found by trying it as a new user would: ownership, one writer, every user error, settings, exact resume
 
 
-def test_case21_a_run_folder_is_marked_with_kind_status_and_the_files_lorafit_wrote(tiny_llama, toy_data, tmp_path):
-    """Case 21: a finished run's lorafit.json says kind run, status finished, and lists exactly what lorafit wrote."""
+def test_a_run_folder_is_marked_with_kind_status_and_the_files_lorafit_wrote(make_recipe, tiny_llama, toy_data,
+                                                                             tmp_path):
+    """A finished run's lorafit.json says kind run, status finished, and lists exactly what lorafit wrote."""
     run = tmp_path / "run"
     (run / "notes.txt").parent.mkdir()
     (run / "notes.txt").write_text("mine")
-    run_train(make_recipe(tiny_llama, toy_data, run, training={"max_steps": 2}), QUIET)
+    run_train(validate_recipe(make_recipe(tiny_llama, toy_data, run, QUICK, training={"max_steps": 2})), QUIET)
     marker = run_folder.read_marker(run)
     assert marker is not None and marker.kind == "run" and marker.status == "finished" and not marker.legacy
     assert sorted(marker.files) == sorted(["adapter", ".adapter.tmp", "recipe.yaml", "metrics.json", "README.md",
@@ -695,9 +720,9 @@ def test_case21_a_run_folder_is_marked_with_kind_status_and_the_files_lorafit_wr
 
 
 @pytest.mark.parametrize("flag", ["--resume", "--overwrite", None])
-def test_case21_a_user_folder_that_looks_like_a_run_is_never_touched(tiny_llama, toy_data, tmp_path, no_model_load,
-                                                                     flag):
-    """Case 21: a user's folder holding README.md and checkpoints/ is not lorafit's without the marker: refused,
+def test_a_user_folder_that_looks_like_a_run_is_never_touched(make_recipe, tiny_llama, toy_data, tmp_path,
+                                                              no_model_load, flag):
+    """A user's folder holding README.md and checkpoints/ is not lorafit's without the marker: refused,
     with or without --resume/--overwrite, and every byte stays as it was."""
     run = tmp_path / "project"
     (run / "checkpoints" / "checkpoint-5").mkdir(parents=True)
@@ -705,48 +730,48 @@ def test_case21_a_user_folder_that_looks_like_a_run_is_never_touched(tiny_llama,
     (run / "README.md").write_text("my notes")
     (run / "metrics.json").write_text("{}")
     before = digest_tree(run)
-    recipe = write_recipe(tmp_path / "r.yaml", raw_recipe(tiny_llama, toy_data, run))
+    recipe = write_recipe(tmp_path / "r.yaml", make_recipe(tiny_llama, toy_data, run, QUICK))
     assert_one_line_error(*cli("train", str(recipe), *([flag] if flag else [])),
                           "README.md", "checkpoints", "which lorafit did not write")
     assert digest_tree(run) == before
 
 
-def test_case21_runs_of_older_lorafit_are_recognised_by_their_run_record(tiny_llama, toy_data, tmp_path):
-    """Case 21: a run written before lorafit.json existed (recognised by checkpoints/lorafit-run.json) is still
+def test_runs_of_older_lorafit_are_recognised_by_their_run_record(make_recipe, tiny_llama, toy_data, tmp_path):
+    """A run written before lorafit.json existed (recognised by checkpoints/lorafit-run.json) is still
     lorafit's: refused as a finished run, replaced by --overwrite, and then carries a real marker."""
     run = tmp_path / "run"
-    recipe = make_recipe(tiny_llama, toy_data, run, training={"max_steps": 2})
+    recipe = validate_recipe(make_recipe(tiny_llama, toy_data, run, QUICK, training={"max_steps": 2}))
     run_train(recipe, QUIET)
     (run / "lorafit.json").unlink()  # as an older lorafit left it
     marker = run_folder.read_marker(run)
     assert marker.legacy and marker.kind == "run" and marker.status == "finished"
     assert "adapter" in marker.files and "checkpoints" in marker.files
-    recipe_file = write_recipe(tmp_path / "r.yaml", raw_recipe(tiny_llama, toy_data, run,
+    recipe_file = write_recipe(tmp_path / "r.yaml", make_recipe(tiny_llama, toy_data, run, QUICK,
                                                                training={"max_steps": 2}))
     assert_one_line_error(*cli("train", str(recipe_file)), "already holds a finished run")
     run_train(recipe, QUIET, overwrite=True)
     assert not run_folder.read_marker(run).legacy
 
 
-def test_case21_a_run_stopped_before_its_first_checkpoint_does_not_block_the_rerun(tiny_llama, toy_data, tmp_path,
-                                                                                  monkeypatch):
-    """Case 21/23: a run that failed before any checkpoint leaves a folder marked failed, and the corrected re-run
+def test_a_run_stopped_before_its_first_checkpoint_does_not_block_the_rerun(make_recipe, tiny_llama, toy_data, tmp_path,
+                                                                            monkeypatch):
+    """A run that failed before any checkpoint leaves a folder marked failed, and the corrected re-run
     needs no flag (nothing in it was worth keeping)."""
     run = tmp_path / "run"
-    recipe = make_recipe(tiny_llama, toy_data, run, training={"max_steps": 2, "save_steps": 10})
+    recipe = validate_recipe(make_recipe(tiny_llama, toy_data, run, QUICK, training={"max_steps": 2, "save_steps": 10}))
     fail_at_step(monkeypatch, 1, RunFailed("simulated failure"))
     with pytest.raises(RunFailed):
         run_train(recipe, QUIET)
     assert run_folder.read_marker(run).status == "failed"
     monkeypatch.undo()
-    assert run_train(recipe, QUIET).metrics["global_step"] == 2
+    assert run_train(recipe, QUIET).metrics.global_step == 2
     assert run_folder.read_marker(run).status == "finished"
 
 
-def test_case21_interrupt_marks_the_run_interrupted(tiny_llama, toy_data, tmp_path, monkeypatch):
-    """Case 21: Ctrl-C leaves the marker's status at interrupted; resuming sets it to finished."""
+def test_interrupt_marks_the_run_interrupted(make_recipe, tiny_llama, toy_data, tmp_path, monkeypatch):
+    """Ctrl-C leaves the marker's status at interrupted; resuming sets it to finished."""
     run = tmp_path / "run"
-    recipe = make_recipe(tiny_llama, toy_data, run, training={"max_steps": 4})
+    recipe = validate_recipe(make_recipe(tiny_llama, toy_data, run, QUICK, training={"max_steps": 4}))
     signal_at_step(monkeypatch, 2)
     with pytest.raises(Interrupted):
         run_train(recipe, QUIET)
@@ -756,8 +781,8 @@ def test_case21_interrupt_marks_the_run_interrupted(tiny_llama, toy_data, tmp_pa
     assert run_folder.read_marker(run).status == "finished"
 
 
-def test_case21_merge_overwrite_replaces_only_an_earlier_merge(tmp_path, tiny_llama):
-    """Case 21: merge --overwrite into a folder of someone else's model files is refused (nothing deleted); into an
+def test_merge_overwrite_replaces_only_an_earlier_merge(tmp_path, tiny_llama):
+    """Merge --overwrite into a folder of someone else's model files is refused (nothing deleted); into an
     earlier merge it replaces that merge's files, by its marker."""
     from lorafit.merge import AdapterSpec, run_merge
 
@@ -781,39 +806,40 @@ def test_case21_merge_overwrite_replaces_only_an_earlier_merge(tmp_path, tiny_ll
     assert (out / "mine.txt").read_text() == "keep" and not (out / run_folder.STAGING).exists()
 
 
-def test_case21_eval_never_overwrites_its_own_data_file(tiny_llama, tmp_path, toy_data_factory):
-    """Case 21: eval --out pointing at the folder of the --data file named samples.jsonl refuses before any model
+def test_eval_never_overwrites_its_own_data_file(make_recipe, tiny_llama, tmp_path, toy_data_factory):
+    """Eval --out pointing at the folder of the --data file named samples.jsonl refuses before any model
     loads, and the data file is unchanged."""
     adapter = save_untrained_adapter(tiny_llama, tmp_path / "adapter")
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     data_file = toy_data_factory(n=8, name="data/samples.jsonl")
     before = data_file.read_bytes()
-    recipe = write_recipe(tmp_path / "r.yaml", raw_recipe(tiny_llama, data_file, tmp_path / "run"))
+    recipe = write_recipe(tmp_path / "r.yaml", make_recipe(tiny_llama, data_file, tmp_path / "run", QUICK))
     assert_one_line_error(*cli("eval", str(recipe), "--adapter", str(adapter), "--data", str(data_file),
                                "--out", str(data_dir)), "samples.jsonl", "which lorafit did not write")
     assert data_file.read_bytes() == before
 
 
-def test_case21_outputs_inside_what_another_output_owns_are_refused(tiny_llama, toy_data, tmp_path, no_model_load):
-    """Case 21: a run or merge placed inside a run's adapter/ or checkpoints/ (which that run's --overwrite deletes)
+def test_outputs_inside_what_another_output_owns_are_refused(make_recipe, tiny_llama, toy_data, tmp_path,
+                                                             no_model_load):
+    """A run or merge placed inside a run's adapter/ or checkpoints/ (which that run's --overwrite deletes)
     is refused up front."""
     run = tmp_path / "run"
     (run / "adapter").mkdir(parents=True)
     run_folder.write_marker(run, "run", files=["adapter", "checkpoints"], status="finished")
-    recipe = write_recipe(tmp_path / "r.yaml", raw_recipe(tiny_llama, toy_data, run / "adapter" / "inner"))
+    recipe = write_recipe(tmp_path / "r.yaml", make_recipe(tiny_llama, toy_data, run / "adapter" / "inner", QUICK))
     assert_one_line_error(*cli("train", str(recipe)), "inside", "adapter", "--overwrite there would delete it")
     adapter = save_untrained_adapter(tiny_llama, tmp_path / "lora")
     code, lines = cli("merge", str(adapter), "--out", str(run / "checkpoints" / "merged"))
     assert_one_line_error(code, lines, "inside", "checkpoints")
 
 
-def test_case22_a_second_train_on_the_same_folder_exits_naming_the_holder(tiny_llama, toy_data, tmp_path,
-                                                                         no_model_load):
-    """Case 22: while one lorafit holds the run folder, a second train exits 1 naming the holder's pid; after the
+def test_a_second_train_on_the_same_folder_exits_naming_the_holder(make_recipe, tiny_llama, toy_data, tmp_path,
+                                                                   no_model_load):
+    """While one lorafit holds the run folder, a second train exits 1 naming the holder's pid; after the
     holder is gone (even killed: the lock file stays behind) the folder is free again."""
     run = tmp_path / "run"
-    recipe = write_recipe(tmp_path / "r.yaml", raw_recipe(tiny_llama, toy_data, run))
+    recipe = write_recipe(tmp_path / "r.yaml", make_recipe(tiny_llama, toy_data, run, QUICK))
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import sys, time
         from pathlib import Path
@@ -834,9 +860,9 @@ def test_case22_a_second_train_on_the_same_folder_exits_naming_the_holder(tiny_l
     assert not (run / run_folder.LOCK).exists()
 
 
-def _tiny_lora_run(model_dir: Path, data_file: Path, run: Path, **adapter) -> Path:
+def _tiny_lora_run(make_recipe, model_dir: Path, data_file: Path, run: Path, **adapter) -> Path:
     """Train a 2-step adapter on the tiny model; returns its adapter folder."""
-    raw = raw_recipe(model_dir, data_file, run, training={"max_steps": 2, "save_steps": 10})
+    raw = make_recipe(model_dir, data_file, run, QUICK, training={"max_steps": 2, "save_steps": 10})
     if adapter:
         raw["adapter"] = adapter
     run_train(validate_recipe(raw), QUIET)
@@ -844,8 +870,8 @@ def _tiny_lora_run(model_dir: Path, data_file: Path, run: Path, **adapter) -> Pa
 
 
 @pytest.mark.parametrize("damage", ["config.json", "model.safetensors", "tokenizer.json"])
-def test_case23_cut_off_model_files_are_user_errors(tiny_llama, toy_data, tmp_path, damage):
-    """Case 23: a model folder with a cut-off config.json, model.safetensors or tokenizer.json (an interrupted
+def test_cut_off_model_files_are_user_errors(make_recipe, tiny_llama, toy_data, tmp_path, damage):
+    """A model folder with a cut-off config.json, model.safetensors or tokenizer.json (an interrupted
     download) is exit 1 with one line naming the file, before any output folder; --json prints its object."""
     import shutil
 
@@ -853,7 +879,7 @@ def test_case23_cut_off_model_files_are_user_errors(tiny_llama, toy_data, tmp_pa
     shutil.copytree(tiny_llama, model)
     data = (model / damage).read_bytes()
     (model / damage).write_bytes(data[: len(data) // 2])
-    recipe = write_recipe(tmp_path / "r.yaml", raw_recipe(model, toy_data, tmp_path / "run"))
+    recipe = write_recipe(tmp_path / "r.yaml", make_recipe(model, toy_data, tmp_path / "run", QUICK))
     message = assert_one_line_error(*cli("train", str(recipe)), str(model))
     if damage != "tokenizer.json":
         assert damage in message and "cut off or corrupt" in message
@@ -864,8 +890,8 @@ def test_case23_cut_off_model_files_are_user_errors(tiny_llama, toy_data, tmp_pa
 
 
 @pytest.mark.parametrize("damage", ["adapter_config.json", "adapter_model.safetensors", "not-an-object"])
-def test_case23_cut_off_adapter_files_are_user_errors_in_merge_and_eval(tiny_llama, toy_data, tmp_path, damage):
-    """Case 23: merge and eval of an adapter whose adapter_config.json or weights are cut off (or whose config is
+def test_cut_off_adapter_files_are_user_errors_in_merge_and_eval(make_recipe, tiny_llama, toy_data, tmp_path, damage):
+    """Merge and eval of an adapter whose adapter_config.json or weights are cut off (or whose config is
     not a JSON object) end with one line naming the file; nothing is written."""
     adapter = save_untrained_adapter(tiny_llama, tmp_path / "adapter")
     if damage == "not-an-object":
@@ -876,7 +902,7 @@ def test_case23_cut_off_adapter_files_are_user_errors_in_merge_and_eval(tiny_lla
     name = "adapter_config.json" if damage == "not-an-object" else damage
     assert_one_line_error(*cli("merge", str(adapter), "--out", str(tmp_path / "merged")), name)
     assert not (tmp_path / "merged").exists()
-    recipe = write_recipe(tmp_path / "r.yaml", raw_recipe(tiny_llama, toy_data, tmp_path / "run",
+    recipe = write_recipe(tmp_path / "r.yaml", make_recipe(tiny_llama, toy_data, tmp_path / "run", QUICK,
                                                           data={"eval": str(toy_data)}))
     assert_one_line_error(*cli("eval", str(recipe), "--adapter", str(adapter), "--out", str(tmp_path / "ev")), name)
     assert not (tmp_path / "ev").exists()
@@ -897,9 +923,9 @@ def _uninstalled_tracker() -> str | None:
     ("output", {"report_to": ["UNINSTALLED"]}, "output.report_to"),
     ("model", {"attn_implementation": "flash_attention_2"}, "model.attn_implementation"),
 ])
-def test_case23_names_the_libraries_reject_fail_in_validate_and_dry_run(tiny_llama, toy_data, tmp_path, no_model_load,
-                                                                       section, value, where):
-    """Case 23: scheduler/optimizer names transformers does not have, trackers that are unknown or not installed,
+def test_names_the_libraries_reject_fail_in_validate_and_dry_run(make_recipe, tiny_llama, toy_data, tmp_path,
+                                                                 no_model_load, section, value, where):
+    """Scheduler/optimizer names transformers does not have, trackers that are unknown or not installed,
     and flash_attention_2 without flash-attn are refused by validate and --dry-run, naming the key, before any
     model loads (the flash case only where flash-attn is missing)."""
     import importlib.util
@@ -911,39 +937,40 @@ def test_case23_names_the_libraries_reject_fail_in_validate_and_dry_run(tiny_lla
         value = {"report_to": [tracker]}
     if "attn_implementation" in value and importlib.util.find_spec("flash_attn") is not None:
         pytest.skip("flash-attn is installed here")
-    recipe = write_recipe(tmp_path / "r.yaml", raw_recipe(tiny_llama, toy_data, tmp_path / "run", **{section: value}))
+    raw = make_recipe(tiny_llama, toy_data, tmp_path / "run", QUICK, **{section: value})
+    recipe = write_recipe(tmp_path / "r.yaml", raw)
     assert_one_line_error(*cli("validate", str(recipe)), where)
     assert_one_line_error(*cli("train", str(recipe), "--dry-run"), where)
     assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("case", ["file", "too-long", "file-parent", "link-loop"])
-def test_case23_output_paths_the_filesystem_cannot_hold(tiny_llama, toy_data, tmp_path, no_model_load, case):
-    """Case 23: output.dir that is a file, lies under a file, has a name too long for the filesystem, or runs into
+def test_output_paths_the_filesystem_cannot_hold(make_recipe, tiny_llama, toy_data, tmp_path, no_model_load, case):
+    """Output.dir that is a file, lies under a file, has a name too long for the filesystem, or runs into
     a symlink loop is exit 1 with one line, before any model loads, and creates nothing."""
     out = {"file": tmp_path / "taken", "too-long": tmp_path / ("x" * 300), "file-parent": tmp_path / "taken" / "run",
            "link-loop": tmp_path / "loop" / "run"}[case]
     (tmp_path / "taken").write_text("a file")
     os.symlink(tmp_path / "loop", tmp_path / "loop")
     before = sorted(p.name for p in tmp_path.iterdir())
-    recipe = write_recipe(tmp_path / "r.yaml", raw_recipe(tiny_llama, toy_data, out))
+    recipe = write_recipe(tmp_path / "r.yaml", make_recipe(tiny_llama, toy_data, out, QUICK))
     before.append("r.yaml")
     assert_one_line_error(*cli("train", str(recipe)), "output.dir")
     assert_one_line_error(*cli("train", str(recipe), "--dry-run"), "output.dir")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(before)
 
 
-def test_case23_a_run_that_fails_before_writing_leaves_no_folder(tiny_llama, toy_data, tmp_path):
-    """Case 23: a run refused after the folder lock was taken (here: target_modules that match nothing, found when
+def test_a_run_that_fails_before_writing_leaves_no_folder(make_recipe, tiny_llama, toy_data, tmp_path):
+    """A run refused after the folder lock was taken (here: target_modules that match nothing, found when
     the model loads) leaves no half-created folder, so the corrected re-run starts like a first one."""
     run = tmp_path / "runs" / "new"
-    raw = raw_recipe(tiny_llama, toy_data, run, adapter={"target_modules": ["nope_proj"]})
+    raw = make_recipe(tiny_llama, toy_data, run, QUICK, adapter={"target_modules": ["nope_proj"]})
     assert_one_line_error(*cli("train", str(write_recipe(tmp_path / "r.yaml", raw))), "nope_proj")
     assert not run.exists() and not run.parent.exists()  # runs/ was created for it, and goes with it
 
 
-def test_case23_merge_checks_max_shard_size_before_any_work(tiny_llama, tmp_path, monkeypatch):
-    """Case 23: --max-shard-size is parsed up front (as save_pretrained will), so a typo costs no merge."""
+def test_merge_checks_max_shard_size_before_any_work(tiny_llama, tmp_path, monkeypatch):
+    """--max-shard-size is parsed up front (as save_pretrained will), so a typo costs no merge."""
     adapter = save_untrained_adapter(tiny_llama, tmp_path / "adapter")
     from lorafit import merge as merge_module
 
@@ -953,23 +980,23 @@ def test_case23_merge_checks_max_shard_size_before_any_work(tiny_llama, tmp_path
     assert not (tmp_path / "m").exists()
 
 
-def test_case23_internal_errors_print_a_json_object_too(tiny_llama, toy_data, tmp_path, monkeypatch):
-    """Case 23 / README promise: --json prints one {"ok": false} object even for an internal error (exit 2)."""
+def test_internal_errors_print_a_json_object_too(make_recipe, tiny_llama, toy_data, tmp_path, monkeypatch):
+    """--json prints one {"ok": false} object even for an internal error (exit 2)."""
     import lorafit.train
 
     def broken(*args, **kwargs):
         raise RuntimeError("simulated bug")
 
     monkeypatch.setattr(lorafit.train, "run_train", broken)
-    recipe = write_recipe(tmp_path / "r.yaml", raw_recipe(tiny_llama, toy_data, tmp_path / "run"))
+    recipe = write_recipe(tmp_path / "r.yaml", make_recipe(tiny_llama, toy_data, tmp_path / "run", QUICK))
     result = CliRunner().invoke(app, ["train", str(recipe), "--json"])
     assert result.exit_code == EXIT_RUN_FAILED
     payload = json.loads(result.stdout)
     assert payload["ok"] is False and "simulated bug" in payload["error"] and payload["exit_code"] == EXIT_RUN_FAILED
 
 
-def test_case23_home_and_dotdot_in_paths(tiny_llama, toy_data, tmp_path, monkeypatch, no_model_load):
-    """Case 23 (paths): `~` in output.dir, model.path and data.train means the home folder (never a folder named
+def test_home_and_dotdot_in_paths(make_recipe, tiny_llama, toy_data, tmp_path, monkeypatch, no_model_load):
+    """`~` in output.dir, model.path and data.train means the home folder (never a folder named
     `~`), and `name: ../../x` cannot place the run outside runs/."""
     home = tmp_path / "home"
     (home / "data").mkdir(parents=True)
@@ -981,14 +1008,14 @@ def test_case23_home_and_dotdot_in_paths(tiny_llama, toy_data, tmp_path, monkeyp
     assert recipe.run_dir == home / "runs" / "r" and recipe.data.train == str(home / "data" / "toy.jsonl")
     (tmp_path / "r.yaml").write_text("name: r\nmodel:\n  path: m\ndata:\n  train: ~/data/toy.jsonl\n")
     assert load_recipe(tmp_path / "r.yaml").data.train == str(home / "data" / "toy.jsonl")
-    escaping = write_recipe(tmp_path / "esc.yaml", {**raw_recipe(tiny_llama, toy_data, tmp_path / "x"),
+    escaping = write_recipe(tmp_path / "esc.yaml", {**make_recipe(tiny_llama, toy_data, tmp_path / "x", QUICK),
                                                      "name": "../../x", "output": {"report_to": ["none"]}})
     assert_one_line_error(*cli("validate", str(escaping)), "name", "outside runs/")
     assert not (tmp_path / "~").exists()
 
 
-def test_case23_set_paths_are_resolved_against_the_current_folder(tiny_llama, toy_data, tmp_path, monkeypatch):
-    """Case 23 (paths, --set): `--set data.train=rel.jsonl` and `--set model.path=models/x` mean those paths as
+def test_set_paths_are_resolved_against_the_current_folder(tiny_llama, toy_data, tmp_path, monkeypatch):
+    """`--set data.train=rel.jsonl` and `--set model.path=models/x` mean those paths as
     seen from the current folder, and the resolved (absolute) paths are what the recipe records."""
     import shutil
 
@@ -1013,49 +1040,51 @@ def test_case23_set_paths_are_resolved_against_the_current_folder(tiny_llama, to
     ({"method": "lora", "num_virtual_tokens": 10}, "num_virtual_tokens: not used by method: lora"),
     ({"method": "lora", "init": "orthogonal", "r": 5}, "needs an even r"),
 ])
-def test_case24_settings_the_method_cannot_use_are_refused(tiny_llama, toy_data, tmp_path, adapter, expected):
-    """Case 24: a setting the chosen method would ignore is a validate-time error naming the key."""
-    raw = raw_recipe(tiny_llama, toy_data, tmp_path / "run")
+def test_settings_the_method_cannot_use_are_refused(make_recipe, tiny_llama, toy_data, tmp_path, adapter, expected):
+    """A setting the chosen method would ignore is a validate-time error naming the key."""
+    raw = make_recipe(tiny_llama, toy_data, tmp_path / "run", QUICK)
     raw["adapter"] = adapter
     assert_one_line_error(*cli("validate", str(write_recipe(tmp_path / "r.yaml", raw))), expected)
 
 
-def test_case24_orthogonal_under_qlora_is_refused_for_the_right_reason(tiny_llama, toy_data, tmp_path):
-    """Case 24: init: orthogonal under quantization is refused because PEFT would build the matrices in the 4-bit
+def test_orthogonal_under_qlora_is_refused_for_the_right_reason(make_recipe, tiny_llama, toy_data, tmp_path):
+    """Init: orthogonal under quantization is refused because PEFT would build the matrices in the 4-bit
     layer's packed uint8 dtype — not because it 'decomposes full-precision weights' (it needs only the shapes)."""
-    raw = raw_recipe(tiny_llama, toy_data, tmp_path / "run", adapter={"init": "orthogonal"}, quantization={"bits": 4})
+    raw = make_recipe(tiny_llama, toy_data, tmp_path / "run", QUICK, adapter={"init": "orthogonal"},
+                      quantization={"bits": 4})
     message = assert_one_line_error(*cli("validate", str(write_recipe(tmp_path / "r.yaml", raw))), "orthogonal")
     assert "uint8" in message and "decomposes" not in message
 
 
-def test_case24_layers_beyond_the_model_are_refused_with_the_layer_count(tiny_llama, toy_data, tmp_path):
-    """Case 24: layers_to_transform naming a layer the model does not have is a user error naming the layer count
+def test_layers_beyond_the_model_are_refused_with_the_layer_count(make_recipe, tiny_llama, toy_data, tmp_path):
+    """Layers_to_transform naming a layer the model does not have is a user error naming the layer count
     (in --dry-run, before any folder)."""
-    raw = raw_recipe(tiny_llama, toy_data, tmp_path / "run", adapter={"layers_to_transform": [0, 7]})
+    raw = make_recipe(tiny_llama, toy_data, tmp_path / "run", QUICK, adapter={"layers_to_transform": [0, 7]})
     layers = json.loads((tiny_llama / "config.json").read_text())["num_hidden_layers"]
     assert_one_line_error(*cli("train", str(write_recipe(tmp_path / "r.yaml", raw)), "--dry-run"),
                           "adapter.layers_to_transform", f"this model has {layers} layers")
 
 
-def test_case24_prefix_tuning_honours_modules_to_save(tiny_llama, toy_data, tmp_path):
-    """Case 24: modules_to_save with method: prefix is honoured: the module is trained and saved with the adapter."""
-    adapter = _tiny_lora_run(tiny_llama, toy_data, tmp_path / "run", method="prefix", modules_to_save=["norm"])
+def test_prefix_tuning_honours_modules_to_save(make_recipe, tiny_llama, toy_data, tmp_path):
+    """Modules_to_save with method: prefix is honoured: the module is trained and saved with the adapter."""
+    adapter = _tiny_lora_run(make_recipe, tiny_llama, toy_data, tmp_path / "run", method="prefix",
+                             modules_to_save=["norm"])
     saved = load_file(adapter / "adapter_model.safetensors")
     norm = [name for name in saved if "norm" in name]
     base = load_file(tiny_llama / "model.safetensors")["model.norm.weight"]
     assert norm and not torch.equal(saved[norm[0]].float(), base.float())
 
 
-def test_case24_prefix_eval_generates_through_the_prefix(tiny_llama, toy_data, tmp_path):
-    """Case 7: eval of a prefix-tuning adapter generates with the prefix: its first answer token is the argmax of
+def test_prefix_eval_generates_through_the_prefix(make_recipe, tiny_llama, toy_data, tmp_path):
+    """Eval of a prefix-tuning adapter generates with the prefix: its first answer token is the argmax of
     the adapter's own forward pass, and the answers do not change with the batch size."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from lorafit.evaluate import run_eval
 
-    adapter = _tiny_lora_run(tiny_llama, toy_data, tmp_path / "run", method="prefix", num_virtual_tokens=4)
-    raw = raw_recipe(tiny_llama, toy_data, tmp_path / "run", data={"eval": str(toy_data)})
+    adapter = _tiny_lora_run(make_recipe, tiny_llama, toy_data, tmp_path / "run", method="prefix", num_virtual_tokens=4)
+    raw = make_recipe(tiny_llama, toy_data, tmp_path / "run", QUICK, data={"eval": str(toy_data)})
     raw["adapter"] = {"method": "prefix", "num_virtual_tokens": 4}
     recipe = validate_recipe(raw)
     one = run_eval(recipe, [adapter], samples=4, batch_size=1, max_new_tokens=3, out_dir=tmp_path / "e1")
@@ -1074,14 +1103,14 @@ def test_case24_prefix_eval_generates_through_the_prefix(tiny_llama, toy_data, t
             assert sample[name].startswith(tokenizer.decode([first], skip_special_tokens=True).strip())
 
 
-def test_case24_merge_refuses_prefix_adapters_and_mixed_methods_up_front(tiny_llama, toy_data, tmp_path,
-                                                                         monkeypatch):
-    """Case 7: merge of a prefix-tuning adapter, and a weighted merge of a LoRA with an IA3 adapter, are refused
+def test_merge_refuses_prefix_adapters_and_mixed_methods_up_front(make_recipe, tiny_llama, toy_data, tmp_path,
+                                                                  monkeypatch):
+    """Merge of a prefix-tuning adapter, and a weighted merge of a LoRA with an IA3 adapter, are refused
     before any weights load, with the reason."""
     from lorafit import merge as merge_module
 
-    prefix = _tiny_lora_run(tiny_llama, toy_data, tmp_path / "p", method="prefix", num_virtual_tokens=4)
-    ia3 = _tiny_lora_run(tiny_llama, toy_data, tmp_path / "i", method="ia3")
+    prefix = _tiny_lora_run(make_recipe, tiny_llama, toy_data, tmp_path / "p", method="prefix", num_virtual_tokens=4)
+    ia3 = _tiny_lora_run(make_recipe, tiny_llama, toy_data, tmp_path / "i", method="ia3")
     lora = save_untrained_adapter(tiny_llama, tmp_path / "lora")
     monkeypatch.setattr(merge_module, "_load_full", lambda *a, **k: pytest.fail("the base model was loaded"))
     assert_one_line_error(*cli("merge", str(prefix), "--out", str(tmp_path / "m")), "prefix-tuning adapter cannot be "
@@ -1092,9 +1121,9 @@ def test_case24_merge_refuses_prefix_adapters_and_mixed_methods_up_front(tiny_ll
 
 
 @pytest.mark.parametrize("command", ["merge", "eval"])
-def test_case25_sigterm_during_merge_or_eval_exits_130_and_leaves_nothing(tiny_llama, toy_data, tmp_path,
-                                                                          monkeypatch, command):
-    """Case 11 of the issue: SIGTERM while merge or eval writes its output exits 130 with one line, removes the
+def test_sigterm_during_merge_or_eval_exits_130_and_leaves_nothing(make_recipe, tiny_llama, toy_data, tmp_path,
+                                                                   monkeypatch, command):
+    """SIGTERM while merge or eval writes its output exits 130 with one line, removes the
     staging folder and leaves nothing that looks complete (no output folder at all here)."""
     from lorafit import evaluate
     from lorafit import merge as merge_module
@@ -1112,7 +1141,7 @@ def test_case25_sigterm_during_merge_or_eval_exits_130_and_leaves_nothing(tiny_l
         code, lines = cli("merge", str(adapter), "--out", str(out))
     else:
         monkeypatch.setattr(run_folder, "write_atomic", terminate)
-        recipe = write_recipe(tmp_path / "r.yaml", raw_recipe(tiny_llama, toy_data, tmp_path / "run",
+        recipe = write_recipe(tmp_path / "r.yaml", make_recipe(tiny_llama, toy_data, tmp_path / "run", QUICK,
                                                               data={"eval": str(toy_data)}))
         code, lines = cli("eval", str(recipe), "--adapter", str(adapter), "--samples", "2", "--out", str(out))
         assert evaluate  # imported for the patch target's module
@@ -1120,16 +1149,16 @@ def test_case25_sigterm_during_merge_or_eval_exits_130_and_leaves_nothing(tiny_l
     assert not out.exists()
 
 
-def test_case25_train_quiet_prints_the_run_summary(tiny_llama, toy_data, tmp_path):
+def test_train_quiet_prints_the_run_summary(make_recipe, tiny_llama, toy_data, tmp_path):
     """README promise: `train --quiet` prints the run summary (and nothing else on stdout)."""
-    raw = raw_recipe(tiny_llama, toy_data, tmp_path / "run", training={"max_steps": 2, "save_steps": 10})
+    raw = make_recipe(tiny_llama, toy_data, tmp_path / "run", QUICK, training={"max_steps": 2, "save_steps": 10})
     result = CliRunner().invoke(app, ["train", str(write_recipe(tmp_path / "r.yaml", raw)), "--quiet"])
     assert result.exit_code == 0, result.stderr
     assert "run rel" in result.stdout and "adapter" in result.stdout and "steps" in result.stdout
     assert "precision" not in result.stdout  # the notes stay quiet
 
 
-def test_case25_init_writes_the_task_and_detects_a_label_column(tiny_llama, tmp_path):
+def test_init_writes_the_task_and_detects_a_label_column(tiny_llama, tmp_path):
     """README promise: `lorafit init` on text/label data writes task: sequence-classification and maps the columns;
     on chat data it writes task: causal-lm."""
     rows = [{"review": f"film number {i} was {'great' if i % 2 else 'dull'}", "sentiment": "pos" if i % 2 else "neg"}
@@ -1165,44 +1194,43 @@ main()
 """
 
 
-def _kill_and_resume(tiny_llama, toy_data, tmp_path, point: str) -> None:
+def _kill_and_resume(make_recipe, tiny_llama, toy_data, tmp_path, point: str) -> None:
     """Train uninterrupted; train again killed with SIGKILL at `point`, then resume: the same adapter, bit for bit,
     no step run twice or past max_steps."""
     straight = tmp_path / "straight"
-    raw = raw_recipe(tiny_llama, toy_data, straight)
+    raw = make_recipe(tiny_llama, toy_data, straight, QUICK)
     run_train(validate_recipe(raw), QUIET)
     run = tmp_path / "killed"
-    recipe = write_recipe(tmp_path / "k.yaml", raw_recipe(tiny_llama, toy_data, run))
+    recipe = write_recipe(tmp_path / "k.yaml", make_recipe(tiny_llama, toy_data, run, QUICK))
     killed = subprocess.run([sys.executable, "-c", _KILL_AT, point, str(recipe)], capture_output=True, text=True,
                             timeout=600, env={**os.environ, "PYTHONPATH": os.getcwd()})
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert not (run / "metrics.json").exists()
-    resumed = run_train(validate_recipe(raw_recipe(tiny_llama, toy_data, run)), QUIET, resume=True)
-    assert resumed.metrics["global_step"] == 6 and max(checkpoint_steps(run)) == 6
+    resumed = run_train(validate_recipe(make_recipe(tiny_llama, toy_data, run, QUICK)), QUIET, resume=True)
+    assert resumed.metrics.global_step == 6 and max(checkpoint_steps(run)) == 6
     assert not (run / "checkpoints" / "checkpoint-7").exists()
     mine, theirs = adapter_weights(run), adapter_weights(straight)
     assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
     assert run_folder.read_marker(run).status == "finished"
 
 
-def test_case26_kill_after_the_last_step_resumes_without_training_past_max_steps(tiny_llama, toy_data, tmp_path):
-    """Case 26: SIGKILL after the last step's checkpoint (during the export), then --resume: only the export runs —
+def test_kill_after_the_last_step_resumes_without_training_past_max_steps(make_recipe, tiny_llama, toy_data, tmp_path):
+    """SIGKILL after the last step's checkpoint (during the export), then --resume: only the export runs —
     no checkpoint-7 for a 6-step recipe — and the adapter equals an uninterrupted run's bit for bit."""
-    _kill_and_resume(tiny_llama, toy_data, tmp_path, "export")
+    _kill_and_resume(make_recipe, tiny_llama, toy_data, tmp_path, "export")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("point", ["1", "3", "4", "6"])
-def test_case26_kill_at_any_step_resumes_bit_exactly(tiny_llama, toy_data, tmp_path, point):
-    """Case 26: SIGKILL before the first checkpoint (step 1), between checkpoints (3), right at a checkpoint step
+def test_kill_at_any_step_resumes_bit_exactly(make_recipe, tiny_llama, toy_data, tmp_path, point):
+    """SIGKILL before the first checkpoint (step 1), between checkpoints (3), right at a checkpoint step
     before its save (4), and at the last step before the final save (6); each resumed adapter equals an
-    uninterrupted run's bit for bit. (Kills mid-save: the case17 tests.)"""
-    _kill_and_resume(tiny_llama, toy_data, tmp_path, point)
+    uninterrupted run's bit for bit. (Kills mid-save: the *_during_a_save_* tests.)"""
+    _kill_and_resume(make_recipe, tiny_llama, toy_data, tmp_path, point)
 
 
-def test_case22_merge_into_a_folder_another_lorafit_writes_is_refused_before_any_work(tiny_llama, tmp_path,
-                                                                                      monkeypatch):
-    """Case 22: while another lorafit holds an output folder, merge into it exits 1 naming the holder, before the
+def test_merge_into_a_folder_another_lorafit_writes_is_refused_before_any_work(tiny_llama, tmp_path, monkeypatch):
+    """While another lorafit holds an output folder, merge into it exits 1 naming the holder, before the
     base model loads."""
     from lorafit import merge as merge_module
 

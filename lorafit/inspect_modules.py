@@ -318,7 +318,8 @@ def _memory_estimates(recipe: Recipe, config, base_params: int, quantizable: int
                 weights = base_params * dtype_bytes
                 setup = "LoRA"
             # The extra bf16 rows stand for a GPU; the others for this machine.
-            checkpointing = _checkpointing(recipe, on_gpu=gpu_here or precision != here, quantized=quantized)
+            checkpointing = adapters.gradient_checkpointing_on(recipe, on_gpu=gpu_here or precision != here,
+                                                                quantized=quantized)
             per_token = _activation_bytes_per_token(config, dtype_bytes, checkpointing, adapted_inputs,
                                                     recipe.adapter.dropout > 0, head_width)
             estimates.append(MemoryEstimate(
@@ -328,13 +329,6 @@ def _memory_estimates(recipe: Recipe, config, base_params: int, quantizable: int
                 this_machine=precision == here and quantized == (quant is not None),
             ))
     return estimates
-
-
-def _checkpointing(recipe: Recipe, *, on_gpu: bool, quantized: bool) -> bool:
-    setting = recipe.training.gradient_checkpointing
-    if setting == "auto":  # what train does: on for GPUs and for 4-bit
-        return on_gpu or quantized
-    return bool(setting)
 
 
 def _activation_bytes_per_token(config, dtype_bytes: int, checkpointing: bool, adapted_inputs: int,
