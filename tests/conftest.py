@@ -1,11 +1,11 @@
-"""Shared pytest fixtures: tiny offline models and toy datasets (see tests/tiny_models.py)."""
+"""Shared pytest fixtures: tiny offline models, toy datasets (see tests/tiny_models.py) and the one recipe factory."""
 
 from __future__ import annotations
 
 import os
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import pytest
 
@@ -63,3 +63,35 @@ def toy_data_factory(tmp_path: Path) -> Callable[..., Path]:
         return write_toy_dataset(tmp_path / (name or f"toy_{fmt}_{n}_{seed}.jsonl"), n=n, fmt=fmt, seed=seed)
 
     return make
+
+
+def _recipe(model: Path | str, train: Path | str, out: Path | str | None = None, *presets: dict[str, Any],
+            **sections: Any) -> dict[str, Any]:
+    """A raw recipe dict (JSON is YAML, so `json.dumps` of it is a recipe file).
+
+    Without `out`: only name, model and data.train, the schema's defaults for the rest (for recipes that are
+    validated or read, never trained). With `out`: a few quick steps on a tiny model (6 steps, a checkpoint every 2,
+    r=8, no dropout, data.max_length 64, constant lr 1e-2, no trackers) writing into `out`.
+    Then each preset, then `sections`, are applied in order: a dict updates that section's keys, anything else
+    replaces the top-level value (e.g. task="sequence-classification").
+    """
+    raw: dict[str, Any] = {"name": "tiny", "model": {"path": str(model)}, "data": {"train": str(train)}}
+    if out is not None:
+        raw["adapter"] = {"r": 8, "dropout": 0.0}
+        raw["data"]["max_length"] = 64
+        raw["training"] = {"max_steps": 6, "batch_size": 4, "grad_accum": 1, "learning_rate": 1e-2,
+                           "logging_steps": 1, "save_steps": 2, "warmup_ratio": 0.0, "scheduler": "constant"}
+        raw["output"] = {"dir": str(out), "report_to": ["none"]}
+    for layer in (*presets, sections):
+        for key, value in layer.items():
+            raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
+    return raw
+
+
+@pytest.fixture(scope="session")
+def make_recipe() -> Callable[..., dict[str, Any]]:
+    """``make(model, train, out=None, *presets, **sections) -> dict``: the one way tests build a recipe.
+
+    See `_recipe` for the defaults; pass the dict to `lorafit.recipe.validate_recipe` for a Recipe object.
+    """
+    return _recipe

@@ -24,21 +24,13 @@ LABELS = ["animal", "food"]
 HEADS = {"bert": "classifier", "llama": "score"}  # the head PEFT's SEQ_CLS task trains in full (modules_to_save)
 
 
-def classification_recipe(model: Path, train: Path, out: Path, **data) -> dict:
-    return {
-        "name": "cls",
-        "task": "sequence-classification",
-        "model": {"path": str(model)},
-        "adapter": {"r": 8, "dropout": 0.0},
-        "data": {"train": str(train), "max_length": 32, **data},
-        "training": {"max_steps": 30, "batch_size": 8, "grad_accum": 1, "learning_rate": 1e-2, "logging_steps": 5,
-                     "save_steps": 1000, "warmup_ratio": 0.0, "scheduler": "constant"},
-        "output": {"dir": str(out), "report_to": ["none"]},
-    }
+# A classifier over LABELS: 30 steps on batches of 8 of the tiny data, max_length 32, no mid-run checkpoints.
+CLASSIFIER = {"task": "sequence-classification", "data": {"max_length": 32},
+              "training": {"max_steps": 30, "batch_size": 8, "logging_steps": 5, "save_steps": 1000}}
 
 
 @pytest.fixture(scope="module", params=["bert", "llama"])
-def run(request, tmp_path_factory) -> dict:
+def run(make_recipe, request, tmp_path_factory) -> dict:
     """`lorafit train`, `eval` and `merge` of one classifier, through the CLI; their outputs for the tests below."""
     arch = request.param
     root = tmp_path_factory.mktemp(f"classify-{arch}")
@@ -48,7 +40,8 @@ def run(request, tmp_path_factory) -> dict:
     train = write_classification_dataset(root / "train.jsonl", n=128, seed=0)
     held_out = write_classification_dataset(root / "eval.jsonl", n=24, seed=1)
     recipe_file = root / "recipe.yaml"
-    recipe_file.write_text(json.dumps(classification_recipe(base, train, root / "run", eval=str(held_out))))
+    raw = make_recipe(base, train, root / "run", CLASSIFIER, data={"eval": str(held_out)})
+    recipe_file.write_text(json.dumps(raw))
     runner = CliRunner()
     env = {"COLUMNS": "200", "NO_COLOR": "1"}
     trained = runner.invoke(app, ["train", str(recipe_file)], env=env)
@@ -160,7 +153,7 @@ def test_merged_model_loads_in_plain_transformers_and_matches_base_plus_adapter(
 
 
 def test_inspect_shows_the_head_as_trained_fully(run):
-    from lorafit.inspect import run_inspect
+    from lorafit.inspect_modules import run_inspect
 
     result = run_inspect(run["run"] / "recipe.yaml")
     assert result.architecture.endswith("ForSequenceClassification")
@@ -186,11 +179,12 @@ def test_mismatched_adapters_are_refused_before_loading_weights(run, tmp_path):
     assert not (tmp_path / "e").exists() and not (tmp_path / "m").exists()
 
 
-def test_a_label_outside_data_labels_is_a_one_line_error(tiny_llama, tmp_path):
+def test_a_label_outside_data_labels_is_a_one_line_error(make_recipe, tiny_llama, tmp_path):
     train = write_classification_dataset(tmp_path / "train.jsonl", n=6,
                                          extra_rows=({"text": "the dog and the milk", "label": "both"},))
     recipe_file = tmp_path / "recipe.yaml"
-    recipe_file.write_text(json.dumps(classification_recipe(tiny_llama, train, tmp_path / "run", labels=LABELS)))
+    recipe_file.write_text(json.dumps(make_recipe(tiny_llama, train, tmp_path / "run", CLASSIFIER,
+                                                  data={"labels": LABELS})))
     result = CliRunner().invoke(app, ["train", str(recipe_file)])
     assert result.exit_code == 1 and "Traceback" not in result.output
     lines = result.output.strip().splitlines()
@@ -199,8 +193,8 @@ def test_a_label_outside_data_labels_is_a_one_line_error(tiny_llama, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_the_resume_fingerprint_tells_the_tasks_apart(tmp_path):
-    raw = classification_recipe(Path("model"), tmp_path / "train.jsonl", tmp_path / "run", labels=LABELS)
+def test_the_resume_fingerprint_tells_the_tasks_apart(make_recipe, tmp_path):
+    raw = make_recipe("model", tmp_path / "train.jsonl", tmp_path / "run", CLASSIFIER, data={"labels": LABELS})
     classifier = validate_recipe(raw)
     causal = validate_recipe({**raw, "task": "causal-lm", "data": {"train": raw["data"]["train"]}})
     assert checkpoints.fingerprint(classifier, {})["recipe"]["task"] == "sequence-classification"

@@ -18,21 +18,15 @@ from lorafit.train import run_train
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> dict[str, Path]:
+def trained(make_recipe, tmp_path_factory) -> dict[str, Path]:
     """A tiny Llama, one adapter really trained on the colour -> thing task, and one random adapter."""
     root = tmp_path_factory.mktemp("eval")
     base = build_tiny_model(root / "base", "llama")
     train = write_toy_dataset(root / "train.jsonl", n=64)
     held_out = write_toy_dataset(root / "eval.jsonl", n=12, seed=1)
-    recipe = validate_recipe({
-        "name": "toy",
-        "model": {"path": str(base)},
-        "adapter": {"r": 8, "dropout": 0.0},
-        "data": {"train": str(train), "eval": str(held_out), "max_length": 64},
-        "training": {"max_steps": 40, "batch_size": 8, "grad_accum": 1, "learning_rate": 1e-2, "logging_steps": 10,
-                     "save_steps": 1000, "warmup_ratio": 0.0, "scheduler": "constant"},
-        "output": {"dir": str(root / "run"), "report_to": ["none"]},
-    })
+    recipe = validate_recipe(make_recipe(base, train, root / "run", name="toy", data={"eval": str(held_out)},
+                                         training={"max_steps": 40, "batch_size": 8, "logging_steps": 10,
+                                                   "save_steps": 1000}))
     run_train(recipe, Console(quiet=True), quiet=True)
     random_adapter = write_lora_run(root / "random", base, r=4, seed=7)
     return {"root": root, "base": base, "recipe": root / "run" / "recipe.yaml", "adapter": root / "run" / "adapter",

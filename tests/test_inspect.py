@@ -13,7 +13,7 @@ from peft import LoraConfig, get_peft_model
 from tiny_models import REAL_PARAM_COUNTS, build_config_only, build_tiny_model
 
 from lorafit.errors import LorafitError
-from lorafit.inspect import run_inspect
+from lorafit.inspect_modules import run_inspect
 
 # The modules each preset must pick, written out by hand per architecture (not derived from lorafit).
 EXPECTED_TARGETS = {
@@ -49,15 +49,14 @@ def test_counts_equal_peft_on_the_real_model(tmp_path, arch, preset):
     assert result.presets[preset] == result.target_modules
 
 
-def test_recipe_options_are_counted_like_training_would(tmp_path):
+def test_recipe_options_are_counted_like_training_would(make_recipe, tmp_path):
     """layers_to_transform, DoRA and modules_to_save all change the count; PEFT must agree on each."""
     folder = build_config_only(tmp_path / "llama", "llama")
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(json.dumps({
-        "name": "x", "model": {"path": str(folder)}, "data": {"train": "unused.jsonl"},
-        "adapter": {"r": 8, "target_modules": ["q_proj", "v_proj"], "use_dora": True, "layers_to_transform": [1],
-                    "modules_to_save": ["lm_head"]},
-    }))
+    recipe.write_text(json.dumps(make_recipe(
+        folder, "unused.jsonl", adapter={"r": 8, "target_modules": ["q_proj", "v_proj"], "use_dora": True,
+                                         "layers_to_transform": [1], "modules_to_save": ["lm_head"]},
+    )))
     result = run_inspect(recipe)
     assert result.adapter_source == "recipe"
     expected = _peft_counts_on_real_model(folder, ["q_proj", "v_proj"], r=8, use_dora=True, layers_to_transform=[1],
@@ -78,7 +77,8 @@ def test_published_llama_shapes_match_known_figures(tmp_path):
 def test_a_70b_config_only_folder_is_inspected_in_seconds(tmp_path):
     folder = build_config_only(tmp_path / "70b", "llama", "llama-70b")
     started = time.perf_counter()
-    result = run_inspect(str(folder))
+    # fp32 as this machine's precision whatever the CPU, so the rows compared below are fp32 and bf16 (a GPU).
+    result = run_inspect(str(folder), ["training.precision=fp32"])
     assert time.perf_counter() - started < 60  # ~2 s on 2 cores; no 140 GB of weights are touched
     assert result.base_params == REAL_PARAM_COUNTS["llama-70b"]
     assert result.trainable_params == 207_093_760  # r=16 on all seven linear layers x 80

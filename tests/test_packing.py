@@ -114,7 +114,7 @@ def test_trained_positions_loss_equals_trls_fused_loss_and_gradients(tiny_models
             torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
 
 
-def test_a_kv_cache_hides_packing_so_prefix_tuning_is_refused(tiny_models, toy_data, tmp_path):
+def test_a_kv_cache_hides_packing_so_prefix_tuning_is_refused(make_recipe, tiny_models, toy_data, tmp_path):
     """Prefix tuning feeds its prefix as a KV cache; transformers then cannot see the packed boundaries.
 
     If the first assertion ever fails, transformers splits packed rows under a cache too and the refusal in
@@ -128,22 +128,20 @@ def test_a_kv_cache_hides_packing_so_prefix_tuning_is_refused(tiny_models, toy_d
     with torch.no_grad():
         contaminated = model(**_packed(rows), use_cache=False).loss.item()
         assert abs(contaminated - _unpacked_mean_loss(model, rows)) > 1e-3
-    raw = {"name": "p", "model": {"path": str(tiny_models["llama"])}, "data": {"train": str(toy_data), "packing": True},
-           "adapter": {"method": "prefix"}}
+    raw = make_recipe(tiny_models["llama"], toy_data, data={"packing": True}, adapter={"method": "prefix"})
     with pytest.raises(LorafitError, match="data.packing: prefix tuning cannot be packed"):
         validate_recipe(raw)
     validate_recipe({**raw, "data": {"train": str(toy_data), "group_by_length": True}})  # the fast alternative
 
 
 @pytest.mark.parametrize("data", [{"packing": True}, {"group_by_length": True}])
-def test_packed_and_length_grouped_training_runs_and_reports_throughput(tiny_llama, toy_data_factory, tmp_path, data):
-    from test_train import tiny_recipe
-
+def test_packed_and_length_grouped_training_runs_and_reports_throughput(make_recipe, tiny_llama, toy_data_factory,
+                                                                         tmp_path, data):
     from lorafit.train import run_train
 
     toy = toy_data_factory(n=24)
-    recipe = validate_recipe(tiny_recipe(tiny_llama, toy, tmp_path / "run", data=data,
-                                         training={"max_steps": 3, "batch_size": 4}, output={"report_to": ["none"]}))
+    recipe = validate_recipe(make_recipe(tiny_llama, toy, tmp_path / "run", data=data,
+                                         training={"max_steps": 3, "logging_steps": 5, "save_steps": 20}))
     result = run_train(recipe, Console(quiet=True))
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["global_step"] == 3

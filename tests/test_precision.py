@@ -56,14 +56,12 @@ def test_fp16_on_a_cpu_is_refused(cpu):
 @pytest.mark.parametrize(("native", "requested", "expected", "warned"), [
     (False, "auto", "fp32", False), (True, "auto", "bf16", False), (False, "bf16", "bf16", True),
 ])
-def test_train_reports_the_choice_and_the_warning(cpu, tiny_llama, toy_data, tmp_path, native, requested, expected,
-                                                  warned):
-    from test_train import tiny_recipe
-
+def test_train_reports_the_choice_and_the_warning(make_recipe, cpu, tiny_llama, toy_data, tmp_path, native, requested,
+                                                  expected, warned):
     from lorafit.train import run_train
 
     cpu(native)
-    recipe = validate_recipe(tiny_recipe(tiny_llama, toy_data, tmp_path / "run", training={"precision": requested}))
+    recipe = validate_recipe(make_recipe(tiny_llama, toy_data, tmp_path / "run", training={"precision": requested}))
     result = run_train(recipe, Console(quiet=True), dry_run=True)
     assert result.precision.name == expected
     assert any(note.startswith(f"precision {expected} on cpu") for note in result.notes)

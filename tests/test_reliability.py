@@ -500,7 +500,7 @@ def test_interrupt_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(ma
     monkeypatch.undo()
 
     resumed = run_train(recipe, QUIET, resume=True)
-    assert resumed.metrics["global_step"] == straight.metrics["global_step"] == 6
+    assert resumed.metrics.global_step == straight.metrics.global_step == 6
     expected, got = adapter_weights(tmp_path / "straight"), adapter_weights(tmp_path / "run")
     assert expected.keys() == got.keys()
     for name in expected:
@@ -517,7 +517,7 @@ def test_second_interrupt_stops_at_once_keeping_the_last_complete_checkpoint(mak
         run_train(recipe, QUIET)
     assert checkpoint_steps(tmp_path / "run") == [2]
     monkeypatch.undo()
-    assert run_train(recipe, QUIET, resume=True).metrics["global_step"] == 6
+    assert run_train(recipe, QUIET, resume=True).metrics.global_step == 6
 
 
 def test_cli_interrupt_exits_130_with_the_resume_command(make_recipe, tiny_llama, toy_data, tmp_path, monkeypatch):
@@ -551,7 +551,7 @@ def test_a_crash_during_a_save_leaves_the_previous_checkpoint_and_resume_skips_i
 
     result = run_train(recipe, QUIET, resume=True)
     assert any("skipped the incomplete checkpoint-4" in note for note in result.notes)
-    assert result.metrics["global_step"] == 6 and checkpoint_steps(run) == [4, 6]
+    assert result.metrics.global_step == 6 and checkpoint_steps(run) == [4, 6]
     assert not partial.exists()
 
 
@@ -587,7 +587,7 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint_and_resume_skips_i
     assert state["global_step"] == 2
     result = run_train(validate_recipe(raw), QUIET, resume=True)
     assert any("skipped the incomplete checkpoint-4" in note for note in result.notes)
-    assert result.metrics["global_step"] == 6
+    assert result.metrics.global_step == 6
 
 
 @pytest.mark.slow

@@ -21,20 +21,20 @@ from lorafit.sweep import parse_sweeps, run_sweep
 QUIET = Console(quiet=True)
 
 
-def write_recipe(folder: Path, model: Path, data: Path, **training) -> Path:
-    """A sweepable recipe: 4 steps of a tiny model, a checkpoint every 2, eval on held-out rows."""
-    raw = {
-        "name": "sw",
-        "model": {"path": str(model)},
-        "adapter": {"r": 4, "dropout": 0.0},
-        "data": {"train": str(data), "eval": 0.25, "max_length": 48},
-        "training": {"max_steps": 4, "batch_size": 4, "grad_accum": 1, "learning_rate": 1e-2, "logging_steps": 1,
-                     "save_steps": 2, "warmup_ratio": 0.0, "scheduler": "constant", **training},
-        "output": {"dir": str(folder / "runs" / "sw"), "report_to": ["none"]},
-    }
-    path = folder / "sw.yaml"
-    path.write_text(json.dumps(raw))  # JSON is YAML
-    return path
+@pytest.fixture
+def write_recipe(make_recipe, tmp_path, tiny_llama, toy_data):
+    """``write(**training) -> Path``: a sweepable recipe file: 4 steps of a tiny model, a checkpoint every 2, eval
+    on held-out rows, runs under tmp_path/runs/sw."""
+
+    def write(**training) -> Path:
+        raw = make_recipe(tiny_llama, toy_data, tmp_path / "runs" / "sw", name="sw",
+                          adapter={"r": 4}, data={"eval": 0.25, "max_length": 48},
+                          training={"max_steps": 4, **training})
+        path = tmp_path / "sw.yaml"
+        path.write_text(json.dumps(raw))  # JSON is YAML
+        return path
+
+    return write
 
 
 def cli(*args: str) -> tuple[int, str, list[str]]:
@@ -94,9 +94,9 @@ def test_sweep_options_are_parsed_into_axes():
             parse_sweeps(sweeps, overrides)
 
 
-def test_every_grid_point_is_checked_before_any_run_starts(tiny_llama, toy_data, tmp_path):
+def test_every_grid_point_is_checked_before_any_run_starts(write_recipe, tmp_path):
     """A bad value or key in the grid is a one-line error naming the grid point; nothing is created."""
-    recipe = write_recipe(tmp_path, tiny_llama, toy_data)
+    recipe = write_recipe()
     code, _, lines = cli("train", str(recipe), "--sweep", "training.learning_rate=1e-2,2e-3",
                          "--sweep", "adapter.r=8,-1")
     assert code == EXIT_USER_ERROR and len(lines) == 1, lines
@@ -108,9 +108,9 @@ def test_every_grid_point_is_checked_before_any_run_starts(tiny_llama, toy_data,
     assert not (tmp_path / "runs").exists()
 
 
-def test_dry_run_lists_the_grid_and_writes_nothing(tiny_llama, toy_data, tmp_path):
+def test_dry_run_lists_the_grid_and_writes_nothing(write_recipe, tmp_path):
     """--dry-run --json: every grid point with its folder and typed values; no folder is created."""
-    recipe = write_recipe(tmp_path, tiny_llama, toy_data)
+    recipe = write_recipe()
     code, out, lines = cli("train", str(recipe), "--sweep", "training.learning_rate=1e-2,2e-3",
                            "--sweep", "adapter.target_modules=[q_proj,v_proj],all-linear", "--dry-run", "--json")
     assert code == 0, lines
@@ -125,9 +125,9 @@ def test_dry_run_lists_the_grid_and_writes_nothing(tiny_llama, toy_data, tmp_pat
     assert not (tmp_path / "runs").exists()
 
 
-def test_sweep_trains_each_grid_point_into_its_own_run_folder(tiny_llama, toy_data, tmp_path):
+def test_sweep_trains_each_grid_point_into_its_own_run_folder(write_recipe, tmp_path):
     """2 learning rates x 2 ranks: four finished run folders holding their values, a loss chart each, the summary."""
-    recipe = write_recipe(tmp_path, tiny_llama, toy_data)
+    recipe = write_recipe()
     code, out, lines = cli("train", str(recipe), "--sweep", "training.learning_rate=1e-2,2e-3",
                            "--sweep", "adapter.r=4,8", "--json")
     assert code == 0, lines
@@ -156,9 +156,9 @@ def test_sweep_trains_each_grid_point_into_its_own_run_folder(tiny_llama, toy_da
     assert len(table) == 2 + len(names) and f"**{best['name']}** (best)" in "".join(table)
 
 
-def test_a_failed_run_is_recorded_and_the_sweep_goes_on(tiny_llama, toy_data, tmp_path):
+def test_a_failed_run_is_recorded_and_the_sweep_goes_on(write_recipe, tmp_path):
     """A learning rate that makes the loss NaN fails its run (exit 2, named); the other run still finishes."""
-    recipe = write_recipe(tmp_path, tiny_llama, toy_data, max_nonfinite_steps=2)
+    recipe = write_recipe(max_nonfinite_steps=2)
     code, out, lines = cli("train", str(recipe), "--sweep", "training.learning_rate=1e30,1e-2", "--json")
     assert code == EXIT_RUN_FAILED, lines
     payload = json.loads(out)
@@ -170,10 +170,10 @@ def test_a_failed_run_is_recorded_and_the_sweep_goes_on(tiny_llama, toy_data, tm
     assert json.loads((sweep / "sweep.json").read_text())["best"] == "lr=1e-2"
 
 
-def test_resumed_sweep_skips_finished_runs_and_resumes_the_interrupted_one(tiny_llama, toy_data, tmp_path, monkeypatch):
+def test_resumed_sweep_skips_finished_runs_and_resumes_the_interrupted_one(write_recipe, tmp_path, monkeypatch):
     """Ctrl-C in the 2nd of 3 runs stops the sweep (exit 130, summary written); --resume leaves the 1st run as it
     was, continues the 2nd from its checkpoint and trains the 3rd from step 0."""
-    recipe = write_recipe(tmp_path, tiny_llama, toy_data)
+    recipe = write_recipe()
     sweeps = ["training.learning_rate=1e-2,5e-3,2e-3"]
     sweep = tmp_path / "runs" / "sw"
     starts = record_starts(monkeypatch)
@@ -210,9 +210,9 @@ def test_resumed_sweep_skips_finished_runs_and_resumes_the_interrupted_one(tiny_
     assert first == {name: digest(sweep / "lr=1e-2" / name) for name in first}
 
 
-def test_a_sweep_never_goes_inside_a_single_run(tiny_llama, toy_data, tmp_path):
+def test_a_sweep_never_goes_inside_a_single_run(write_recipe, tmp_path):
     """The sweep folder holding a plain run: refused, pointing at another output.dir; the run is untouched."""
-    recipe = write_recipe(tmp_path, tiny_llama, toy_data, max_steps=2)
+    recipe = write_recipe(max_steps=2)
     code, _, lines = cli("train", str(recipe))
     assert code == 0, lines
     code, _, lines = cli("train", str(recipe), "--sweep", "adapter.r=4,8")

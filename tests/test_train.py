@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import torch
 from rich.console import Console
 from safetensors.torch import load_file
 
+from lorafit import models
 from lorafit.errors import LorafitError
 from lorafit.recipe import load_recipe, validate_recipe
 from lorafit.train import run_train
@@ -20,19 +22,9 @@ from lorafit.train import run_train
 QUIET = Console(quiet=True)
 
 
-def tiny_recipe(model: Path, data_file: Path, out: Path, **sections) -> dict:
-    raw = {
-        "name": "tiny",
-        "model": {"path": str(model)},
-        "adapter": {"r": 8, "dropout": 0.0},
-        "data": {"train": str(data_file), "max_length": 64},
-        "training": {"max_steps": 40, "batch_size": 8, "grad_accum": 1, "learning_rate": 1e-2,
-                     "logging_steps": 5, "save_steps": 20, "warmup_ratio": 0.0, "scheduler": "constant"},
-        "output": {"dir": str(out), "report_to": ["tensorboard"]},
-    }
-    for key, value in sections.items():
-        raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
-    return raw
+# These runs train for real: 40 steps on batches of 8 (the tiny model learns the toy data), logged to tensorboard.
+FORTY_STEPS = {"training": {"max_steps": 40, "batch_size": 8, "logging_steps": 5, "save_steps": 20},
+               "output": {"report_to": ["tensorboard"]}}
 
 
 def generate_answer(model, tokenizer, color: str) -> str:
@@ -45,7 +37,7 @@ def generate_answer(model, tokenizer, color: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
+def trained_run(make_recipe, tmp_path_factory):
     """One real training run on a tiny Llama, shared by the assertions below."""
     from tiny_models import build_tiny_model, write_toy_dataset
 
@@ -54,7 +46,7 @@ def trained_run(tmp_path_factory):
     data = write_toy_dataset(root / "toy.jsonl", n=64)
     eval_data = write_toy_dataset(root / "toy_eval.jsonl", n=12, seed=1)
     base_weights = load_file(model / "model.safetensors")
-    recipe = validate_recipe(tiny_recipe(model, data, root / "run", data={"eval": str(eval_data)}))
+    recipe = validate_recipe(make_recipe(model, data, root / "run", FORTY_STEPS, data={"eval": str(eval_data)}))
     result = run_train(recipe, QUIET)
     return {"result": result, "recipe": recipe, "model": model, "base_weights": base_weights, "run": root / "run"}
 
@@ -90,7 +82,8 @@ def test_metrics_record_losses_speed_and_provenance(trained_run):
     for key in ("train_loss_final", "eval_loss", "tokens_per_second", "peak_memory_mb", "train_seconds", "versions",
                 "hardware", "precision", "seed", "data_fingerprint", "trainable_params", "loss_history"):
         assert metrics[key] is not None, key
-    assert metrics["precision"] == "fp32"  # this CPU has no native bf16
+    # What `precision: auto` picks here: fp32 on a CPU without native bf16, bf16 on one with it (or on a GPU).
+    assert metrics["precision"] == models.choose_precision("auto")[0].name
     assert metrics["global_step"] == 40
     assert all(len(digest) == 64 for digest in metrics["data_fingerprint"].values())
     losses = [e["loss"] for e in metrics["loss_history"] if "loss" in e]
@@ -123,8 +116,8 @@ def test_finished_run_is_not_overwritten_without_the_flag(trained_run):
         run_train(recipe, QUIET)
 
 
-def test_dry_run_checks_everything_and_writes_nothing(tiny_llama, toy_data, tmp_path):
-    recipe = validate_recipe(tiny_recipe(tiny_llama, toy_data, tmp_path / "dry"))
+def test_dry_run_checks_everything_and_writes_nothing(make_recipe, tiny_llama, toy_data, tmp_path):
+    recipe = validate_recipe(make_recipe(tiny_llama, toy_data, tmp_path / "dry", FORTY_STEPS))
     result = run_train(recipe, QUIET, dry_run=True)
     assert not (tmp_path / "dry").exists()
     assert result.trainable_params > 0 and result.report.train_examples == 64 and result.report.eos_trained
@@ -132,20 +125,21 @@ def test_dry_run_checks_everything_and_writes_nothing(tiny_llama, toy_data, tmp_
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "gpt2", "mistral"])
-def test_other_architectures_train(tiny_model_factory, toy_data, tmp_path, arch):
+def test_other_architectures_train(make_recipe, tiny_model_factory, toy_data, tmp_path, arch):
     model = tiny_model_factory(arch)
-    recipe = validate_recipe(tiny_recipe(model, toy_data, tmp_path / "run", training={"max_steps": 3},
+    recipe = validate_recipe(make_recipe(model, toy_data, tmp_path / "run", FORTY_STEPS, training={"max_steps": 3},
                                          adapter={"target_modules": "attention"}, output={"report_to": ["none"]}))
     result = run_train(recipe, QUIET)
-    assert result.metrics["global_step"] == 3
+    assert result.metrics.global_step == 3
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").exists()
     if arch == "gpt2":
         assert result.target_modules == ["attn.c_proj", "c_attn"]  # Conv1D, and not mlp.c_proj
 
 
 @pytest.mark.parametrize("method", ["ia3", "prefix", "dora"])
-def test_other_peft_methods_train(tiny_llama, toy_data, tmp_path, method):
-    raw = tiny_recipe(tiny_llama, toy_data, tmp_path / "run", training={"max_steps": 2}, output={"report_to": ["none"]})
+def test_other_peft_methods_train(make_recipe, tiny_llama, toy_data, tmp_path, method):
+    raw = make_recipe(tiny_llama, toy_data, tmp_path / "run", FORTY_STEPS, training={"max_steps": 2},
+                      output={"report_to": ["none"]})
     # IA3 and prefix tuning have no rank or dropout: the LoRA settings would be refused, not ignored.
     raw["adapter"] = {**raw["adapter"], "use_dora": True} if method == "dora" else {"method": method}
     recipe = validate_recipe(raw)
@@ -155,12 +149,13 @@ def test_other_peft_methods_train(tiny_llama, toy_data, tmp_path, method):
     assert config.get("use_dora", False) == (method == "dora")
 
 
-def test_qlora_4bit_trains_on_cpu(tiny_llama, toy_data, tmp_path):
-    recipe = validate_recipe(tiny_recipe(tiny_llama, toy_data, tmp_path / "run", quantization={"bits": 4},
-                                         training={"max_steps": 6}, output={"report_to": ["none"]}))
+def test_qlora_4bit_trains_on_cpu(make_recipe, tiny_llama, toy_data, tmp_path):
+    recipe = validate_recipe(make_recipe(tiny_llama, toy_data, tmp_path / "run", FORTY_STEPS,
+                                         quantization={"bits": 4}, training={"max_steps": 6},
+                                         output={"report_to": ["none"]}))
     result = run_train(recipe, QUIET)
-    losses = [e["loss"] for e in result.metrics["loss_history"] if "loss" in e]
-    assert all(map(lambda x: x == x, losses))  # finite
+    losses = [e["loss"] for e in result.metrics.loss_history if "loss" in e]
+    assert losses and all(math.isfinite(loss) for loss in losses), losses
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -168,16 +163,18 @@ def test_qlora_4bit_trains_on_cpu(tiny_llama, toy_data, tmp_path):
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in model.state_dict().items())
 
 
-def test_target_modules_that_match_nothing_list_what_the_model_has(tiny_llama, toy_data, tmp_path):
-    recipe = validate_recipe(tiny_recipe(tiny_llama, toy_data, tmp_path / "run", adapter={"target_modules": ["qproj"]}))
+def test_target_modules_that_match_nothing_list_what_the_model_has(make_recipe, tiny_llama, toy_data, tmp_path):
+    recipe = validate_recipe(make_recipe(tiny_llama, toy_data, tmp_path / "run", FORTY_STEPS,
+                                         adapter={"target_modules": ["qproj"]}))
     with pytest.raises(LorafitError, match="qproj match no module.*q_proj x2"):
         run_train(recipe, QUIET)
     assert not (tmp_path / "run").exists()
 
 
-def test_cli_console_script_trains_and_reports_json(tiny_llama, toy_data, tmp_path):
+def test_cli_console_script_trains_and_reports_json(make_recipe, tiny_llama, toy_data, tmp_path):
     recipe_file = tmp_path / "recipe.yaml"
-    recipe_file.write_text(json.dumps(tiny_recipe(tiny_llama, toy_data, tmp_path / "run")))  # JSON is YAML
+    raw = make_recipe(tiny_llama, toy_data, tmp_path / "run", FORTY_STEPS)
+    recipe_file.write_text(json.dumps(raw))  # JSON is YAML
     proc = subprocess.run(["lorafit", "train", str(recipe_file), "--set", "training.max_steps=4", "--json"],
                           capture_output=True, text=True, env={**os.environ, "NO_COLOR": "1"}, timeout=300)
     assert proc.returncode == 0, proc.stderr
