@@ -366,13 +366,14 @@ def _sweep_payload(result, failure: str | None) -> dict[str, Any]:
 
 def _render_sweep(console: Console, result, *, quiet: bool = False) -> None:
     """The grid, one row per run (its name holds its values); a dry run says what each run would do."""
+    from lorafit.sweep import cell  # the same cells as sweep.md
     title = f"sweep {result.sweep_dir}: {len(result.runs)} runs over {', '.join(result.axes)}"
     table = Table(title=title, title_justify="left")
     if result.dry_run:
         for column in ("run", "will", "values"):
             table.add_column(column)
         for run in result.runs:
-            table.add_row(run.name, run.plan, ", ".join(f"{k}={_cell(v)}" for k, v in run.values.items()))
+            table.add_row(run.name, run.plan, ", ".join(f"{k}={cell(v)}" for k, v in run.values.items()))
         console.print(table)
         console.print("[dim]dry run: nothing was trained or written[/dim]")
         return
@@ -380,7 +381,7 @@ def _render_sweep(console: Console, result, *, quiet: bool = False) -> None:
         table.add_column(column, justify="left" if column in ("run", "status") else "right")
     for run in result.runs:
         style = {"failed": "red", "interrupted": "yellow", "pending": "dim"}.get(run.status, "")
-        table.add_row(run.name + (" *" if run.name == result.best else ""), run.status, _cell(run.steps),
+        table.add_row(run.name + (" *" if run.name == result.best else ""), run.status, cell(run.steps),
                       _fmt(run.train_loss), _fmt(run.eval_loss),
                       f"{run.tokens_per_second:,.0f}" if run.tokens_per_second else "-",
                       f"{run.train_seconds:.1f} s" if run.train_seconds else "-",
@@ -391,14 +392,6 @@ def _render_sweep(console: Console, result, *, quiet: bool = False) -> None:
     if not quiet and result.summary_path:
         console.print(f"[dim]summary: {result.summary_path}, {result.table_path}; compare: lorafit runs "
                       f"{result.sweep_dir} --plot {result.sweep_dir / 'sweep.png'}[/dim]")
-
-
-def _cell(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:g}"
-    if isinstance(value, list):
-        return ", ".join(str(item) for item in value)
-    return "-" if value is None else str(value)
 
 
 def _render_notes(console: Console, result) -> None:

@@ -355,14 +355,15 @@ def summary_table(result: SweepResult) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for run in result.runs:
         cells = [f"**{run.name}** (best)" if run.name == result.best else run.name,
-                 *(_cell(run.values[key]) for key in keys), run.status, _cell(run.steps),
+                 *(cell(run.values[key]) for key in keys), run.status, cell(run.steps),
                  _number(run.train_loss, ".4f"), _number(run.eval_loss, ".4f"),
                  _number(run.tokens_per_second, ",.0f"), _number(run.train_seconds, ".1f", " s")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def _cell(value: Any) -> str:
+def cell(value: Any) -> str:
+    """A grid value or a result as a table cell: floats short, lists joined, None as -."""
     if isinstance(value, float):
         return f"{value:g}"
     if isinstance(value, list):
