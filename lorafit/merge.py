@@ -139,20 +139,10 @@ def run_merge(specs: list[AdapterSpec], out_dir: str | Path, *, base: str | None
               density: float = 0.5, as_adapter: bool = False, base_weights: str = "auto", dtype: str = "auto",
               overwrite: bool = False, max_shard_size: str = "5GB") -> MergeResult:
     """Merge one adapter, or a weighted combination of several, into a full model (or one adapter) in out_dir."""
-    import torch
-
     started = time.perf_counter()
     out_dir = Path(out_dir).expanduser()
     notes: list[str] = []
-    if not specs:
-        raise LorafitError("no adapter given", hint="lorafit merge runs/<name>/adapter --out merged/")
-    if method not in METHODS:
-        raise LorafitError(f"unknown method {method!r}", where="--method", hint=f"one of: {', '.join(METHODS)}")
-    if base_weights not in BASE_WEIGHTS:
-        raise LorafitError(f"unknown choice {base_weights!r}", where="--base-weights", hint=" | ".join(BASE_WEIGHTS))
-    if not 0.0 < density <= 1.0:
-        raise LorafitError(f"must be in (0, 1], got {density}", where="--density")
-    _check_shard_size(max_shard_size)
+    _check_options(specs, method=method, base_weights=base_weights, density=density, max_shard_size=max_shard_size)
 
     # 1. Read the adapters and check them against the base's config, before any weights are read.
     trained = [adapters.read_trained_adapter(spec.path) for spec in specs]
@@ -199,17 +189,8 @@ def run_merge(specs: list[AdapterSpec], out_dir: str | Path, *, base: str | None
             model.set_adapter("reloaded")
             merged_logits = _logits(model, prompts)
         else:
-            # In place, not PEFT's safe_merge: that clones every weight before adding the delta, and since the base
-            # is memory-mapped the clones and the file pages it leaves mapped both count (2.2x the model's size at
-            # peak for SmolLM2 vs ~1.2x in place; docs/performance.md). Finiteness is checked after.
-            merged = model.merge_and_unload()
-            del model
-            # A sum is NaN/inf when any element is; unlike isfinite it allocates nothing the size of the tensor.
-            broken = next((name for name, p in merged.named_parameters()
-                           if not math.isfinite(torch.sum(p, dtype=torch.float32).item())), None)
-            if broken is not None:
-                raise RunFailed(f"merging produced non-finite weights (first: {broken})", where="adapter",
-                                hint="the adapter holds NaN/inf weights; use an earlier checkpoint")
+            merged = _merged_in_place(model)
+            del model  # the PeftModel wrapper; `merged` is the same weights, merged
             merged_logits = _logits(merged, prompts)
         max_diff, tolerance, top1 = _verify(merged_logits, reference, dtype_name, effect=effect, out_dir=out_dir,
                                             what="saved adapter" if as_adapter else "merged model")
@@ -240,6 +221,20 @@ def run_merge(specs: list[AdapterSpec], out_dir: str | Path, *, base: str | None
 
 # ----------------------------------------------------------------------------------------------------
 # Inputs
+
+
+def _check_options(specs: list[AdapterSpec], *, method: str, base_weights: str, density: float,
+                   max_shard_size: str) -> None:
+    """The command-line options, checked before anything is read."""
+    if not specs:
+        raise LorafitError("no adapter given", hint="lorafit merge runs/<name>/adapter --out merged/")
+    if method not in METHODS:
+        raise LorafitError(f"unknown method {method!r}", where="--method", hint=f"one of: {', '.join(METHODS)}")
+    if base_weights not in BASE_WEIGHTS:
+        raise LorafitError(f"unknown choice {base_weights!r}", where="--base-weights", hint=" | ".join(BASE_WEIGHTS))
+    if not 0.0 < density <= 1.0:
+        raise LorafitError(f"must be in (0, 1], got {density}", where="--density")
+    _check_shard_size(max_shard_size)
 
 
 def _check_out_dir(out_dir: Path, *, overwrite: bool, inputs: list[Path]) -> None:
@@ -501,6 +496,25 @@ def _qlora_base(sources: _Adapters, adapter: TrainedAdapter, prompts: list[list[
         reason = (f"auto: its logits are closer to the trained QLoRA model (max diff {fidelity[name]:.4g} vs "
                   f"{fidelity[other]:.4g} with the {other} base)")
     return model, logits, _BaseWeights(name, reason, fidelity)
+
+
+def _merged_in_place(model: PeftModel):
+    """The adapter folded into the base weights, checked finite.
+
+    In place, not PEFT's safe_merge: that clones every weight before adding the delta, and since the base is
+    memory-mapped the clones and the file pages it leaves mapped both count (2.2x the model's size at peak for
+    SmolLM2 vs ~1.2x in place; docs/performance.md).
+    """
+    import torch
+
+    merged = model.merge_and_unload()
+    # A sum is NaN/inf when any element is; unlike isfinite it allocates nothing the size of the tensor.
+    broken = next((name for name, p in merged.named_parameters()
+                   if not math.isfinite(torch.sum(p, dtype=torch.float32).item())), None)
+    if broken is not None:
+        raise RunFailed(f"merging produced non-finite weights (first: {broken})", where="adapter",
+                        hint="the adapter holds NaN/inf weights; use an earlier checkpoint")
+    return merged
 
 
 def _logits(model, prompts: list[list[int]]) -> list[torch.Tensor]:
