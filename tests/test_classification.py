@@ -81,6 +81,8 @@ def logits(model, tokenizer, texts: list[str]) -> torch.Tensor:
 
 
 def test_training_learns_the_task_and_records_the_classes(run):
+    """A classifier trains: the loss falls, eval accuracy and F1 >= 0.8, the classes are recorded in metrics, recipe
+    and card."""
     metrics = json.loads((run["run"] / "metrics.json").read_text())
     losses = [e["loss"] for e in metrics["loss_history"] if "loss" in e]
     assert sum(losses[-2:]) / 2 < 0.6 * losses[0], losses  # the loss went down
@@ -95,6 +97,7 @@ def test_training_learns_the_task_and_records_the_classes(run):
 
 
 def test_adapter_holds_the_trained_head_and_the_base_is_unchanged(run):
+    """The adapter saves the fully trained head (modules_to_save); the base weights stay as they were."""
     config = json.loads((run["adapter"] / "adapter_config.json").read_text())
     assert config["task_type"] == "SEQ_CLS" and run["head"] in config["modules_to_save"]
     assert not any(run["head"] in target for target in config["target_modules"])  # trained in full, not by LoRA
@@ -116,6 +119,8 @@ def test_adapter_holds_the_trained_head_and_the_base_is_unchanged(run):
 
 
 def test_eval_reports_accuracy_and_f1_for_base_and_adapter(run):
+    """eval reports loss, accuracy, macro-F1 and per-class counts for the base and the adapter, and each row's
+    labels."""
     report = json.loads((run["run"] / "eval" / "report.json").read_text())
     assert report["task"] == "sequence-classification" and report["labels"] == LABELS and report["examples"] == 24
     base, tuned = report["scores"]
@@ -136,6 +141,7 @@ def test_eval_reports_accuracy_and_f1_for_base_and_adapter(run):
 
 
 def test_merged_model_loads_in_plain_transformers_and_matches_base_plus_adapter(run):
+    """The merged classifier loads in plain transformers with its classes and pad id and matches base+adapter."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     merged = AutoModelForSequenceClassification.from_pretrained(run["merged"])
@@ -153,6 +159,7 @@ def test_merged_model_loads_in_plain_transformers_and_matches_base_plus_adapter(
 
 
 def test_inspect_shows_the_head_as_trained_fully(run):
+    """inspect-modules shows the classifier head as trained fully and counts what training reported."""
     from lorafit.inspect_modules import run_inspect
 
     result = run_inspect(run["run"] / "recipe.yaml")
@@ -164,6 +171,7 @@ def test_inspect_shows_the_head_as_trained_fully(run):
 
 
 def test_mismatched_adapters_are_refused_before_loading_weights(run, tmp_path):
+    """A classifier adapter under a causal recipe (and the other way round) is refused before weights load."""
     from lorafit.evaluate import run_eval
     from lorafit.merge import AdapterSpec, run_merge
 
@@ -180,6 +188,7 @@ def test_mismatched_adapters_are_refused_before_loading_weights(run, tmp_path):
 
 
 def test_a_label_outside_data_labels_is_a_one_line_error(make_recipe, tiny_llama, tmp_path):
+    """A row whose label is not in data.labels is one line naming the row and the classes."""
     train = write_classification_dataset(tmp_path / "train.jsonl", n=6,
                                          extra_rows=({"text": "the dog and the milk", "label": "both"},))
     recipe_file = tmp_path / "recipe.yaml"
@@ -194,6 +203,7 @@ def test_a_label_outside_data_labels_is_a_one_line_error(make_recipe, tiny_llama
 
 
 def test_the_resume_fingerprint_tells_the_tasks_apart(make_recipe, tmp_path):
+    """The resume fingerprint records the task, so a classifier's checkpoints never resume a causal run."""
     raw = make_recipe("model", tmp_path / "train.jsonl", tmp_path / "run", CLASSIFIER, data={"labels": LABELS})
     classifier = validate_recipe(raw)
     causal = validate_recipe({**raw, "task": "causal-lm", "data": {"train": raw["data"]["train"]}})

@@ -34,6 +34,7 @@ def trained(make_recipe, tmp_path_factory) -> dict[str, Path]:
 
 
 def test_trained_adapter_scores_better_than_the_base(trained, tmp_path):
+    """A trained adapter beats the base on loss, exact match and ROUGE-L on held-out rows."""
     recipe = load_recipe(trained["recipe"])
     result = run_eval(recipe, [trained["adapter"]], out_dir=tmp_path / "eval")
     base, tuned = result.scores
@@ -45,6 +46,8 @@ def test_trained_adapter_scores_better_than_the_base(trained, tmp_path):
 
 
 def test_report_and_samples_hold_every_model_side_by_side(trained, tmp_path):
+    """report.json, samples.jsonl and scores.png hold base and every adapter side by side; the base scores as if
+    alone."""
     recipe = load_recipe(trained["recipe"])
     out = tmp_path / "eval"
     result = run_eval(recipe, [trained["adapter"], trained["random"]], samples=5, out_dir=out)
@@ -74,6 +77,7 @@ def test_report_and_samples_hold_every_model_side_by_side(trained, tmp_path):
 
 
 def test_data_file_and_generation_length_can_be_given(trained, tmp_path):
+    """--data and --max-new-tokens replace the recipe's eval rows and the generation length."""
     other = write_toy_dataset(tmp_path / "other.jsonl", n=6, fmt="prompt-completion", seed=3)
     recipe = load_recipe(trained["recipe"])
     result = run_eval(recipe, [trained["adapter"]], data_file=other, max_new_tokens=2, out_dir=tmp_path / "e")
@@ -81,6 +85,7 @@ def test_data_file_and_generation_length_can_be_given(trained, tmp_path):
 
 
 def test_metrics():
+    """Answer normalisation and ROUGE-L on known cases."""
     assert normalize_answer("  The Apple!  ") == "apple"
     assert rouge_l("bath key whale hook", "bath key whale hook") == 1.0
     assert rouge_l("hook whale key bath", "bath key whale hook") == pytest.approx(0.25)
@@ -88,6 +93,8 @@ def test_metrics():
 
 
 def test_bad_inputs_give_clean_errors(trained, tmp_path):
+    """Missing adapters, bad options, no eval data and an adapter for another base are LorafitErrors, nothing
+    written."""
     recipe = load_recipe(trained["recipe"])
     with pytest.raises(LorafitError, match="adapter folder not found"):
         run_eval(recipe, [tmp_path / "missing"])
@@ -106,6 +113,7 @@ def test_bad_inputs_give_clean_errors(trained, tmp_path):
 
 
 def test_cli_prints_one_json_object(trained, tmp_path):
+    """`lorafit eval --json` prints one JSON object; the table lists the models; an error is one line."""
     proc = subprocess.run(
         ["lorafit", "eval", str(trained["recipe"]), "--adapter", str(trained["random"]), "--samples", "3",
          "--out", str(tmp_path / "cli"), "--json"],

@@ -68,6 +68,7 @@ def tiny_models(tmp_path_factory):
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
 def test_packed_batch_loss_equals_mean_of_unpacked_rows(tiny_models, arch, attn):
+    """The loss of a packed batch equals the mean loss of its rows run one by one (eager and SDPA attention)."""
     model = _load(tiny_models[arch], attn)
     rows = _rows()
     batch = _packed(rows)
@@ -137,6 +138,8 @@ def test_a_kv_cache_hides_packing_so_prefix_tuning_is_refused(make_recipe, tiny_
 @pytest.mark.parametrize("data", [{"packing": True}, {"group_by_length": True}])
 def test_packed_and_length_grouped_training_runs_and_reports_throughput(make_recipe, tiny_llama, toy_data_factory,
                                                                          tmp_path, data):
+    """Packed and length-grouped training run and record first-step time and tokens/s; packing on SDPA notes one row
+    per forward."""
     from lorafit.train import run_train
 
     toy = toy_data_factory(n=24)

@@ -26,6 +26,7 @@ def cpu(monkeypatch):
 
 
 def test_auto_picks_fp32_on_a_cpu_without_native_bf16(cpu):
+    """precision: auto on a CPU without native bf16 picks fp32, saying why."""
     cpu(False)
     precision, warning = models.choose_precision("auto")
     assert (precision.name, precision.device, warning) == ("fp32", "cpu", None)
@@ -33,12 +34,14 @@ def test_auto_picks_fp32_on_a_cpu_without_native_bf16(cpu):
 
 
 def test_auto_picks_bf16_on_a_cpu_with_native_bf16(cpu):
+    """precision: auto on a CPU with native bf16 picks bf16."""
     cpu(True)
     precision, warning = models.choose_precision("auto")
     assert (precision.name, warning) == ("bf16", None)
 
 
 def test_explicit_bf16_on_a_cpu_without_native_bf16_warns(cpu):
+    """bf16 asked for on a CPU that only emulates it is honoured with a warning naming the cost."""
     cpu(False)
     precision, warning = models.choose_precision("bf16")
     assert precision.name == "bf16"  # honoured, but the user is told what it costs
@@ -48,6 +51,7 @@ def test_explicit_bf16_on_a_cpu_without_native_bf16_warns(cpu):
 
 
 def test_fp16_on_a_cpu_is_refused(cpu):
+    """fp16 on a CPU is refused naming training.precision."""
     cpu(False)
     with pytest.raises(LorafitError, match="training.precision: fp16"):
         models.choose_precision("fp16")
@@ -58,6 +62,7 @@ def test_fp16_on_a_cpu_is_refused(cpu):
 ])
 def test_train_reports_the_choice_and_the_warning(make_recipe, cpu, tiny_llama, toy_data, tmp_path, native, requested,
                                                   expected, warned):
+    """train (dry run) reports the precision it chose and, for emulated bf16, the warning."""
     from lorafit.train import run_train
 
     cpu(native)
