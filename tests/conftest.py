@@ -65,9 +65,10 @@ def toy_data_factory(tmp_path: Path) -> Callable[..., Path]:
     return make
 
 
-def _recipe(model: Path | str, train: Path | str, out: Path | str | None = None, *presets: dict[str, Any],
+def _recipe(model: Path | str, train: Path | str, out: Path | str | None = None, /, *presets: dict[str, Any],
             **sections: Any) -> dict[str, Any]:
-    """A raw recipe dict (JSON is YAML, so `json.dumps` of it is a recipe file).
+    """A raw recipe dict (JSON is YAML, so `json.dumps` of it is a recipe file). The paths are positional-only, so
+    `model={...}` is a section like any other.
 
     Without `out`: only name, model and data.train, the schema's defaults for the rest (for recipes that are
     validated or read, never trained). With `out`: a few quick steps on a tiny model (6 steps, a checkpoint every 2,
