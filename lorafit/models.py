@@ -399,3 +399,17 @@ def build_meta_model(config, *, trust_remote_code: bool = False,
             continue
     raise LorafitError(f"transformers has no model class for model_type {config.model_type!r}", where="model.path",
                        hint="upgrade transformers, or set model.trust_remote_code if the model ships its own code")
+
+
+def keep_4bit_layers_as_trained(model) -> None:
+    """Run bitsandbytes' 4-bit layers as they ran in training, so the reference and the de-quantized base are right.
+
+    bitsandbytes 0.50, on a CPU with AVX512-BF16, repacks a `Linear4bit` weight in place (absmax cast to bf16)
+    the first time the layer runs in eval mode without grad. Its `dequantize` then reads that packed layout as
+    the plain one: on a tiny Llama the de-quantized weights were off by up to 1.16 (weights <= 0.81) instead of
+    0.09, so the QLoRA merge picked the wrong base. Training never takes that path (the layers are in train
+    mode); a 4-bit layer has no other train/eval difference, and LoRA dropout stays off in its own module.
+    """
+    for module in model.modules():
+        if type(module).__name__ == "Linear4bit":
+            module.train()

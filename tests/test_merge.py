@@ -14,6 +14,7 @@ from tiny_models import build_tiny_model, write_lora_run
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from lorafit import merge as merge_module
+from lorafit import models
 from lorafit.errors import LorafitError, RunFailed
 from lorafit.merge import AdapterSpec, parse_adapter_spec, run_merge
 
@@ -41,7 +42,9 @@ def logits(model) -> torch.Tensor:
 
 
 def base_plus_adapter(base: Path, adapter: Path, **load) -> torch.Tensor:
-    return logits(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, **load), adapter))
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, **load), adapter)
+    models.keep_4bit_layers_as_trained(model)  # the 4-bit numerics the adapter was trained against, on any CPU
+    return logits(model)
 
 
 def test_merged_model_loads_in_plain_transformers_and_matches_base_plus_adapter(runs, tmp_path):

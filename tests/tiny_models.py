@@ -517,6 +517,9 @@ def write_lora_run(
         "model": {"path": str(base)},
         "adapter": {"r": r, "alpha": 2 * r, "dropout": 0.0, "target_modules": list(target_modules)},
         "data": {"train": str(data), "eval": str(data), "max_length": 64},
+        # Pinned: merge rebuilds the QLoRA reference at the recipe's precision, and `auto` is bf16 on a CPU with
+        # native bf16; the tests compare against fp32 references.
+        "training": {"precision": "fp32"},
         "output": {"dir": str(path), "report_to": ["none"]},
     }
     if quantization is not None:
