@@ -87,6 +87,7 @@ def _quiet_libraries(debug: bool) -> None:
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # also silences transformers' "Loading weights" bar
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # bars no setting reaches, e.g. transformers' GGUF de-quantizing one
     warnings.filterwarnings("ignore")
     for name in ("transformers", "peft", "trl", "datasets", "accelerate", "torch"):
         logging.getLogger(name).setLevel(logging.ERROR)
@@ -264,6 +265,13 @@ def merge(
     as_adapter: Annotated[bool, typer.Option("--as-adapter", help="Write the combined adapter instead of a "
                                                                   "merged model.")] = False,
     max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Safetensors shard size.")] = "5GB",
+    fmt: Annotated[str, typer.Option("--format", help="safetensors (a transformers model folder), gguf (one "
+                                                      "model.gguf for llama.cpp / Ollama, plus a Modelfile) or "
+                                                      "gguf-adapter (the LoRA alone, for --lora / ADAPTER).")
+                   ] = "safetensors",
+    quant: Annotated[str | None, typer.Option(help="GGUF weight type: f32, f16 (default), bf16, q8_0, q5_1, q5_0, "
+                                                   "q4_1, q4_0 (adapters: f32, f16, bf16, q8_0).",
+                                              show_default=False)] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a previous merge in --out.")] = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -279,7 +287,7 @@ def merge(
         with sigterm_as_interrupt():  # `kill` stops it like Ctrl-C: exit 130, staging removed, --out as it was
             result = run_merge(specs, out, base=base, method=method, density=density, as_adapter=as_adapter,
                                base_weights=base_weights, dtype=dtype, overwrite=overwrite,
-                               max_shard_size=max_shard_size)
+                               max_shard_size=max_shard_size, fmt=fmt, quant=quant)
         if as_json:
             _print_json({"command": "merge", "ok": True, **asdict(result)})
         else:
@@ -525,9 +533,11 @@ def _render_trainable(console: Console, result) -> None:
 
 
 def _render_merge(console: Console, result, *, quiet: bool = False) -> None:
-    for note in [] if quiet else result.notes:
+    for note in [] if quiet else result.notes + (result.gguf.notes if result.gguf else []):
         console.print(Text(note, style="yellow"))
-    table = Table(title=f"{'combined adapter' if result.as_adapter else 'merged model'} -> {result.out_dir}",
+    what = "GGUF adapter" if result.format == "gguf-adapter" else "combined adapter" if result.as_adapter else (
+        "merged model")
+    table = Table(title=f"{what} -> {result.out_dir}",
                   show_header=False, title_justify="left")
     table.add_row("base", result.base)
     table.add_row("adapters", ", ".join(f"{a['path']} x{a['weight']:g}" for a in result.adapters)
@@ -540,6 +550,25 @@ def _render_merge(console: Console, result, *, quiet: bool = False) -> None:
     table.add_row("verification", f"max logit diff {result.max_logit_diff:.3g} vs base+adapter (tolerance "
                   f"{result.tolerance:.3g}; the adapter moves logits by up to {result.adapter_effect:.3g}) on "
                   f"{result.prompts} prompts, top-1 agreement {100 * result.top1_agreement:.1f}%  [green]ok[/green]")
+    if result.format == "gguf-adapter":
+        report = result.gguf
+        table.add_row("GGUF adapter", f"{report.file}: {report.quant}, {report.size_bytes / 2**20:,.2f} MiB, "
+                      f"{report.tensors} LoRA pairs, alpha {report.alpha:g}; needs the base {report.base}")
+        checked = ("; llama.cpp with the base: max logit diff " + f"{report.llama_cpp_max_logit_diff:.3g}"
+                   if report.llama_cpp_max_logit_diff is not None else "")
+        table.add_row("GGUF check", f"applied to the base: max logit diff {report.max_logit_diff:.3g} vs base+adapter "
+                      f"(tolerance {report.tolerance:.3g}), top-1 agreement {100 * report.top1_agreement:.1f}%"
+                      f"{checked}  [green]ok[/green]")
+    elif result.gguf is not None:
+        report = result.gguf
+        table.add_row("GGUF", f"{report.file}: {report.quant}, {report.size_bytes / 2**20:,.1f} MiB, "
+                      f"{report.architecture}, pre-tokenizer {report.tokenizer_pre}, stops on {', '.join(report.stop)}")
+        table.add_row("GGUF check", f"read back with {' and '.join(report.verified_with)}: {report.texts_checked} "
+                      f"texts tokenized identically; max logit diff {report.max_logit_diff:.3g} (tolerance "
+                      f"{report.tolerance:.3g}), top-1 agreement {100 * report.top1_agreement:.1f}%  [green]ok[/green]")
+        for row in (report.llama_cpp or {}).get("greedy", [])[:3]:
+            table.add_row("llama.cpp greedy", f"...{row['prompt'][-30:]!r} -> {row['llama_cpp']!r} (merged model: "
+                          f"{row['merged_model']!r})")
     table.add_row("files", ", ".join(result.files))
     table.add_row("peak memory", f"{result.peak_memory_mb:,.0f} MiB")
     table.add_row("time", f"{result.seconds:.1f} s")

@@ -31,6 +31,8 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from lorafit.adapters import TrainedAdapter
+    from lorafit.gguf_adapter import GgufAdapterReport
+    from lorafit.gguf_export import GgufReport
     from lorafit.recipe import ModelSection
 
 METHODS = ("linear", "cat", "svd", "ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd",
@@ -40,7 +42,8 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 # Files a merge usually writes, refused up front when a file of the user's already has the name.
 _LIKELY_OUTPUTS = ("config.json", "generation_config.json", "adapter_config.json", "tokenizer.json",
                    "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "vocab.json",
-                   "merges.txt", run_folder.MODEL_CARD, run_folder.MERGE_RECORD)
+                   "merges.txt", run_folder.MODEL_CARD, run_folder.MERGE_RECORD, "model.gguf", "Modelfile",
+                   "adapter.gguf")
 # Max |logit difference| allowed between merged and base+adapter, relative to the largest logit: fp32
 # merges are exact up to summation order; 16-bit ones round every merged weight once, which moves the
 # extreme logits of a 30-layer model by a few percent (SmolLM2-135M, bf16: 3.7%).
@@ -84,6 +87,8 @@ class MergeResult:
     notes: list[str] = field(default_factory=list)
     task: str = "causal-lm"
     labels: list[str] | None = None  # sequence classification: the class names, in id order
+    format: str = "safetensors"  # safetensors | gguf | gguf-adapter
+    gguf: GgufReport | GgufAdapterReport | None = None  # GGUF formats: the file, its type and how it was verified
 
 
 @dataclass
@@ -137,12 +142,19 @@ def parse_adapter_spec(text: str) -> AdapterSpec:
 
 def run_merge(specs: list[AdapterSpec], out_dir: str | Path, *, base: str | None = None, method: str = "linear",
               density: float = 0.5, as_adapter: bool = False, base_weights: str = "auto", dtype: str = "auto",
-              overwrite: bool = False, max_shard_size: str = "5GB") -> MergeResult:
-    """Merge one adapter, or a weighted combination of several, into a full model (or one adapter) in out_dir."""
+              overwrite: bool = False, max_shard_size: str = "5GB", fmt: str = "safetensors",
+              quant: str | None = None) -> MergeResult:
+    """Merge one adapter, or a weighted combination of several, into a full model (or one adapter) in out_dir.
+
+    `fmt` "gguf" writes the merged model as one GGUF file (`quant`: f16 by default) with an Ollama Modelfile instead
+    of safetensors, "gguf-adapter" the adapter alone as a GGUF LoRA file; both verified by reading them back
+    (lorafit.gguf_export, lorafit.gguf_adapter).
+    """
     started = time.perf_counter()
     out_dir = Path(out_dir).expanduser()
     notes: list[str] = []
     _check_options(specs, method=method, base_weights=base_weights, density=density, max_shard_size=max_shard_size)
+    _check_format(fmt, quant, as_adapter)
 
     # 1. Read the adapters and check them against the base's config, before any weights are read.
     trained = [adapters.read_trained_adapter(spec.path) for spec in specs]
@@ -154,6 +166,8 @@ def run_merge(specs: list[AdapterSpec], out_dir: str | Path, *, base: str | None
     labels = _classifier_labels(trained, specs)
     meta_model, _ = models.build_meta_model(config, trust_remote_code=section.trust_remote_code, labels=labels)
     tokenizer = _tokenizer(trained[0], section, source)
+    if fmt != "safetensors":
+        _check_gguf_exportable(fmt, quant, config, tokenizer, trained, labels)
     for i, adapter in enumerate(trained):
         own = tokenizer if i == 0 else adapters.load_adapter_tokenizer(
             adapter, trust_remote_code=section.trust_remote_code)
@@ -183,7 +197,13 @@ def run_merge(specs: list[AdapterSpec], out_dir: str | Path, *, base: str | None
 
     # 3. Merge (or save the combined adapter) and verify against base+adapter before anything is written.
     with run_folder.staged_output(out_dir, "merge", where=f"--out {out_dir}") as staging:
-        if as_adapter:
+        gguf = None
+        if fmt == "gguf-adapter":  # no merge: the adapter alone, checked against base+adapter by the exporter
+            from lorafit.gguf_adapter import export_gguf_adapter
+
+            gguf = export_gguf_adapter(model, tokenizer, staging, quant=quant or "f16", name=out_dir.name,
+                                       base=source, prompts=prompts, reference=reference)
+        elif as_adapter:
             model.save_pretrained(str(staging), selected_adapters=["default"], safe_serialization=True)
             model.load_adapter(str(staging), adapter_name="reloaded")
             model.set_adapter("reloaded")
@@ -192,14 +212,24 @@ def run_merge(specs: list[AdapterSpec], out_dir: str | Path, *, base: str | None
             merged = _merged_in_place(model)
             del model  # the PeftModel wrapper; `merged` is the same weights, merged
             merged_logits = _logits(merged, prompts)
-        max_diff, tolerance, top1 = _verify(merged_logits, reference, dtype_name, effect=effect, out_dir=out_dir,
-                                            what="saved adapter" if as_adapter else "merged model")
-        if not as_adapter:
+        if gguf is not None:
+            max_diff, tolerance, top1 = gguf.max_logit_diff, gguf.tolerance, gguf.top1_agreement
+        else:
+            max_diff, tolerance, top1 = _verify(merged_logits, reference, dtype_name, effect=effect, out_dir=out_dir,
+                                                what="saved adapter" if as_adapter else "merged model")
+        if not as_adapter and fmt != "gguf-adapter":
             merged.config.use_cache = True  # training switched the KV cache off; inference wants it
             if labels is None:  # a classifier does not generate
                 _stop_on_end_of_turn(merged, tokenizer)
-            merged.save_pretrained(str(staging), max_shard_size=max_shard_size, safe_serialization=True)
-        tokenizer.save_pretrained(str(staging))
+            if fmt == "gguf":
+                from lorafit.gguf_export import export_gguf
+
+                gguf = export_gguf(merged, tokenizer, staging, quant=quant or "f16", name=out_dir.name,
+                                   prompts=prompts, reference=merged_logits)
+            else:
+                merged.save_pretrained(str(staging), max_shard_size=max_shard_size, safe_serialization=True)
+        if fmt == "safetensors":  # a GGUF file carries the tokenizer and chat template itself
+            tokenizer.save_pretrained(str(staging))
         result = MergeResult(
             out_dir=out_dir, base=source,
             adapters=[{"path": str(s.path), "weight": s.weight, "quantized": t.quantized}
@@ -208,7 +238,8 @@ def run_merge(specs: list[AdapterSpec], out_dir: str | Path, *, base: str | None
             base_weights=chosen.name, base_weights_reason=chosen.reason, qlora_fidelity=chosen.fidelity,
             max_logit_diff=max_diff, tolerance=tolerance, top1_agreement=top1, adapter_effect=effect,
             prompts=len(prompts), files=[], peak_memory_mb=models.peak_memory_mb(_device()), seconds=0.0, notes=notes,
-            task="sequence-classification" if labels is not None else "causal-lm", labels=labels,
+            task="sequence-classification" if labels is not None else "causal-lm", labels=labels, format=fmt,
+            gguf=gguf,
         )
         result.seconds = time.perf_counter() - started
         result.files = sorted({*(p.name for p in staging.iterdir()), run_folder.MODEL_CARD, run_folder.MERGE_RECORD})
@@ -235,6 +266,37 @@ def _check_options(specs: list[AdapterSpec], *, method: str, base_weights: str, 
     if not 0.0 < density <= 1.0:
         raise LorafitError(f"must be in (0, 1], got {density}", where="--density")
     _check_shard_size(max_shard_size)
+
+
+def _check_format(fmt: str, quant: str | None, as_adapter: bool) -> None:
+    from lorafit.gguf_export import FORMATS, QUANTS
+
+    if fmt not in FORMATS:
+        raise LorafitError(f"unknown format {fmt!r}", where="--format", hint=" | ".join(FORMATS))
+    if quant is not None and fmt == "safetensors":
+        raise LorafitError("--quant applies to GGUF output only", where="--quant",
+                           hint="add --format gguf, or drop --quant")
+    if quant is not None and quant not in QUANTS:
+        raise LorafitError(f"unknown quant type {quant!r}", where="--quant", hint=f"one of: {', '.join(QUANTS)}")
+    if as_adapter and fmt != "safetensors":
+        raise LorafitError("--as-adapter writes a PEFT adapter folder", where=f"--format {fmt}",
+                           hint="drop --as-adapter (--format gguf-adapter writes the adapter alone as GGUF)")
+
+
+def _check_gguf_exportable(fmt: str, quant: str | None, config, tokenizer, trained: list[TrainedAdapter],
+                           labels: list[str] | None) -> None:
+    """Refuse what a GGUF file cannot hold before any weights are read."""
+    from lorafit.gguf_adapter import check_adapter_exportable
+    from lorafit.gguf_export import check_exportable
+
+    if labels is not None:
+        raise LorafitError("a sequence classifier cannot be exported to GGUF: llama.cpp runs language models",
+                           where=f"--format {fmt}", hint="use --format safetensors")
+    if fmt == "gguf":
+        check_exportable(config, tokenizer, quant or "f16")
+    else:
+        for adapter in trained:
+            check_adapter_exportable(config, adapter.config, quant or "f16")
 
 
 def _check_out_dir(out_dir: Path, *, overwrite: bool, inputs: list[Path]) -> None:
@@ -571,7 +633,11 @@ def _model_card(result: MergeResult) -> str:
     sources = "\n".join(f"- `{a['path']}` (weight {a['weight']:g}{', QLoRA-trained' if a['quantized'] else ''})"
                         for a in result.adapters)
     how = f"combined with `{result.method}`" if result.method else "merged"
-    if result.labels is not None:
+    if result.format == "gguf-adapter":
+        use = _gguf_adapter_usage(result)
+    elif result.gguf is not None:
+        use = _gguf_usage(result)
+    elif result.labels is not None:
         use = _classifier_usage(result)
     elif result.as_adapter:
         use = ("```python\nfrom peft import AutoPeftModelForCausalLM\n\n"
@@ -583,7 +649,7 @@ def _model_card(result: MergeResult) -> str:
     return "\n".join([
         f"# {result.out_dir.name}",
         "",
-        f"{'A combined LoRA adapter' if result.as_adapter else 'A full model'}: base `{result.base}` with these "
+        f"{_what(result)}: base `{result.base}` with these "
         f"adapter(s) {how}, written by [lorafit](https://pypi.org/project/lorafit/) `merge`.",
         "",
         sources,
@@ -594,11 +660,87 @@ def _model_card(result: MergeResult) -> str:
         f"| verification | max logit difference {result.max_logit_diff:.3g} vs base+adapter on {result.prompts} "
         f"prompts (tolerance {result.tolerance:.3g}; the adapter moves logits by up to {result.adapter_effect:.3g}); "
         f"top-1 agreement {100 * result.top1_agreement:.1f}% |",
+        *_gguf_rows(result),
         "",
         "## Use it",
         "",
         use,
         "",
+    ])
+
+
+def _what(result: MergeResult) -> str:
+    if result.format == "gguf-adapter":
+        return f"A LoRA adapter as GGUF for llama.cpp and Ollama, which needs the base model `{result.base}`"
+    return "A combined LoRA adapter" if result.as_adapter else "A full model"
+
+
+def _gguf_rows(result: MergeResult) -> list[str]:
+    """Model-card rows saying what the GGUF file is and how it was proven to match the merged model."""
+    report = result.gguf
+    if report is None:
+        return []
+    if result.format == "gguf-adapter":
+        llama_cpp = (f"; llama.cpp running the base with this file: max logit difference "
+                     f"{report.llama_cpp_max_logit_diff:.3g}" if report.llama_cpp_max_logit_diff is not None else
+                     "; llama.cpp not installed, not checked with it")
+        return [
+            f"| GGUF adapter | `{report.file}`: {report.quant}, {report.size_bytes / 2**20:.2f} MiB, {report.tensors} "
+            f"LoRA pairs for llama.cpp architecture `{report.architecture}`, adapter.lora.alpha {report.alpha:g} |",
+            f"| base model | `{report.base}` (as GGUF: the adapter changes its weights, nothing else) |",
+            f"| GGUF verification | read back and applied to the base: max logit difference {report.max_logit_diff:.3g} "
+            f"vs base+adapter (tolerance {report.tolerance:.3g} for {report.quant}), top-1 agreement "
+            f"{100 * report.top1_agreement:.1f}%{llama_cpp} |",
+        ]
+    llama_cpp = ("; llama.cpp: the same token ids, greedy generations in merge.json" if report.llama_cpp else
+                 "; llama.cpp not installed, not checked with it")
+    return [
+        f"| GGUF file | `{report.file}`: {report.quant}, {report.size_bytes / 2**20:.1f} MiB, llama.cpp architecture "
+        f"`{report.architecture}`, pre-tokenizer `{report.tokenizer_pre}` |",
+        f"| GGUF verification | loaded back with {' and '.join(report.verified_with)}: {report.texts_checked} sample "
+        f"texts give the same token ids{llama_cpp}; max logit difference {report.max_logit_diff:.3g} vs the merged "
+        f"model (tolerance {report.tolerance:.3g} for {report.quant}), top-1 agreement "
+        f"{100 * report.top1_agreement:.1f}% (needs {100 * report.min_top1:.0f}%) |",
+        f"| stops on | {', '.join(f'`{token}`' for token in report.stop)} |",
+    ]
+
+
+def _gguf_adapter_usage(result: MergeResult) -> str:
+    """How to run the adapter file on top of a GGUF of its base model."""
+    path = f"{result.out_dir}/{result.gguf.file}"
+    return "\n".join([
+        f"It needs its base model `{result.base}` as a GGUF file of the same architecture (the adapter holds no "
+        "vocabulary or other weights). With llama.cpp:",
+        "",
+        "```sh",
+        f"llama-cli -m base.gguf --lora {path} -cnv",
+        "```",
+        "",
+        "With Ollama, in a Modelfile next to the base:",
+        "",
+        "```",
+        "FROM ./base.gguf",
+        f"ADAPTER {path}",
+        "```",
+    ])
+
+
+def _gguf_usage(result: MergeResult) -> str:
+    """How to run the exported GGUF file with llama.cpp and Ollama."""
+    name = result.out_dir.name
+    return "\n".join([
+        "With llama.cpp (the chat template is in the file):",
+        "",
+        "```sh",
+        f"llama-cli -m {result.out_dir}/{result.gguf.file} -cnv",
+        "```",
+        "",
+        "With Ollama (the Modelfile holds the prompt template and the stop tokens):",
+        "",
+        "```sh",
+        f"ollama create {name} -f {result.out_dir}/Modelfile",
+        f"ollama run {name}",
+        "```",
     ])
 
 
