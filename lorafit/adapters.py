@@ -184,12 +184,44 @@ def wrap_model(recipe: Recipe, model: nn.Module, *, gradient_checkpointing: bool
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     config = build_peft_config(recipe.adapter, model, task_type=peft_task_type(recipe.task))
+    start = read_trained_adapter(recipe.adapter.init_from) if recipe.adapter.init_from else None
+    if start is not None:
+        _check_same_adapter(start, config)
+        check_adapter_fits(start, model, model.config, source=model.config.name_or_path or recipe.model.path)
     if recipe.quantization is not None:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     elif gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
+    if start is not None:
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(model, str(start.path), is_trainable=True)
     return get_peft_model(model, config)
+
+
+def _check_same_adapter(start: TrainedAdapter, config: PeftConfig) -> None:
+    """Refuse adapter.init_from when the recipe's adapter settings differ from the saved adapter's (they would be
+    silently replaced by the saved ones)."""
+    saved = start.config
+    wanted = config.to_dict()
+    where = f"adapter.init_from: {start.path}"
+    if saved.get("peft_type") != wanted.get("peft_type"):
+        raise LorafitError(f"is a {saved.get('peft_type')} adapter, the recipe asks for {wanted.get('peft_type')}",
+                           where=where, hint="set adapter.method to the saved adapter's method")
+    for key, field in (("r", "r"), ("lora_alpha", "alpha"), ("use_dora", "use_dora"), ("use_rslora", "use_rslora")):
+        if key in saved and key in wanted and saved[key] != wanted[key]:
+            raise LorafitError(f"was trained with {key} {saved[key]}, the recipe says adapter.{field}: {wanted[key]}",
+                               where=where, hint="extend the recipe that trained it, or set the same value")
+    saved_targets = set(saved.get("target_modules") or [])
+    wanted_targets = set(wanted.get("target_modules") or [])
+    if saved_targets and wanted_targets and saved_targets != wanted_targets:
+        raise LorafitError(f"adapts {', '.join(sorted(saved_targets))}, the recipe's adapter.target_modules resolve "
+                           f"to {', '.join(sorted(wanted_targets))}", where=where,
+                           hint="extend the recipe that trained it, or list the same target_modules")
+    if saved.get("task_type") not in (None, wanted.get("task_type")):
+        raise LorafitError(f"is a {saved.get('task_type')} adapter, this recipe trains {wanted.get('task_type')}",
+                           where=where, hint="start from an adapter of the same task")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -122,6 +122,19 @@ def _hold_out(rows: list, fraction: float, seed: int) -> tuple[list, list]:
     return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)]
 
 
+def split_rows(recipe: Recipe) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, str]]:
+    """The recipe's train and eval rows, unencoded (eval: its file, or the held-out share), and file fingerprints."""
+    section = recipe.data
+    train_rows, fingerprint = read_rows(section.train, section)
+    eval_rows: list[dict[str, Any]] = []
+    if isinstance(section.eval, str):
+        eval_rows, eval_fingerprint = read_rows(section.eval, section)
+        fingerprint.update(eval_fingerprint)
+    elif isinstance(section.eval, float):
+        train_rows, eval_rows = _hold_out(train_rows, section.eval, recipe.training.seed)
+    return train_rows, eval_rows, fingerprint
+
+
 def read_eval_rows(recipe: Recipe) -> list[dict[str, Any]]:
     """The recipe's eval rows, unencoded: its eval file, or the same held-out share of train that training used."""
     section = recipe.data

@@ -79,6 +79,10 @@ class AdapterSection(_Section):
         "default", description="LoRA weight initialisation (PEFT's init_lora_weights)."
     )
     num_virtual_tokens: int = Field(20, gt=0, description="Prefix tuning: number of virtual tokens.")
+    init_from: str | None = Field(
+        None, description="Start from a trained adapter folder (e.g. runs/quickstart/adapter, an SFT run before "
+        "task: dpo) instead of a new one; its own rank, alpha and target modules apply, and the recipe's must match.",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -195,6 +199,31 @@ class DataSection(_Section):
         return value
 
 
+# TRL 1.16's DPOConfig.loss_type values (trl/trainer/dpo_config.py) and KTOConfig.loss_type values.
+DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+KTO_LOSSES = ("kto", "apo_zero_unpaired")
+PREFERENCE_TASKS = ("dpo", "kto")
+
+
+class PreferenceSection(_Section):
+    beta: float = Field(0.1, gt=0, description="How far the adapter may move from the reference: higher beta keeps "
+                        "it closer (DPO/KTO's beta; for loss ipo, the regulariser tau).")
+    loss: str | None = Field(
+        None, description=f"TRL's loss type. dpo: {', '.join(DPO_LOSSES)} (default sigmoid); kto: "
+        f"{', '.join(KTO_LOSSES)} (default kto).",
+    )
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="dpo losses robust and exo_pair: the assumed "
+                                   "share of flipped preference labels (exo_pair needs it above 0).")
+    reference: Literal["adapter-disabled", "init-adapter"] = Field(
+        "adapter-disabled", description="The model rewards are measured against, never a second copy in memory: "
+        "adapter-disabled = the base model (the adapter switched off); init-adapter = a frozen copy of the adapter "
+        "the run starts from (adapter.init_from, e.g. the SFT adapter), only the adapter's weights are duplicated.",
+    )
+    desirable_weight: float = Field(1.0, gt=0, description="kto: weight of the desirable (label true) rows' loss.")
+    undesirable_weight: float = Field(1.0, gt=0, description="kto: weight of the undesirable (label false) rows' loss.")
+
+
 class TemplateSection(_Section):
     name: Literal["auto", "model", "chatml", "alpaca", "custom"] = Field(
         "auto",
@@ -260,14 +289,18 @@ class OutputSection(_Section):
 
 class Recipe(_Section):
     name: str = Field(description="Run name; names the default run folder.")
-    task: Literal["causal-lm", "sequence-classification"] = Field(
+    task: Literal["causal-lm", "sequence-classification", "dpo", "kto"] = Field(
         "causal-lm", description="causal-lm: learn to write the completions (SFT). sequence-classification: learn "
-        "to predict a label column from a text column; the classifier head is trained fully.",
+        "to predict a label column from a text column; the classifier head is trained fully. dpo: prefer the chosen "
+        "over the rejected answer of prompt/chosen/rejected pairs (TRL's DPOTrainer). kto: learn from answers "
+        "labelled desirable or not, prompt/completion/label rows or pairs (TRL's KTOTrainer).",
     )
     model: ModelSection
     quantization: QuantizationSection | None = Field(None, description="Absent: plain LoRA. Present: QLoRA.")
     adapter: AdapterSection = Field(default_factory=AdapterSection)
     data: DataSection
+    preference: PreferenceSection | None = Field(
+        None, description="task dpo / kto: beta, loss type and reference model; absent = the defaults.")
     template: TemplateSection = Field(default_factory=TemplateSection)
     training: TrainingSection = Field(default_factory=TrainingSection)
     output: OutputSection = Field(default_factory=OutputSection)
@@ -311,6 +344,12 @@ class Recipe(_Section):
                              "other); set packing: false, or use data.group_by_length for speed")
         if self.task == "sequence-classification":
             self._check_classification()
+        elif self.task in PREFERENCE_TASKS:
+            self._check_preference()
+        elif self.preference is not None:
+            raise ValueError("preference: only applies to task: dpo or kto")
+        if self.adapter.init_from is not None and self.adapter.method == "prefix":
+            raise ValueError("adapter.init_from: continue a prefix-tuning adapter is not supported; use method: lora")
         elif self.data.labels is not None:
             raise ValueError("data.labels: class names only apply to task: sequence-classification")
         return self
@@ -331,6 +370,45 @@ class Recipe(_Section):
             raise ValueError("template: sequence-classification feeds the text column to the model as it is, without "
                              "a prompt template; remove the template section")
 
+    def _check_preference(self) -> None:
+        # Settings that mean nothing for pairs are refused rather than ignored, each naming its key.
+        preference = self.preference or PreferenceSection()
+        losses = DPO_LOSSES if self.task == "dpo" else KTO_LOSSES
+        if preference.loss is not None and preference.loss not in losses:
+            raise ValueError(f"preference.loss: {preference.loss!r} is not a {self.task} loss; choose one of "
+                             f"{', '.join(losses)}")
+        if preference.loss == "exo_pair" and preference.label_smoothing == 0:
+            raise ValueError("preference.label_smoothing: loss exo_pair needs a value above 0 (the EXO paper uses 1e-3)")
+        if self.task == "dpo" and (preference.desirable_weight, preference.undesirable_weight) != (1.0, 1.0):
+            raise ValueError("preference.desirable_weight / undesirable_weight only apply to task: kto")
+        if self.task == "kto" and preference.label_smoothing:
+            raise ValueError("preference.label_smoothing only applies to task: dpo")
+        if self.task == "kto" and (preference.loss or "kto") == "kto" and self.training.batch_size < 2:
+            raise ValueError("training.batch_size: kto estimates its KL term from the other rows of a batch and "
+                             "needs batch_size >= 2")
+        if preference.reference == "init-adapter" and self.adapter.init_from is None:
+            raise ValueError("preference.reference: init-adapter needs adapter.init_from (the adapter to copy); "
+                             "without it use adapter-disabled")
+        if preference.reference == "adapter-disabled" and self.adapter.init in ("pissa", "olora"):
+            raise ValueError(f"preference.reference: adapter.init {self.adapter.init} rewrites the base weights, so "
+                             "the adapter switched off is not the original model; use init: default")
+        if self.data.packing or self.data.format != "auto":
+            key = "packing" if self.data.packing else "format"
+            raise ValueError(f"data.{key}: task {self.task} reads prompt/chosen/rejected (or prompt/completion/label) "
+                             f"rows and pads each pair; remove data.{key}")
+        if self.data.group_by_length and self.task == "kto":
+            raise ValueError("data.group_by_length: kto keeps the data order fixed (its KL term pairs neighbours); "
+                             "set group_by_length: false")
+        unknown = sorted(set(self.data.fields) - {"prompt", "chosen", "rejected", "completion", "label"})
+        if unknown:
+            raise ValueError(f"data.fields: {', '.join(unknown)} is not a {self.task} column; map prompt, chosen, "
+                             "rejected (dpo) or prompt, completion, label (kto) to your column names")
+        if self.template.train_on != "completions":
+            raise ValueError(f"template.train_on: {self.task} scores the answers only; remove train_on")
+        if self.adapter.modules_to_save and any(m in ("lm_head", "embed_out") for m in self.adapter.modules_to_save):
+            raise ValueError(f"adapter.modules_to_save: TRL's {self.task} trainer reads lm_head.weight directly, so a "
+                             "trained copy of it would be ignored; remove it")
+
     @property
     def run_dir(self) -> Path:
         """The run folder this recipe writes to."""
@@ -343,6 +421,7 @@ SECTIONS: dict[str, type[BaseModel]] = {
     "quantization": QuantizationSection,
     "adapter": AdapterSection,
     "data": DataSection,
+    "preference": PreferenceSection,
     "template": TemplateSection,
     "training": TrainingSection,
     "output": OutputSection,
@@ -508,6 +587,9 @@ def _resolve_input_paths(raw: dict[str, Any], base_dir: Path) -> None:
     model = raw.get("model")
     if isinstance(model, dict):
         model["path"] = resolve(model.get("path"), must_look_like_file=False)
+    adapter = raw.get("adapter")
+    if isinstance(adapter, dict) and adapter.get("init_from") is not None:
+        adapter["init_from"] = resolve(adapter["init_from"], must_look_like_file=False)
     template = raw.get("template")
     if isinstance(template, dict) and isinstance(template.get("custom"), str) and "\n" not in template["custom"]:
         template["custom"] = resolve(template["custom"], must_look_like_file=True)

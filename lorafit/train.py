@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from lorafit import models, run_folder
 from lorafit.errors import Interrupted, LorafitError, RunFailed
-from lorafit.recipe import Recipe, TrainingSection, dump_recipe
+from lorafit.recipe import PREFERENCE_TASKS, PreferenceSection, Recipe, TrainingSection, dump_recipe
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -24,6 +24,9 @@ if TYPE_CHECKING:
 
     from lorafit.data import DataReport, PreparedData
     from lorafit.models import Precision
+
+# What TRL's DPO / KTO trainers log about the implicit rewards (KTO has no accuracies), kept in metrics.json.
+PREFERENCE_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
 
 
 @dataclass
@@ -62,13 +65,17 @@ class TrainMetrics:
     label_counts: dict[str, int] | None = None
     eval_accuracy: float | None = None
     eval_f1: float | None = None
+    # dpo / kto only: the last logged train and eval rewards, under TRL's names (PREFERENCE_METRICS, eval_...)
+    preference: dict[str, float | None] | None = None
 
     def as_json(self) -> dict[str, Any]:
-        """metrics.json's content: every field, the classification ones only for a classifier."""
+        """metrics.json's content: every field, the classification / preference ones only for those tasks."""
         values = asdict(self)
         if self.labels is None:
             for key in ("labels", "label_counts", "eval_accuracy", "eval_f1"):
                 del values[key]
+        if self.preference is None:
+            del values["preference"]
         return values
 
 
@@ -204,11 +211,15 @@ def _prepare(recipe: Recipe, *, resume: bool, dry_run: bool) -> _PreparedRun:
     tokenizer = models.load_tokenizer(recipe, source)
 
     # 2. The data, rendered and linted with the template, before spending compute.
-    prepared = data.prepare_data(recipe, tokenizer)
+    if recipe.task in PREFERENCE_TASKS:
+        from lorafit.preference_data import prepare_preference_data as prepare
+    else:
+        prepare = data.prepare_data
+    prepared = prepare(recipe, tokenizer)
     if prepared.labels is not None:  # the class ids, recorded in the run's recipe.yaml for eval and merge
         recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"labels": prepared.labels})})
     notes.extend(f"data: {warning}" for warning in prepared.report.warnings())
-    stop_ids = models.generation_stop_ids(recipe, source) if recipe.task == "causal-lm" else set()
+    stop_ids = models.generation_stop_ids(recipe, source) if recipe.task != "sequence-classification" else set()
     if stop_ids and tokenizer.eos_token_id not in stop_ids:
         notes.append(f"warning: the model's generation_config stops on token ids {sorted(stop_ids)}, not on the "
                      f"trained end-of-turn {tokenizer.eos_token!r} ({tokenizer.eos_token_id}); pass "
@@ -363,19 +374,14 @@ def _build_trainer(recipe: Recipe, model, tokenizer, prepared, precision: Precis
 
     from lorafit import checkpoints
     from lorafit.progress import ProgressCallback
-    from lorafit.trainer import ClassifierTrainer, EvaluateAtEnd, SFTTrainer
+    from lorafit.trainer import EvaluateAtEnd
 
-    # Sequence classification trains with the plain transformers Trainer; SFTConfig is its arguments plus SFT's.
     classify = recipe.task == "sequence-classification"
-    if classify:
-        from transformers import TrainingArguments as arguments
-    else:
-        from trl import SFTConfig as arguments
+    arguments, trainer_class, task_options = _task_trainer(recipe)
     t = recipe.training
     row_per_forward = _one_packed_row_per_forward(recipe, model)
     report_to, callbacks = _trackers(recipe)
-    sft_options = {} if classify else {"max_length": recipe.data.max_length, "packing": recipe.data.packing}
-    args = arguments(
+    options = dict(
         # Checkpoints are written into a staging folder and renamed into place once complete; HF's rotation
         # (which deletes any checkpoint-* it finds) is off: trainer.fit rotates only lorafit's own.
         output_dir=str(checkpoints.staging_dir(recipe.run_dir)),
@@ -419,15 +425,17 @@ def _build_trainer(recipe: Recipe, model, tokenizer, prepared, precision: Precis
         # Every adapter parameter takes part in every forward pass; the unused-parameter search HF enables by
         # default costs an extra autograd traversal per step under DDP.
         ddp_find_unused_parameters=False,
-        **sft_options,
     )
+    args = arguments(**(options | task_options))  # a task's own setting wins (KTO reads its rows in order)
     callbacks.append(ProgressCallback(console, quiet=quiet))
     if prepared.eval is not None:
         callbacks.append(EvaluateAtEnd())
     # A classifier's rows are padded per batch, and each evaluation also logs eval_accuracy and eval_f1.
-    classifier_options = {"data_collator": DataCollatorWithPadding(tokenizer),
-                          "compute_metrics": _classification_metrics} if classify else {}
-    trainer = (ClassifierTrainer if classify else SFTTrainer)(
+    trainer_options = {"data_collator": DataCollatorWithPadding(tokenizer),
+                       "compute_metrics": _classification_metrics} if classify else {}
+    if recipe.task in PREFERENCE_TASKS:  # the reference model: the adapter switched off, or its frozen start
+        trainer_options = {"reference": (recipe.preference or PreferenceSection()).reference}
+    trainer = trainer_class(
         max_nonfinite_steps=t.max_nonfinite_steps,
         model=model,
         args=args,
@@ -435,11 +443,41 @@ def _build_trainer(recipe: Recipe, model, tokenizer, prepared, precision: Precis
         eval_dataset=prepared.eval,
         processing_class=tokenizer,
         callbacks=callbacks,
-        **classifier_options,
+        **trainer_options,
     )
     # With tqdm disabled HF prints raw log dicts; ProgressCallback already shows the same numbers readably.
     trainer.remove_callback(PrinterCallback)
     return trainer
+
+
+def _task_trainer(recipe: Recipe) -> tuple[type, type, dict[str, Any]]:
+    """The recipe task's TrainingArguments class, trainer class and the arguments only that task has."""
+    from lorafit import trainer
+
+    if recipe.task == "sequence-classification":  # the plain transformers Trainer
+        from transformers import TrainingArguments
+
+        return TrainingArguments, trainer.ClassifierTrainer, {}
+    if recipe.task == "causal-lm":
+        from trl import SFTConfig
+
+        return SFTConfig, trainer.SFTTrainer, {"max_length": recipe.data.max_length, "packing": recipe.data.packing}
+    from trl import DPOConfig, KTOConfig
+
+    preference = recipe.preference or PreferenceSection()
+    # Dropout stays as adapter.dropout says (TRL would switch it off); the reference is never precomputed, so a
+    # resumed run scores it exactly as an uninterrupted one.
+    common = {"max_length": recipe.data.max_length, "beta": preference.beta, "disable_dropout": False,
+              "precompute_ref_log_probs": False}
+    if recipe.task == "dpo":
+        return DPOConfig, trainer.DPOTrainer, {**common, "loss_type": [preference.loss or "sigmoid"],
+                                               "label_smoothing": preference.label_smoothing}
+    # KTO's KL term pairs each row with its batch neighbour, so TRL requires the rows in order (shuffled once by
+    # lorafit/preference_data.py).
+    return KTOConfig, trainer.KTOTrainer, {**common, "loss_type": preference.loss or "kto",
+                                           "desirable_weight": preference.desirable_weight,
+                                           "undesirable_weight": preference.undesirable_weight,
+                                           "train_sampling_strategy": "sequential"}
 
 
 def _classification_metrics(prediction) -> dict[str, float]:
@@ -479,8 +517,10 @@ def _measured(result: TrainResult, recipe: Recipe, source: str, trainer, output,
     from lorafit import export
 
     history, state, report = trainer.state.log_history, trainer.state, result.report
-    history_keys = ("loss", "eval_loss", "eval_accuracy", "eval_f1", "learning_rate", "grad_norm")
+    history_keys = ("loss", "eval_loss", "eval_accuracy", "eval_f1", "learning_rate", "grad_norm",
+                    *PREFERENCE_METRICS, *(f"eval_{key}" for key in PREFERENCE_METRICS))
     classify = recipe.task == "sequence-classification"
+    preference = recipe.task in PREFERENCE_TASKS
     return TrainMetrics(
         name=recipe.name,
         base_model=source,
@@ -505,13 +545,16 @@ def _measured(result: TrainResult, recipe: Recipe, source: str, trainer, output,
         target_modules=result.target_modules,
         train_examples=report.train_examples,
         eval_examples=report.eval_examples,
-        supervised_token_share=None if classify else report.supervised_share,
+        # A classifier learns one label per row, preference tuning scores both answers: no SFT supervision share.
+        supervised_token_share=None if classify or preference else report.supervised_share,
         data_fingerprint=report.fingerprint,
         recipe_git_commit=export.git_commit_of(Path.cwd()),
         **export.environment_info(),
         **({"labels": list(recipe.data.labels), "label_counts": report.label_counts,
             "eval_accuracy": _last_logged(history, "eval_accuracy"), "eval_f1": _last_logged(history, "eval_f1")}
            if classify else {}),
+        preference={key: _last_logged(history, key) for key in
+                    (*PREFERENCE_METRICS, *(f"eval_{key}" for key in PREFERENCE_METRICS))} if preference else None,
     )
 
 

@@ -1,7 +1,8 @@
 """The trainers lorafit builds and the training loop that runs them (`fit`).
 
-- `SFTTrainer` (causal LM) and `ClassifierTrainer` (sequence classification) are TRL's and transformers'
-  trainers with two behaviours added at `compute_loss`, the documented extension point: `NonFiniteGuard`
+- `SFTTrainer` (causal LM), `ClassifierTrainer` (sequence classification), `DPOTrainer` and `KTOTrainer`
+  (preference tuning, reference model = the adapter switched off: `AdapterReference`) are TRL's and transformers'
+  trainers with behaviours added at `compute_loss`, the documented extension point: `NonFiniteGuard`
   skips NaN/inf losses and stops after `training.max_nonfinite_steps` in a row; `TrainedPositionsLoss`
   (lorafit/loss.py) projects only trained positions through the LM head where TRL's fused head has no kernel.
 - `fit` runs `trainer.train()` so that checkpoints are published atomically and rotated among lorafit's own
@@ -85,6 +86,30 @@ class SFTTrainer(NonFiniteGuard, TrainedPositionsLoss, trl.SFTTrainer):
 
 class ClassifierTrainer(NonFiniteGuard, transformers.Trainer):
     """The transformers Trainer (sequence classification) with the NaN/inf guard."""
+
+
+class AdapterReference:
+    """Preference-trainer mixin: the reference model is the trained PEFT model itself, never a second copy.
+
+    Given a PEFT model, TRL's DPO/KTO trainers copy its adapter into a frozen "ref" adapter and score the reference
+    with it. `reference: init-adapter` keeps that copy (the adapter the run started from, e.g. the SFT adapter);
+    `adapter-disabled` deletes it (PEFT's delete_adapter), and TRL then scores the reference with the adapter
+    switched off: the base model, in the same weights.
+    """
+
+    def __init__(self, *args, reference: str = "adapter-disabled", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.reference = reference
+        if reference == "adapter-disabled" and "ref" in self.model.peft_config:
+            self.model.delete_adapter("ref")
+
+
+class DPOTrainer(NonFiniteGuard, AdapterReference, trl.DPOTrainer):
+    """TRL's DPOTrainer with the NaN/inf guard, its reference the adapter switched off (or its frozen start)."""
+
+
+class KTOTrainer(NonFiniteGuard, AdapterReference, trl.KTOTrainer):
+    """TRL's KTOTrainer with the NaN/inf guard, its reference the adapter switched off (or its frozen start)."""
 
 
 def nonfinite_parameters(model: nn.Module) -> list[str]:
