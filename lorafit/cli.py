@@ -352,7 +352,9 @@ def _train_payload(result, recipe) -> dict[str, Any]:
                  "train_examples": result.report.train_examples, "eval_examples": result.report.eval_examples,
                  "dropped": dict(result.report.dropped), "supervised_token_share": result.report.supervised_share,
                  "eos_trained": result.report.eos_trained,
-                 **({"label_counts": result.report.label_counts} if result.report.label_counts else {})},
+                 **({"label_counts": result.report.label_counts} if result.report.label_counts else {}),
+                 **({"token_lengths": result.report.token_lengths, "truncated": result.report.truncated}
+                    if hasattr(result.report, "token_lengths") else {})},
         "notes": result.notes,
         "metrics": result.metrics.as_json() if result.metrics else {},
     }
@@ -424,6 +426,11 @@ def _render_dry_run(console: Console, result, recipe_yaml: str) -> None:
     if report.label_counts:  # sequence classification: one label per row, no supervised tokens or end-of-turn
         table.add_row("classes", ", ".join(f"{name} ({n} rows)" for name, n in report.label_counts.items()))
         table.add_row("tokens", f"{report.total_tokens:,} in the training rows")
+    elif getattr(report, "token_lengths", None):  # dpo / kto: both answers are scored against the reference
+        table.add_row("answer tokens scored", f"{report.trained_tokens:,} of {report.total_tokens:,}")
+        table.add_row("token lengths", ", ".join(f"{side} mean {v['mean']:g} / max {v['max']}"
+                                                 for side, v in report.token_lengths.items()))
+        table.add_row("end-of-turn scored", f"{'yes' if report.eos_trained else 'NO'} ({report.eos_token!r})")
     else:
         table.add_row("supervised tokens", f"{report.trained_tokens:,} of {report.total_tokens:,} "
                       f"({100 * report.supervised_share:.1f}%)")
@@ -454,6 +461,14 @@ def _render_train(console: Console, result, *, quiet: bool = False) -> None:
     table.add_row("eval loss", _fmt(m.eval_loss))
     if m.labels is not None:  # sequence classification
         table.add_row("eval accuracy / macro-F1", f"{_pct(m.eval_accuracy)} / {_pct(m.eval_f1)}")
+    if m.preference is not None:  # dpo / kto: the implicit rewards against the reference, train (last log) and eval
+        p = m.preference
+        for side in ("", "eval_"):
+            table.add_row(f"{'eval' if side else 'train'} rewards chosen / rejected / margin",
+                          f"{_fmt(p.get(side + 'rewards/chosen'))} / {_fmt(p.get(side + 'rewards/rejected'))} / "
+                          f"{_fmt(p.get(side + 'rewards/margins'))}")
+        if p.get("eval_rewards/accuracies") is not None:
+            table.add_row("eval reward accuracy", _pct(p["eval_rewards/accuracies"]))
     table.add_row("tokens/s", f"{m.tokens_per_second:,.0f}" if m.tokens_per_second else "-")
     table.add_row("train time", f"{m.train_seconds:.1f} s (wall {m.wall_seconds:.1f} s)")
     table.add_row("peak memory", f"{m.peak_memory_mb:,.0f} MiB")
@@ -590,6 +605,16 @@ def _render_eval(console: Console, result, *, quiet: bool = False) -> None:
         table.add_row(s.name, _fmt(s.loss), f"{s.perplexity:.2f}" if s.perplexity else "-", pct(s.exact_match),
                       pct(s.normalized_exact_match), pct(s.rouge_l), f"{s.seconds:.1f} s")
     console.print(table)
+    if any(s.preference for s in result.scores):  # dpo / kto: the held-out pairs
+        table = Table(title=f"preferences on {result.scores[0].preference.pairs} held-out pairs (reward: beta x "
+                      "log-ratio to the base)", title_justify="left")
+        for column in ("model", "prefers chosen", "log-prob margin", "reward accuracy", "reward margin"):
+            table.add_column(column, justify="left" if column == "model" else "right")
+        for s in result.scores:
+            p = s.preference
+            table.add_row(s.name, pct(p.pair_accuracy), _fmt(p.logp_margin), pct(p.reward_accuracy),
+                          _fmt(p.reward_margin))
+        console.print(table)
     if quiet:
         return
     for row in result.samples[:3]:
@@ -611,6 +636,16 @@ def _render_classification_eval(console: Console, result, *, quiet: bool = False
         per_class = ", ".join(f"{name} {c['correct']}/{c['rows']}" for name, c in (s.per_class or {}).items())
         table.add_row(s.name, _fmt(s.loss), _pct(s.accuracy), _pct(s.f1), per_class, f"{s.seconds:.1f} s")
     console.print(table)
+    if any(s.preference for s in result.scores):  # dpo / kto: the held-out pairs
+        table = Table(title=f"preferences on {result.scores[0].preference.pairs} held-out pairs (reward: beta x "
+                      "log-ratio to the base)", title_justify="left")
+        for column in ("model", "prefers chosen", "log-prob margin", "reward accuracy", "reward margin"):
+            table.add_column(column, justify="left" if column == "model" else "right")
+        for s in result.scores:
+            p = s.preference
+            table.add_row(s.name, pct(p.pair_accuracy), _fmt(p.logp_margin), pct(p.reward_accuracy),
+                          _fmt(p.reward_margin))
+        console.print(table)
     if quiet:
         return
     for row in result.samples[:3]:

@@ -24,13 +24,14 @@ from typing import TYPE_CHECKING, Any
 
 from lorafit import adapters, data, models, run_folder
 from lorafit.errors import LorafitError
-from lorafit.recipe import Recipe
+from lorafit.recipe import PREFERENCE_TASKS, PreferenceSection, Recipe
 from lorafit.templates import apply_template
 
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedTokenizerBase
 
+    from lorafit.preference_eval import PreferenceScores
     from lorafit.templates import Messages
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -54,6 +55,7 @@ class Scores:
     accuracy: float | None = None  # sequence classification only, like f1 and per_class
     f1: float | None = None  # macro-F1
     per_class: dict[str, dict[str, int]] | None = None  # class -> rows, predicted, correct
+    preference: PreferenceScores | None = None  # task dpo / kto: how it prefers the chosen answers
 
 
 @dataclass
@@ -136,10 +138,10 @@ def run_eval(recipe: Recipe, adapter_dirs: list[str | Path], *, data_file: str |
         if max_new_tokens is not None:
             notes.append("--max-new-tokens does not apply to a classifier (nothing is generated); ignored")
         examples, described = _labelled_examples(recipe, labels, data_file, samples, tokenizer, notes)
-        template, max_new_tokens = "none", 0
+        template, max_new_tokens, pairs = "none", 0, None
     else:
-        examples, described, template = _causal_examples(recipe, data_file, samples, tokenizer, names,
-                                                         saved_tokenizers, notes)
+        examples, described, template, pairs = _causal_examples(recipe, data_file, samples, tokenizer, names,
+                                                                saved_tokenizers, notes)
         if template == "none":  # format text: documents, no prompt to answer, so nothing is generated
             max_new_tokens = 0
         elif max_new_tokens is None:  # enough for the longest reference; greedy text past it cannot raise exact match
@@ -156,6 +158,9 @@ def run_eval(recipe: Recipe, adapter_dirs: list[str | Path], *, data_file: str |
                                     max_new_tokens=max_new_tokens, eos_ids=_eos_ids(tokenizer, model.get_base_model()))
     scores: list[Scores] = []
     outputs: dict[str, list] = {}
+    logps: dict[str, list[tuple[float, ...]]] = {}  # dpo / kto: each answer's log-probability, per model
+    if pairs is not None:
+        from lorafit import preference_eval
     for name, adapter in [("base", None), *zip(names, trained, strict=True)]:
         if adapter is None:
             context = model.disable_adapter()  # the same weights in memory; a classifier's head goes back to the base's
@@ -164,6 +169,11 @@ def run_eval(recipe: Recipe, adapter_dirs: list[str | Path], *, data_file: str |
             context = contextlib.nullcontext()
         with context:
             score, outputs[name] = measure(model, name, adapter)
+            if pairs is not None:  # reward: beta x log-ratio against the base (the adapter switched off)
+                logps[name] = preference_eval.answer_logps(model, pairs, tokenizer, batch_size)
+                score.preference = preference_eval.preference_scores(
+                    pairs, logps[name], logps["base"] if adapter is not None else None,
+                    (recipe.preference or PreferenceSection()).beta)
         scores.append(score)
 
     # 4. The report, and each row with every model's answer (or predicted label).
@@ -227,10 +237,14 @@ def _adapter_names(trained: list[adapters.TrainedAdapter]) -> list[str]:
 
 
 def _causal_examples(recipe: Recipe, data_file: str | Path | None, samples: int | None, tokenizer,
-                     names: list[str], saved_tokenizers: list, notes: list[str]) -> tuple[list[_Example], str, str]:
+                     names: list[str], saved_tokenizers: list, notes: list[str]) -> tuple[list[_Example], str, str,
+                                                                                          list | None]:
     """The eval rows rendered with the recipe's template, where they came from, and the template's name ("none"
-    for format text: no prompt/reference split, so nothing is generated)."""
+    for format text: no prompt/reference split, so nothing is generated); dpo / kto: also the held-out pairs."""
     rows, described = _eval_rows(recipe, data_file)
+    pairs = None
+    if recipe.task in PREFERENCE_TASKS:  # scored as pairs, and their chosen answers are the generation references
+        pairs, rows = _preference_rows(recipe, tokenizer, rows[:samples] if samples else rows, notes, described)
     fmt = data.detect_format(rows, recipe.data)
     template = "none" if fmt == "text" else apply_template(recipe.template, tokenizer)
     for name, own in zip(names, saved_tokenizers, strict=True):
@@ -243,7 +257,23 @@ def _causal_examples(recipe: Recipe, data_file: str | Path | None, samples: int 
         raise LorafitError("no usable eval rows", where=described, hint="rows need a final assistant turn / completion")
     if fmt == "text":
         notes.append("format text: no prompt/reference split, so only loss and perplexity are measured")
-    return examples, described, template
+    return examples, described, template, pairs
+
+
+def _preference_rows(recipe: Recipe, tokenizer, rows: list[dict[str, Any]], notes: list[str],
+                     described: str) -> tuple[list, list[dict[str, Any]]]:
+    """Held-out pairs (kto: judged answers) linted as training lints them, and their chosen (desirable) answers as
+    conversation rows for the loss and generation scores."""
+    from lorafit.preference_data import Pair, eval_examples
+
+    pairs, dropped = eval_examples(recipe, tokenizer, rows, described)
+    notes.extend(f"skipped {n} eval row(s): {reason}" for reason, n in dropped.items())
+    if not pairs:
+        raise LorafitError("no usable eval pairs", where=described, hint="rows need prompt, chosen and rejected "
+                           "(kto: prompt, completion, label)")
+    good = [(p.prompt, p.chosen) for p in pairs] if isinstance(pairs[0], Pair) else [
+        (p.prompt, p.completion) for p in pairs if p.desirable]
+    return pairs, [{"messages": prompt + answer} for prompt, answer in good]
 
 
 def _labelled_examples(recipe: Recipe, labels: list[str], data_file: str | Path | None, samples: int | None,

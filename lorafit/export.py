@@ -45,7 +45,8 @@ def export_run(run_dir: Path, model: PeftModel, tokenizer: PreTrainedTokenizerBa
     run_folder.update_marker(run_dir, add_files=[run_folder.ADAPTER, run_folder.ADAPTER_STAGING, run_folder.RECIPE,
                                                  run_folder.MODEL_CARD, run_folder.METRICS, run_folder.LOSS_CHART])
     shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging, safe_serialization=True)
+    # Only the trained adapter: a preference run may also hold TRL's frozen reference copy ("ref").
+    model.save_pretrained(staging, safe_serialization=True, selected_adapters=[model.active_adapter])
     tokenizer.save_pretrained(staging)
     if adapter_dir.exists():
         shutil.rmtree(adapter_dir)

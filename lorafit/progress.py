@@ -53,13 +53,16 @@ class ProgressCallback(TrainerCallback):
     def on_log(self, args, state, control, logs: dict[str, Any] | None = None, **kwargs):
         if not state.is_world_process_zero or self.quiet or not logs:
             return
-        for key in ("loss", "learning_rate", "eval_loss", "eval_accuracy", "grad_norm"):
+        for key in ("loss", "learning_rate", "eval_loss", "eval_accuracy", "grad_norm", "rewards/accuracies",
+                    "rewards/margins", "eval_rewards/accuracies", "eval_rewards/margins"):
             if key in logs:
                 self.last[key] = logs[key]
         if self.progress is not None:
             self.progress.update(self.task, completed=state.global_step, stats=self._stats(state))
             if "eval_loss" in logs:
                 accuracy = f", eval accuracy {logs['eval_accuracy']:.1%}" if "eval_accuracy" in logs else ""
+                if "eval_rewards/margins" in logs:  # dpo / kto
+                    accuracy += f", eval reward margin {logs['eval_rewards/margins']:.3f}"
                 self.progress.console.print(f"step {state.global_step}: eval_loss {logs['eval_loss']:.4f}{accuracy}")
         elif "loss" in logs or "eval_loss" in logs:
             eta = self._eta(state)
@@ -85,6 +88,10 @@ class ProgressCallback(TrainerCallback):
             parts.append(f"eval {self.last['eval_loss']:.4f}")
         if "eval_accuracy" in self.last:  # sequence classification
             parts.append(f"acc {self.last['eval_accuracy']:.1%}")
+        if "rewards/accuracies" in self.last:  # dpo: how often the chosen answer out-scores the rejected one
+            parts.append(f"reward acc {self.last['rewards/accuracies']:.0%}")
+        if "rewards/margins" in self.last:  # dpo / kto: chosen minus rejected implicit reward
+            parts.append(f"margin {self.last['rewards/margins']:.3f}")
         if "learning_rate" in self.last:
             parts.append(f"lr {self.last['learning_rate']:.2e}")
         parts.append(f"{self._tokens_per_second(state):,.0f} tok/s")

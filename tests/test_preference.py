@@ -1,0 +1,326 @@
+"""Preference tuning (task dpo / kto) on tiny models: the data lint, the reference model, that training moves the
+adapter towards the chosen answers, resume, eval, merge and the recipe's refusals."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+from safetensors.torch import load_file
+
+from lorafit.errors import Interrupted, LorafitError
+from lorafit.recipe import validate_recipe
+from lorafit.train import run_train
+
+QUIET = Console(quiet=True)
+
+
+def write_pairs(path: Path, n: int = 48, *, style: str = "strings") -> Path:
+    """Colour -> thing pairs: the right thing chosen, the next colour's thing rejected, in one of the accepted styles."""
+    from tiny_models import TOY_PAIRS
+
+    colours = list(TOY_PAIRS)
+    rows = []
+    for i in range(n):
+        colour, wrong = colours[i % len(colours)], TOY_PAIRS[colours[(i + 1) % len(colours)]]
+        right = TOY_PAIRS[colour]
+        if style == "strings":
+            rows.append({"prompt": colour, "chosen": right, "rejected": wrong})
+        elif style == "messages":
+            rows.append({"prompt": [{"role": "user", "content": colour}],
+                         "chosen": [{"role": "assistant", "content": right}],
+                         "rejected": [{"role": "assistant", "content": wrong}]})
+        elif style == "conversations":  # the prompt is the turn both conversations share
+            user = {"role": "user", "content": colour}
+            rows.append({"chosen": [user, {"role": "assistant", "content": right}],
+                         "rejected": [user, {"role": "assistant", "content": wrong}]})
+        elif style == "kto":
+            rows.append({"prompt": colour, "completion": right if i % 2 else wrong, "label": bool(i % 2)})
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def preference_recipe(model: Path, data_file: Path, out: Path, **sections) -> dict:
+    raw = {
+        "name": "tiny-dpo",
+        "task": "dpo",
+        "model": {"path": str(model)},
+        "adapter": {"r": 8, "dropout": 0.0},
+        "data": {"train": str(data_file), "eval": 0.25, "max_length": 64},
+        "preference": {"beta": 0.1},
+        "training": {"max_steps": 8, "batch_size": 4, "grad_accum": 1, "learning_rate": 1e-2, "logging_steps": 2,
+                     "save_steps": 4, "warmup_ratio": 0.0, "scheduler": "constant"},
+        "output": {"dir": str(out), "report_to": ["none"]},
+    }
+    for key, value in sections.items():
+        raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
+    return raw
+
+
+def adapter_weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "adapter" / "adapter_model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def dpo_run(tmp_path_factory):
+    """One DPO run from the base on a tiny Llama, shared by the assertions below."""
+    from tiny_models import build_tiny_model
+
+    root = tmp_path_factory.mktemp("dpo")
+    model = build_tiny_model(root / "base", "llama")
+    pairs = write_pairs(root / "pairs.jsonl")
+    recipe = validate_recipe(preference_recipe(model, pairs, root / "run"))
+    result = run_train(recipe, QUIET)
+    return {"root": root, "model": model, "pairs": pairs, "recipe": recipe, "result": result, "run": root / "run"}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training
+
+
+def test_dpo_moves_the_adapter_and_the_chosen_answers_gain_on_the_rejected(dpo_run):
+    """DPO from the base: LoRA B leaves zero, and on the train pairs the log-prob margin chosen - rejected rises
+    from the base's to the adapter's; metrics.json carries TRL's reward metrics."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lorafit.preference_data import eval_examples
+    from lorafit.preference_eval import answer_logps
+    from lorafit.data import read_rows
+
+    weights = adapter_weights(dpo_run["run"])
+    assert any(name.endswith("lora_B.weight") and value.abs().sum() > 0 for name, value in weights.items())
+    tokenizer = AutoTokenizer.from_pretrained(dpo_run["run"] / "adapter")
+    pairs, _ = eval_examples(dpo_run["recipe"], tokenizer, read_rows(str(dpo_run["pairs"]), dpo_run["recipe"].data)[0])
+    base = AutoModelForCausalLM.from_pretrained(dpo_run["model"])
+    before = answer_logps(base, pairs, tokenizer, 8)
+    after = answer_logps(PeftModel.from_pretrained(base, dpo_run["run"] / "adapter"), pairs, tokenizer, 8)
+    margin = lambda logps: sum(c - r for c, r in logps) / len(logps)  # noqa: E731
+    assert margin(after) > margin(before) + 1.0
+    metrics = json.loads((dpo_run["run"] / "metrics.json").read_text())
+    assert metrics["preference"]["eval_rewards/margins"] > 0
+    assert metrics["preference"]["eval_rewards/accuracies"] > 0.5
+    assert any("rewards/margins" in entry for entry in metrics["loss_history"])
+    assert metrics["loss_history"][0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # log 2: policy == reference
+
+
+def test_the_reference_is_the_adapter_switched_off_not_a_second_model(tiny_llama, tmp_path):
+    """The DPO trainer holds no reference model and no "ref" adapter: TRL scores the reference with the adapter
+    disabled, in the same weights (no parameter outside the base model and its adapter)."""
+    from lorafit import adapters, models, preference_data
+    from lorafit.recipe import validate_recipe as validate
+    from lorafit.train import _build_trainer
+
+    pairs = write_pairs(tmp_path / "pairs.jsonl", 16)
+    recipe = validate(preference_recipe(tiny_llama, pairs, tmp_path / "run"))
+    precision, _ = models.choose_precision("fp32")
+    tokenizer = models.load_tokenizer(recipe, str(tiny_llama))
+    prepared = preference_data.prepare_preference_data(recipe, tokenizer)
+    base = models.load_base_model(recipe, str(tiny_llama), precision, pad_token_id=tokenizer.pad_token_id)
+    model = adapters.wrap_model(recipe, base, gradient_checkpointing=False)
+    base_params = {id(p) for p in base.parameters()}
+    trainer = _build_trainer(recipe, model, tokenizer, prepared, precision, QUIET, quiet=True)
+    assert trainer.ref_model is None
+    assert list(trainer.model.peft_config) == ["default"]
+    assert {id(p) for p in trainer.model.parameters()} == base_params  # one set of weights, nothing copied
+
+    from lorafit.trainer import AdapterReference, DPOTrainer, NonFiniteGuard
+
+    assert isinstance(trainer, DPOTrainer) and isinstance(trainer, (AdapterReference, NonFiniteGuard))
+
+
+def test_init_adapter_reference_copies_only_the_adapter(tiny_llama, tmp_path):
+    """reference: init-adapter starts from adapter.init_from and keeps a frozen copy of it as the reference: the
+    copy is adapter-sized and not trained, the exported adapter holds only the trained one."""
+    from lorafit import adapters, models, preference_data
+    from lorafit.train import _build_trainer
+
+    pairs = write_pairs(tmp_path / "pairs.jsonl", 16)
+    first = run_train(validate_recipe(preference_recipe(tiny_llama, pairs, tmp_path / "first",
+                                                        training={"max_steps": 2})), QUIET)
+    recipe = validate_recipe(preference_recipe(
+        tiny_llama, pairs, tmp_path / "second", adapter={"init_from": str(first.run_dir / "adapter")},
+        preference={"reference": "init-adapter"}, training={"max_steps": 2}))
+    precision, _ = models.choose_precision("fp32")
+    tokenizer = models.load_tokenizer(recipe, str(tiny_llama))
+    prepared = preference_data.prepare_preference_data(recipe, tokenizer)
+    base = models.load_base_model(recipe, str(tiny_llama), precision, pad_token_id=tokenizer.pad_token_id)
+    model = adapters.wrap_model(recipe, base, gradient_checkpointing=False)
+    trainer = _build_trainer(recipe, model, tokenizer, prepared, precision, QUIET, quiet=True)
+    assert trainer.ref_model is None and sorted(trainer.model.peft_config) == ["default", "ref"]
+    ref = {n: p for n, p in trainer.model.named_parameters() if ".ref." in n}
+    default = {n: p for n, p in trainer.model.named_parameters() if ".default." in n}
+    assert len(ref) == len(default) and not any(p.requires_grad for p in ref.values())
+    start = adapter_weights(first.run_dir)
+    for name, value in start.items():  # the copy and the trained adapter both start from init_from's weights
+        key = "base_model.model." + name.removeprefix("base_model.model.").replace(".weight", ".ref.weight")
+        assert torch.equal(dict(trainer.model.named_parameters())[key].detach(), value), name
+
+    second = run_train(recipe.model_copy(update={"output": recipe.output.model_copy(
+        update={"dir": str(tmp_path / "third")})}), QUIET)
+    assert not (second.run_dir / "adapter" / "ref").exists()
+    assert set(adapter_weights(second.run_dir)) == set(start)
+
+
+def test_init_from_must_match_the_recipes_adapter(tiny_llama, tmp_path, dpo_run):
+    """adapter.init_from with another rank than the recipe's is refused, naming both, before training."""
+    pairs = write_pairs(tmp_path / "pairs.jsonl", 16)
+    recipe = validate_recipe(preference_recipe(tiny_llama, pairs, tmp_path / "run",
+                                               adapter={"r": 4, "init_from": str(dpo_run["run"] / "adapter")}))
+    with pytest.raises(LorafitError, match=r"adapter.init_from: .*was trained with r 8, the recipe says adapter.r: 4"):
+        run_train(recipe, QUIET)
+
+
+def test_dpo_resume_equals_an_uninterrupted_run(dpo_run, tmp_path, monkeypatch):
+    """Interrupted at step 5 (SIGTERM) and resumed, DPO ends with the adapter an uninterrupted run ends with."""
+    from lorafit.progress import ProgressCallback
+    import os
+
+    recipe = validate_recipe(preference_recipe(dpo_run["model"], dpo_run["pairs"], tmp_path / "run"))
+    original = ProgressCallback.on_step_end
+
+    def on_step_end(self, args, state, control, **kwargs):
+        result = original(self, args, state, control, **kwargs)
+        if state.global_step == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return result
+
+    monkeypatch.setattr(ProgressCallback, "on_step_end", on_step_end)
+    with pytest.raises(Interrupted, match="interrupted at step 5; checkpoint saved"):
+        run_train(recipe, QUIET)
+    monkeypatch.undo()
+    resumed = run_train(recipe, QUIET, resume=True)
+    assert resumed.metrics["global_step"] == 8
+    expected, got = adapter_weights(dpo_run["run"]), adapter_weights(tmp_path / "run")
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.allclose(expected[name], got[name], atol=1e-6), name
+
+
+def test_kto_trains_on_labelled_answers(tiny_llama, tmp_path):
+    """KTO on prompt/completion/label rows: the desirable answers' reward ends above the undesirable ones'."""
+    data = write_pairs(tmp_path / "kto.jsonl", 48, style="kto")
+    recipe = validate_recipe(preference_recipe(tiny_llama, data, tmp_path / "run", task="kto", name="tiny-kto"))
+    result = run_train(recipe, QUIET)
+    assert result.report.format == "prompt/completion/label"
+    assert result.report.desirable == result.report.undesirable == 18
+    assert result.metrics["preference"]["eval_rewards/margins"] > 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data: formats and the lint
+
+
+@pytest.mark.parametrize("style", ["strings", "messages", "conversations"])
+def test_pair_formats_read_the_same(tiny_llama, tmp_path, style):
+    """Explicit strings, explicit messages and whole conversations sharing a prompt give the same pairs."""
+    from lorafit import models
+    from lorafit.preference_data import prepare_preference_data
+
+    recipe = validate_recipe(preference_recipe(tiny_llama, write_pairs(tmp_path / f"{style}.jsonl", 12, style=style),
+                                               tmp_path / "run", data={"eval": None}))
+    tokenizer = models.load_tokenizer(recipe, str(tiny_llama))
+    prepared = prepare_preference_data(recipe, tokenizer)
+    assert prepared.train[0] == {"prompt": [{"role": "user", "content": "red"}],
+                                 "chosen": [{"role": "assistant", "content": "apple"}],
+                                 "rejected": [{"role": "assistant", "content": "sky"}]}
+    assert prepared.report.train_examples == 12 and not prepared.report.dropped
+
+
+def test_bad_pairs_are_dropped_and_counted_by_reason(tiny_llama, tmp_path):
+    """Identical sides, an empty side, a malformed row and a prompt that fills max_length are each dropped and
+    counted; pairs cut by max_length are reported; token lengths are measured."""
+    from lorafit import models
+    from lorafit.preference_data import prepare_preference_data
+
+    rows = [
+        {"prompt": "red", "chosen": "apple", "rejected": "apple"},
+        {"prompt": "red", "chosen": " ", "rejected": "sky"},
+        {"prompt": "red", "chosen": 3, "rejected": "sky"},
+        {"prompt": "red " * 80, "chosen": "apple", "rejected": "sky"},
+        {"prompt": "blue", "chosen": "sky " * 40, "rejected": "grass " * 40},
+        {"prompt": "blue", "chosen": "sky", "rejected": "grass"},
+    ]
+    data = tmp_path / "bad.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = validate_recipe(preference_recipe(tiny_llama, data, tmp_path / "run", data={"eval": None}))
+    report = prepare_preference_data(recipe, models.load_tokenizer(recipe, str(tiny_llama))).report
+    assert dict(report.dropped) == {
+        "identical chosen and rejected": 1,
+        "empty chosen or rejected answer": 1,
+        "malformed row (prompt, chosen and rejected must be text or chat messages)": 1,
+        "prompt alone fills data.max_length (no answer tokens left)": 1,
+    }
+    assert report.train_examples == 2 and report.truncated == 1
+    assert report.token_lengths["chosen"]["max"] > report.token_lengths["chosen"]["mean"] > 0
+    assert any("cut at data.max_length" in w for w in report.warnings())
+
+    data.write_text(json.dumps(rows[0]) + "\n")
+    with pytest.raises(LorafitError, match=r"no usable preference rows remain \(1 identical chosen and rejected\)"):
+        prepare_preference_data(recipe, models.load_tokenizer(recipe, str(tiny_llama)))
+
+
+def test_wrong_columns_name_what_is_needed(tiny_llama, toy_data, tmp_path):
+    """SFT data under task: dpo is refused naming the columns dpo needs and the ones the file has."""
+    recipe = validate_recipe(preference_recipe(tiny_llama, toy_data, tmp_path / "run"))
+    with pytest.raises(LorafitError, match=r"dpo data needs the columns prompt, chosen, rejected; the data has messages"):
+        run_train(recipe, QUIET, dry_run=True)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"task": "causal-lm"}, "preference: only applies to task: dpo or kto"),
+    ({"preference": {"loss": "kto"}}, "preference.loss: 'kto' is not a dpo loss"),
+    ({"preference": {"reference": "init-adapter"}}, "init-adapter needs adapter.init_from"),
+    ({"data": {"packing": True}}, "data.packing: task dpo"),
+    ({"task": "kto", "training": {"batch_size": 1}}, "kto estimates its KL term"),
+    ({"preference": {"loss": "exo_pair"}}, "loss exo_pair needs a value above 0"),
+    ({"adapter": {"init": "pissa"}}, "adapter.init pissa rewrites the base weights"),
+])
+def test_settings_that_cannot_apply_are_refused(tmp_path, change, message):
+    """Preference settings outside dpo/kto, a loss of the other task and impossible combinations are errors."""
+    raw = preference_recipe(Path("m"), tmp_path / "p.jsonl", tmp_path / "run", **change)
+    with pytest.raises(LorafitError, match=message):
+        validate_recipe(raw)
+
+
+# ----------------------------------------------------------------------------------------------------
+# eval, merge, CLI
+
+
+def test_eval_reports_reward_accuracy_base_vs_adapter(dpo_run):
+    """eval on the held-out pairs: the base has no reward against itself, the adapter's reward accuracy is above
+    chance and it prefers the chosen answers more often than the base does; generation scores sit beside."""
+    from lorafit.evaluate import run_eval
+
+    result = run_eval(dpo_run["recipe"], [dpo_run["run"] / "adapter"])
+    base, adapter = result.scores
+    assert base.preference.reward_accuracy is None and base.preference.pair_accuracy is not None
+    assert adapter.preference.reward_accuracy > 0.5 and adapter.preference.reward_margin > 0
+    assert adapter.preference.logp_margin > base.preference.logp_margin
+    assert adapter.exact_match is not None and result.examples == 12
+    report = json.loads(result.report_path.read_text())
+    assert report["scores"][1]["preference"]["pairs"] == 12
+
+
+def test_merge_and_cli_json_on_a_dpo_run(dpo_run, tmp_path):
+    """A DPO adapter merges like an SFT one, and `train --dry-run --json` carries the pair lint."""
+    import subprocess
+    import sys
+
+    from lorafit.merge import AdapterSpec, run_merge
+
+    merged = run_merge([AdapterSpec(dpo_run["run"] / "adapter")], tmp_path / "merged")
+    assert (Path(merged.out_dir) / "model.safetensors").exists()
+    recipe_file = tmp_path / "r.json"
+    recipe_file.write_text(json.dumps(preference_recipe(dpo_run["model"], dpo_run["pairs"], tmp_path / "dry")))
+    recipe_yaml = tmp_path / "r.yaml"
+    recipe_yaml.write_text(recipe_file.read_text())  # JSON is YAML
+    out = subprocess.run([sys.executable, "-m", "lorafit", "train", str(recipe_yaml), "--dry-run", "--json"],
+                         capture_output=True, text=True, check=True)
+    payload = json.loads(out.stdout)
+    assert payload["data"]["format"] == "prompt/chosen/rejected"
+    assert payload["data"]["token_lengths"]["prompt"]["max"] > 0 and payload["data"]["truncated"] == 0
