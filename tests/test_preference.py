@@ -207,7 +207,7 @@ def test_kto_trains_on_labelled_answers(tiny_llama, tmp_path):
     recipe = validate_recipe(preference_recipe(tiny_llama, data, tmp_path / "run", task="kto", name="tiny-kto"))
     result = run_train(recipe, QUIET)
     assert result.report.format == "prompt/completion/label"
-    assert result.report.desirable == result.report.undesirable == 18
+    assert result.report.desirable + result.report.undesirable == 36 and result.report.desirable > 10
     assert result.metrics["preference"]["eval_rewards/margins"] > 0
 
 
@@ -242,7 +242,7 @@ def test_bad_pairs_are_dropped_and_counted_by_reason(tiny_llama, tmp_path):
         {"prompt": "red", "chosen": " ", "rejected": "sky"},
         {"prompt": "red", "chosen": 3, "rejected": "sky"},
         {"prompt": "red " * 80, "chosen": "apple", "rejected": "sky"},
-        {"prompt": "blue", "chosen": "sky " * 40, "rejected": "grass " * 40},
+        {"prompt": "blue", "chosen": "sky " * 80, "rejected": "grass " * 80},
         {"prompt": "blue", "chosen": "sky", "rejected": "grass"},
     ]
     data = tmp_path / "bad.jsonl"
