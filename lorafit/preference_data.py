@@ -103,16 +103,16 @@ def prepare_preference_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) 
     return PreparedData(_dataset(train, Dataset), _dataset(evaluation, Dataset) if evaluation else None, report)
 
 
-def eval_examples(recipe: Recipe, tokenizer: PreTrainedTokenizerBase,
-                  rows: list[dict[str, Any]]) -> tuple[list[Pair] | list[Judged], Counter]:
+def eval_examples(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, rows: list[dict[str, Any]],
+                  where: str = "data.eval") -> tuple[list[Pair] | list[Judged], Counter]:
     """Eval rows as pairs (or kto's judged answers), linted like training's; also the drops by reason."""
     apply_template(recipe.template, tokenizer)
-    report = PreferenceReport(format=row_format(rows, recipe), template="")
+    report = PreferenceReport(format=row_format(rows, recipe, where), template="")
     return encode_rows(rows, recipe, tokenizer, report, is_train=False), report.dropped
 
 
-def row_format(rows: list[dict[str, Any]], recipe: Recipe) -> str:
-    """PAIRS or LABELLED, from the first row's columns; an error naming the columns when it is neither."""
+def row_format(rows: list[dict[str, Any]], recipe: Recipe, where: str = "data.train") -> str:
+    """PAIRS or LABELLED, from the first row's columns; an error naming the columns (and `where`) otherwise."""
     section = recipe.data
     columns = set(rows[0]) if rows else set()
     has = lambda name: _column(section, name) in columns  # noqa: E731
@@ -122,14 +122,14 @@ def row_format(rows: list[dict[str, Any]], recipe: Recipe) -> str:
         return LABELLED
     wanted = "prompt, chosen, rejected" + (" (or prompt, completion, label)" if recipe.task == "kto" else "")
     raise LorafitError(f"{recipe.task} data needs the columns {wanted}; the data has "
-                       f"{', '.join(sorted(columns)) or 'no columns'}", where="data.train",
+                       f"{', '.join(sorted(columns)) or 'no columns'}", where=where,
                        hint="map your column names with data.fields, e.g. {chosen: better, rejected: worse}")
 
 
 def encode_rows(rows: list[dict[str, Any]], recipe: Recipe, tokenizer: PreTrainedTokenizerBase,
                 report: PreferenceReport, *, is_train: bool) -> list[Pair] | list[Judged]:
     """Normalise and tokenize rows, counting each dropped one by reason in `report`."""
-    fmt = row_format(rows, recipe) if rows else PAIRS
+    fmt = row_format(rows, recipe, "data.train" if is_train else "data.eval") if rows else PAIRS
     out: list = []
     for row in rows:
         if fmt == LABELLED:

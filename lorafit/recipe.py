@@ -344,14 +344,14 @@ class Recipe(_Section):
                              "other); set packing: false, or use data.group_by_length for speed")
         if self.task == "sequence-classification":
             self._check_classification()
-        elif self.task in PREFERENCE_TASKS:
+        elif self.data.labels is not None:
+            raise ValueError("data.labels: class names only apply to task: sequence-classification")
+        if self.task in PREFERENCE_TASKS:
             self._check_preference()
         elif self.preference is not None:
             raise ValueError("preference: only applies to task: dpo or kto")
         if self.adapter.init_from is not None and self.adapter.method == "prefix":
-            raise ValueError("adapter.init_from: continue a prefix-tuning adapter is not supported; use method: lora")
-        elif self.data.labels is not None:
-            raise ValueError("data.labels: class names only apply to task: sequence-classification")
+            raise ValueError("adapter.init_from: continuing a prefix-tuning adapter is not supported; use method: lora")
         return self
 
     def _check_classification(self) -> None:
