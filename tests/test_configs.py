@@ -29,7 +29,7 @@ FAMILIES = {
 
 
 def family_recipes():
-    return sorted(p for p in CONFIGS.glob("*.yaml") if p.stem != "quickstart")
+    return sorted(p for p in CONFIGS.glob("*.yaml") if not p.stem.startswith("quickstart"))
 
 
 def test_every_family_has_a_lora_and_a_qlora_recipe():

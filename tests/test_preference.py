@@ -264,6 +264,21 @@ def test_bad_pairs_are_dropped_and_counted_by_reason(tiny_llama, tmp_path):
         prepare_preference_data(recipe, models.load_tokenizer(recipe, str(tiny_llama)))
 
 
+def test_the_quickstart_preference_recipes_validate_and_their_data_is_clean():
+    """configs/quickstart-dpo*.yaml validate, and the committed pairs are all usable: chosen is the reversal, rejected
+    differs from it."""
+    from lorafit.recipe import load_recipe
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    dpo, on_sft = load_recipe(configs / "quickstart-dpo.yaml"), load_recipe(configs / "quickstart-dpo-sft.yaml")
+    assert dpo.task == on_sft.task == "dpo" and on_sft.adapter.init_from == "runs/quickstart/adapter"
+    assert on_sft.preference.reference == "init-adapter" and on_sft.run_dir == Path("runs/quickstart-dpo-sft")
+    for split in (dpo.data.train, dpo.data.eval):
+        rows = [json.loads(line) for line in Path(split).read_text().splitlines()]
+        words = [row["prompt"].rsplit(": ", 1)[1].split() for row in rows]
+        assert all(row["chosen"].split() == w[::-1] != row["rejected"].split() for row, w in zip(rows, words))
+
+
 def test_wrong_columns_name_what_is_needed(tiny_llama, toy_data, tmp_path):
     """SFT data under task: dpo is refused naming the columns dpo needs and the ones the file has."""
     recipe = validate_recipe(preference_recipe(tiny_llama, toy_data, tmp_path / "run"))
