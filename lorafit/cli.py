@@ -170,6 +170,41 @@ def _train_sweep(recipe_path: Path, overrides: list[str], sweeps: list[str], *, 
 
 
 @app.command()
+def runs(
+    folders: Annotated[list[Path] | None, typer.Argument(help="Folders holding run folders (searched below); "
+                                                               "default: runs/.", show_default=False)] = None,
+    sort: Annotated[str | None, typer.Option("--sort", help="Order by a column, best first: name, base, method, r, "
+                                             "alpha, lr, steps, train_loss, eval_loss, eval_score, "
+                                             "tokens_per_second, train_seconds, status.")] = None,
+    plot: Annotated[Path | None, typer.Option("--plot", help="Also draw every listed run's train and eval loss "
+                                                             "into this PNG file.")] = None,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """One row per run folder: base, method, r, lr, steps, losses, eval scores, tokens/s, time, status."""
+
+    def work() -> None:
+        from lorafit.runs import as_json as run_json
+        from lorafit.runs import run_runs
+
+        rows, warning = run_runs(folders or [Path("runs")], sort=sort, plot=plot)
+        if as_json:
+            _print_json({"command": "runs", "ok": True, "runs": [run_json(row) for row in rows],
+                         "plot": str(plot) if plot and not warning else None,
+                         "notes": [warning] if warning else []})
+            return
+        console = Console(highlight=False)
+        _render_runs(console, rows, quiet=quiet)
+        if warning:
+            Console(stderr=True, highlight=False).print(Text(warning, style="yellow"))
+        elif plot and not quiet:
+            console.print(f"[dim]chart: {plot}[/dim]")
+
+    _execute(work, debug=debug, as_json=as_json)
+
+
+@app.command()
 def init(
     model: Annotated[str, typer.Argument(help="Base model: built-in alias, local folder or hub id.", show_default=False)],
     data: Annotated[str, typer.Argument(help="Training data file (or hub dataset id).", show_default=False)],
@@ -402,6 +437,37 @@ def _render_sweep(console: Console, result, *, quiet: bool = False) -> None:
     if not quiet and result.summary_path:
         console.print(f"[dim]summary: {result.summary_path}, {result.table_path}; compare: lorafit runs "
                       f"{result.sweep_dir} --plot {result.sweep_dir / 'sweep.png'}[/dim]")
+
+
+def _render_runs(console: Console, rows, *, quiet: bool = False) -> None:
+    from lorafit.sweep import cell  # the same cells as the sweep table
+
+    if not rows:
+        console.print("no run folders found")
+        return
+    if not console.is_terminal:  # piped or redirected: whole values beat a table cut to 80 columns
+        console.width = max(console.width, 160)
+    table = Table(title=None if quiet else f"{len(rows)} run{'s' if len(rows) != 1 else ''}", title_justify="left")
+    for column in ("run", "base", "method", "r", "alpha", "lr", "steps", "train loss", "eval loss", "eval",
+                   "tok/s", "time", "status"):
+        table.add_column(column, justify="left" if column in ("run", "base", "method", "status") else "right")
+    short_metric = {"exact_match": "EM", "accuracy": "acc"}
+    for row in rows:
+        score = "-" if row.eval_score is None else f"{_pct(row.eval_score)} {short_metric.get(row.eval_metric, '')}"
+        steps = cell(row.steps) + (f"/{row.max_steps}" if row.status != "finished" and row.max_steps else "")
+        style = {"failed": "red", "interrupted": "yellow", "running": "cyan"}.get(row.status, "")
+        table.add_row(row.name, _short_base(row.base), cell(row.method), cell(row.r), cell(row.alpha),
+                      cell(row.lr), steps, _fmt(row.train_loss), _fmt(row.eval_loss), score,
+                      f"{row.tokens_per_second:,.0f}" if row.tokens_per_second else "-",
+                      f"{row.train_seconds:.0f} s" if row.train_seconds else "-", row.status, style=style)
+    console.print(table)
+
+
+def _short_base(base: str | None) -> str:
+    """A local model folder by its name; hub ids and aliases as they are."""
+    if not base:
+        return "-"
+    return Path(base).name if base.startswith(("/", "./", "../", "~")) else base
 
 
 def _render_notes(console: Console, result) -> None:

@@ -12,7 +12,6 @@ never worth a failed run: each function returns a warning instead of raising.
 from __future__ import annotations
 
 import io
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -143,13 +142,13 @@ def _figure(width: float, height: float) -> Figure:
 
 
 def _save(figure: Figure, path: Path) -> None:
-    """Render to memory, then write under a temporary name and rename: a reader never sees half a PNG."""
+    """Render to memory, then write atomically: a reader never sees half a PNG."""
+    from lorafit.run_folder import write_atomic
+
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=_DPI)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(buffer.getvalue())
-    os.replace(tmp, path)
+    write_atomic(path, buffer.getvalue())
 
 
 def _warning(path: Path, exc: Exception) -> str:

@@ -1,11 +1,12 @@
-"""The output folders lorafit writes — a run, a merge, an eval report — and how lorafit proves which are its own.
+"""The output folders lorafit writes — a run, a merge, an eval report, a sweep — and how lorafit proves which are its
+own.
 
 Everything about these folders is spelled here and imported everywhere else:
 
 - the names of the entries lorafit writes (a run: `adapter/`, `recipe.yaml`, `metrics.json`, `README.md`,
-  `checkpoints/`, `logs/`, `eval/`; a merge: the model files and `merge.json`; an eval: `report.json`,
-  `samples.jsonl`);
-- the ownership marker `lorafit.json` at the root of every output folder: its `kind` (run | merge | eval),
+  `loss.png`, `checkpoints/`, `logs/`, `eval/`; a merge: the model files and `merge.json`; an eval: `report.json`,
+  `samples.jsonl`, `scores.png`; a sweep: `sweep.json`, `sweep.md`, beside its run folders);
+- the ownership marker `lorafit.json` at the root of every output folder: its `kind` (run | merge | eval | sweep),
   the lorafit version, when it was created, the top-level `files` lorafit wrote there (recorded *before* they
   are written, so a crash never leaves an entry of ours unlisted), and a `status` (running | finished |
   interrupted | failed). A folder is lorafit's only by this marker: `--overwrite`, `--resume`, `merge
@@ -48,10 +49,10 @@ ADAPTER_STAGING = ".adapter.tmp"
 RECIPE = "recipe.yaml"
 METRICS = "metrics.json"
 MODEL_CARD = "README.md"
+LOSS_CHART = "loss.png"  # train/eval loss and learning rate against step, shown in the model card
 CHECKPOINTS = "checkpoints"
 LOGS = "logs"
 EVAL = "eval"  # `lorafit eval`'s default output folder, inside the run it evaluates
-LOSS_CHART = "loss.png"  # train/eval loss and learning rate against step, shown in the model card
 RUN_ENTRIES = (ADAPTER, ADAPTER_STAGING, RECIPE, METRICS, MODEL_CARD, LOSS_CHART, CHECKPOINTS, LOGS, EVAL)
 # Inside checkpoints/
 CHECKPOINT_STAGING = ".incomplete"
@@ -60,13 +61,16 @@ RUN_RECORD = "lorafit-run.json"  # the recipe fingerprint --resume checks; also 
 # An eval folder
 EVAL_REPORT = "report.json"
 EVAL_SAMPLES = "samples.jsonl"
-EVAL_CHART = "scores.png"  # base vs adapters
+EVAL_CHART = "scores.png"  # base vs adapters, bar chart
+# A sweep folder (`train --sweep`): one run folder per grid point, plus the summary
+SWEEP_SUMMARY = "sweep.json"
+SWEEP_TABLE = "sweep.md"
 # A merge folder (plus the model's own files, listed in the marker as written)
 MERGE_RECORD = "merge.json"
 
-Kind = Literal["run", "merge", "eval"]
+Kind = Literal["run", "merge", "eval", "sweep"]
 Status = Literal["running", "finished", "interrupted", "failed"]
-KINDS = ("run", "merge", "eval")
+KINDS = ("run", "merge", "eval", "sweep")
 STATUSES = ("running", "finished", "interrupted", "failed")
 
 
@@ -348,6 +352,25 @@ def check_not_locked(folder: Path, *, where: str) -> None:
                            hint="wait for it to finish, or choose another output folder") from None
     finally:
         os.close(fd)
+
+
+def is_locked(folder: Path) -> bool:
+    """Whether a live lorafit process holds `folder`'s lock now (a lock file left by a crash is not held)."""
+    import fcntl
+
+    try:
+        fd = os.open(folder / LOCK, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # also releases the probe's shared lock at once
+    return False
 
 
 def path_error(exc: OSError, where: str) -> LorafitError:

@@ -1,6 +1,6 @@
 """`lorafit runs [DIR ...]`: every run folder under the given folders, one row each, to compare and plot.
 
-A folder is a run only by lorafit's own record of it; anything else under DIR is ignored. A row is read from
+A folder is a run only by lorafit's marker (`lorafit.json`, kind run); anything else under DIR is ignored. A row is read from
 what the run folder holds: `recipe.yaml` (base, method, r, alpha, learning rate), `metrics.json` (a finished
 run's losses, tokens/s, time), the newest checkpoint's `trainer_state.json` (an interrupted run's steps and
 losses so far) and `eval/report.json` (`lorafit eval`'s scores, when it was run).
@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lorafit import run_folder
 from lorafit.errors import LorafitError
 
 # Columns `--sort` accepts; lower is better for losses and time, higher for the rest, so the best run is first.
@@ -88,7 +89,7 @@ def find_runs(folders: list[Path]) -> list[Path]:
         if resolved in seen:
             return
         seen.add(resolved)
-        if run_state(folder) is not None:
+        if run_status(folder) is not None:
             found.append(folder)
             return
         if depth >= _MAX_DEPTH:
@@ -105,26 +106,30 @@ def find_runs(folders: list[Path]) -> list[Path]:
     return found
 
 
-def run_state(folder: Path) -> str | None:
-    """How far a run folder got: finished, started (no export yet), or None when it is no run (by lorafit.json)."""
-    from lorafit.run_folder import read_marker
+def run_status(folder: Path) -> str | None:
+    """A run folder's status (finished, running, interrupted, failed) from lorafit's marker; None: not a run.
 
-    marker = read_marker(folder)
+    A run marked running whose process is gone (killed, power loss: its folder lock is no longer held) is reported
+    as interrupted: `--resume` continues it from its last checkpoint.
+    """
+    marker = run_folder.read_marker(folder)
     if marker is None or marker.kind != "run":
         return None
-    return "finished" if marker.status == "finished" else "started"
+    if marker.status == "running" and not run_folder.is_locked(folder):
+        return "interrupted"
+    return marker.status or "interrupted"
 
 
 def read_run(folder: Path) -> RunInfo | None:
     """Everything `lorafit runs` shows about one run folder; None when the folder is not a run."""
-    state = run_state(folder)
-    if state is None:
+    status = run_status(folder)
+    if status is None:
         return None
-    info = RunInfo(path=folder, name=folder.name, status="finished" if state == "finished" else "interrupted")
-    recipe = _yaml_or_none(folder / "recipe.yaml")
+    info = RunInfo(path=folder, name=folder.name, status=status)
+    recipe = _yaml_or_none(folder / run_folder.RECIPE)
     if recipe is not None:
         _from_recipe(info, recipe)
-    metrics = _json_or_none(folder / "metrics.json") if state == "finished" else None
+    metrics = _json_or_none(folder / run_folder.METRICS) if status == "finished" else None
     if metrics is not None:
         _from_metrics(info, metrics)
     else:
@@ -175,9 +180,9 @@ def _from_metrics(info: RunInfo, metrics: dict[str, Any]) -> None:
 
 def _from_checkpoint(info: RunInfo, folder: Path) -> None:
     """An unfinished run: steps and losses so far, from the newest complete checkpoint."""
-    from lorafit.checkpoints import CHECKPOINTS, complete_checkpoints
+    from lorafit.checkpoints import complete_checkpoints
 
-    checkpoints = complete_checkpoints(folder / CHECKPOINTS)
+    checkpoints = complete_checkpoints(folder / run_folder.CHECKPOINTS)
     state = _json_or_none(checkpoints[-1] / "trainer_state.json") if checkpoints else None
     if state is None:
         return
@@ -201,11 +206,11 @@ def _history(entries: list[Any]) -> list[dict[str, Any]]:
 
 
 def _from_eval_report(info: RunInfo, folder: Path) -> None:
-    report = _json_or_none(folder / "eval" / "report.json")
+    report = _json_or_none(folder / run_folder.EVAL / run_folder.EVAL_REPORT)
     scores = report.get("scores") if report else None
     if not isinstance(scores, list):
         return
-    own = (folder / "adapter").resolve()
+    own = (folder / run_folder.ADAPTER).resolve()
     adapters = [s for s in scores if isinstance(s, dict) and s.get("adapter")]
     mine = next((s for s in adapters if Path(str(s["adapter"])).resolve() == own), adapters[0] if adapters else None)
     base = next((s for s in scores if isinstance(s, dict) and not s.get("adapter")), None)

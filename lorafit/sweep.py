@@ -16,19 +16,18 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lorafit import run_folder
 from lorafit.errors import Interrupted, LorafitError, RunFailed
 from lorafit.recipe import Recipe, load_recipe, read_yaml_file, validate_recipe
 
 if TYPE_CHECKING:
     from rich.console import Console
-
-SUMMARY_JSON = "sweep.json"
-SUMMARY_TABLE = "sweep.md"
 
 # Folder names stay short and readable: lr=2e-4,r=16 rather than training.learning_rate=2e-4,adapter.r=16.
 _SHORT_KEYS = {
@@ -119,9 +118,27 @@ def run_sweep(recipe_path: Path, overrides: list[str], sweeps: list[str], consol
     if dry_run:
         return result
 
+    if os.environ.get("RANK", "0") != "0":  # under torchrun / accelerate launch every rank runs the grid; rank 0 writes
+        return _run_grid(result, recipe_path, console, overwrite=overwrite, quiet=quiet, resume_command=resume_command)
+    with run_folder.folder_lock(sweep_dir, where=f"output.dir: {sweep_dir}"):  # one sweep per folder
+        run_folder.write_marker(sweep_dir, "sweep", files=[run_folder.SWEEP_SUMMARY, run_folder.SWEEP_TABLE],
+                                status="running")
+        try:
+            _run_grid(result, recipe_path, console, overwrite=overwrite, quiet=quiet, resume_command=resume_command)
+        except BaseException as exc:
+            stopped = isinstance(exc, (Interrupted, KeyboardInterrupt))
+            run_folder.update_marker(sweep_dir, status="interrupted" if stopped else "failed")
+            raise
+        run_folder.update_marker(sweep_dir, status="failed" if result.failed else "finished")
+    return result
+
+
+def _run_grid(result: SweepResult, recipe_path: Path, console: Console, *, overwrite: bool, quiet: bool,
+              resume_command: str) -> SweepResult:
+    """Each grid point's run, one after another; the summary is rewritten whatever happens."""
     from lorafit.train import run_train
 
-    sweep_dir.mkdir(parents=True, exist_ok=True)
+    runs = result.runs
     try:
         for index, run in enumerate(runs, start=1):
             if run.plan == "skip":
@@ -152,7 +169,8 @@ def run_sweep(recipe_path: Path, overrides: list[str], sweeps: list[str], consol
             _read_scores(run)
     finally:
         result.best = _best(runs)
-        result.summary_path, result.table_path = _write_summary(result, recipe_path)
+        if os.environ.get("RANK", "0") == "0":
+            result.summary_path, result.table_path = _write_summary(result, recipe_path)
     return result
 
 
@@ -222,7 +240,7 @@ def _folder_value(text: str) -> str:
 
 
 def _grid(recipe_path: Path, overrides: list[str], axes: list[SweepAxis], sweep_dir: Path) -> list[SweepRun]:
-    from lorafit.runs import run_state
+    from lorafit.runs import run_status
 
     runs: list[SweepRun] = []
     seen: dict[str, str] = {}
@@ -242,7 +260,9 @@ def _grid(recipe_path: Path, overrides: list[str], axes: list[SweepAxis], sweep_
         except LorafitError as exc:
             raise LorafitError(exc.message, where=f"--sweep {' '.join(point)}", hint=exc.hint) from None
         values = {axis.key: _value_at(recipe, axis.key) for axis in axes}
-        runs.append(SweepRun(name, run_dir, point, values, run_state(run_dir) or "new", recipe=recipe))
+        status = run_status(run_dir)
+        before = "new" if status is None else "finished" if status == "finished" else "started"
+        runs.append(SweepRun(name, run_dir, point, values, before, recipe=recipe))
     by_values: dict[str, str] = {}
     for run in runs:  # 1e-4 and 0.0001 are one grid point
         key = json.dumps(run.values, sort_keys=True, default=str)
@@ -269,14 +289,24 @@ def _typed_values(axis: SweepAxis, runs: list[SweepRun]) -> list[Any]:
 
 
 def _check_sweep_dir(sweep_dir: Path) -> None:
-    from lorafit.runs import run_state
-
-    if run_state(sweep_dir) is not None:
+    """The sweep folder is new, or an earlier sweep's; never a run, another output, or files lorafit did not write."""
+    where = f"output.dir: {sweep_dir}"
+    run_folder.check_output_path(sweep_dir, where=where)
+    run_folder.check_not_inside_an_output(sweep_dir, "sweep", where=where)
+    marker = run_folder.read_marker(sweep_dir)
+    if marker is not None and marker.kind == "run":
         raise LorafitError("this folder holds a single run; a sweep puts its runs in folders inside its own",
-                           where=f"output.dir: {sweep_dir}",
+                           where=where,
                            hint="give the sweep another output.dir (--set output.dir=runs/<name>-sweep) or name")
-    if sweep_dir.exists() and not sweep_dir.is_dir():
-        raise LorafitError("is a file, not a folder", where=f"output.dir: {sweep_dir}")
+    if marker is not None and marker.kind != "sweep":
+        raise LorafitError(f"this folder holds a lorafit {marker.kind} output, not a sweep", where=where,
+                           hint="choose another output.dir")
+    foreign = run_folder.foreign_entries(sweep_dir, [run_folder.SWEEP_SUMMARY, run_folder.SWEEP_TABLE,
+                                                     run_folder.MARKER], marker)
+    if foreign:
+        raise LorafitError(f"this folder already holds {', '.join(foreign)}, which lorafit did not write",
+                           where=where, hint="choose a new or empty output.dir; lorafit never replaces files it did "
+                           "not create")
 
 
 def _check_unchanged(run: SweepRun) -> None:
@@ -326,8 +356,6 @@ def _best(runs: list[SweepRun]) -> str | None:
 
 
 def _write_summary(result: SweepResult, recipe_path: Path) -> tuple[Path, Path]:
-    from lorafit.run_folder import write_atomic
-
     payload = {
         "recipe": str(recipe_path),
         "sweep_dir": str(result.sweep_dir),
@@ -335,10 +363,10 @@ def _write_summary(result: SweepResult, recipe_path: Path) -> tuple[Path, Path]:
         "best": result.best,
         "runs": [_run_record(run) for run in result.runs],
     }
-    summary = result.sweep_dir / SUMMARY_JSON
-    table = result.sweep_dir / SUMMARY_TABLE
-    write_atomic(summary, json.dumps(payload, indent=2, default=str) + "\n")
-    write_atomic(table, summary_table(result))
+    summary = result.sweep_dir / run_folder.SWEEP_SUMMARY
+    table = result.sweep_dir / run_folder.SWEEP_TABLE
+    run_folder.write_json_atomic(summary, payload)
+    run_folder.write_atomic(table, summary_table(result))
     return summary, table
 
 

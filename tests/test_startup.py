@@ -45,6 +45,7 @@ def test_importing_the_cli_imports_no_ml_library():
     ("--help",),
     ("train", "--help"),
     ("train", "--sweep", "adapter.r=4,8", "--dry-run", "configs/quickstart.yaml"),
+    ("runs", "--help"),
     ("validate", "configs/quickstart.yaml"),
     ("validate", "configs/no-such-recipe.yaml"),
 ])

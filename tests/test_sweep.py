@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from lorafit.cli import app
 from lorafit.errors import EXIT_INTERRUPTED, EXIT_RUN_FAILED, EXIT_USER_ERROR, Interrupted, LorafitError
 from lorafit.progress import ProgressCallback
+from lorafit.run_folder import read_marker, write_marker
 from lorafit.sweep import parse_sweeps, run_sweep
 
 QUIET = Console(quiet=True)
@@ -134,7 +135,9 @@ def test_sweep_trains_each_grid_point_into_its_own_run_folder(write_recipe, tmp_
     payload = json.loads(out)
     sweep = tmp_path / "runs" / "sw"
     names = ["lr=1e-2,r=4", "lr=1e-2,r=8", "lr=2e-3,r=4", "lr=2e-3,r=8"]
-    assert sorted(p.name for p in sweep.iterdir()) == sorted([*names, "sweep.json", "sweep.md"])
+    assert sorted(p.name for p in sweep.iterdir()) == sorted([*names, "lorafit.json", "sweep.json", "sweep.md"])
+    marker = read_marker(sweep)
+    assert (marker.kind, marker.status, marker.files) == ("sweep", "finished", ["sweep.json", "sweep.md"])
     for name, (lr, r) in zip(names, [(1e-2, 4), (1e-2, 8), (2e-3, 4), (2e-3, 8)], strict=True):
         saved = yaml.safe_load((sweep / name / "recipe.yaml").read_text())
         assert (saved["training"]["learning_rate"], saved["adapter"]["r"]) == (lr, r)
@@ -210,12 +213,25 @@ def test_resumed_sweep_skips_finished_runs_and_resumes_the_interrupted_one(write
     assert first == {name: digest(sweep / "lr=1e-2" / name) for name in first}
 
 
-def test_a_sweep_never_goes_inside_a_single_run(write_recipe, tmp_path):
-    """The sweep folder holding a plain run: refused, pointing at another output.dir; the run is untouched."""
-    recipe = write_recipe(max_steps=2)
-    code, _, lines = cli("train", str(recipe))
-    assert code == 0, lines
+def test_a_sweep_never_goes_inside_a_single_run_or_over_files_lorafit_did_not_write(write_recipe, tmp_path):
+    """The sweep folder holding a run (by its marker), or a sweep.json of the user's: refused with one line, nothing
+    written; a plain run into an earlier sweep's folder is refused too."""
+    recipe = write_recipe()
+    sweep = tmp_path / "runs" / "sw"
+    sweep.mkdir(parents=True)
+    write_marker(sweep, "run", files=["recipe.yaml"], status="finished")
     code, _, lines = cli("train", str(recipe), "--sweep", "adapter.r=4,8")
     assert code == EXIT_USER_ERROR and len(lines) == 1, lines
     assert "this folder holds a single run" in lines[0] and "--set output.dir=" in lines[0]
-    assert sorted(p.name for p in (tmp_path / "runs" / "sw").iterdir() if p.name.startswith("r=")) == []
+    assert sorted(p.name for p in sweep.iterdir()) == ["lorafit.json"]
+
+    (sweep / "lorafit.json").unlink()
+    (sweep / "sweep.json").write_text("{}")
+    code, _, lines = cli("train", str(recipe), "--sweep", "adapter.r=4,8")
+    assert code == EXIT_USER_ERROR and "already holds sweep.json, which lorafit did not write" in lines[0], lines
+    assert sorted(p.name for p in sweep.iterdir()) == ["sweep.json"]
+
+    (sweep / "sweep.json").unlink()
+    write_marker(sweep, "sweep", files=["sweep.json", "sweep.md"], status="finished")
+    code, _, lines = cli("train", str(recipe))
+    assert code == EXIT_USER_ERROR and "holds a lorafit sweep output, not a run" in lines[0], lines
