@@ -109,9 +109,15 @@ def run_sweep(recipe_path: Path, overrides: list[str], sweeps: list[str], consol
         raise LorafitError("--resume continues the sweep and --overwrite starts it again; pass one",
                            where=f"output.dir: {sweep_dir}")
     for run in runs:  # every folder checked before the first run starts: no sweep dies at its third point
-        check_run_dir(run.recipe, resume=resume, overwrite=overwrite, dry_run=dry_run)
-        if resume and run.before == "finished":
-            _check_unchanged(run)
+        try:
+            check_run_dir(run.recipe, resume=resume, overwrite=overwrite, dry_run=False)  # reads, never writes
+            if resume and run.before == "finished":
+                _check_unchanged(run)
+        except LorafitError as exc:
+            if not dry_run:
+                raise
+            run.plan = f"refused: {exc.message}"  # a dry run shows every refusal at once
+            continue
         run.plan = _plan(run.before, resume=resume, overwrite=overwrite)
     result = SweepResult(sweep_dir, {axis.key: _typed_values(axis, runs) for axis in axes}, runs, dry_run,
                          short_keys={axis.key: axis.short for axis in axes})
@@ -175,14 +181,12 @@ def _run_grid(result: SweepResult, recipe_path: Path, console: Console, *, overw
 
 
 def _plan(before: str, *, resume: bool, overwrite: bool) -> str:
+    """What happens to a grid point that check_run_dir accepted."""
     if before == "new":
         return "train"
-    if overwrite:
-        return "train again"
     if resume:
         return "skip" if before == "finished" else "resume"
-    # Only a dry run gets here (a real run was refused by check_run_dir): say what stands in the way.
-    return "refused: finished (--resume skips it)" if before == "finished" else "refused: started (pass --resume)"
+    return "train again"  # --overwrite, or a run that stopped before its first checkpoint (nothing to keep)
 
 
 def parse_sweeps(sweeps: list[str], overrides: list[str] = ()) -> list[SweepAxis]:

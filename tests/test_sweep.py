@@ -207,7 +207,9 @@ def test_resumed_sweep_skips_finished_runs_and_resumes_the_interrupted_one(write
     assert code == EXIT_USER_ERROR and len(lines) == 1, lines
     assert "refusing to skip this finished run: it was trained with a different recipe: training.seed: 42 -> 7" \
         in lines[0]
-    # Without --resume or --overwrite, the finished grid is refused before anything runs.
+    # Without --resume or --overwrite, the finished grid is refused before anything runs (a dry run says so per run).
+    code, out, lines = cli("train", str(recipe), "--sweep", sweeps[0], "--dry-run", "--json")
+    assert [run["plan"] for run in json.loads(out)["runs"]] == ["refused: this folder already holds a finished run"] * 3
     code, _, lines = cli("train", str(recipe), "--sweep", sweeps[0])
     assert code == EXIT_USER_ERROR and "already holds a finished run" in lines[0], lines
     assert first == {name: digest(sweep / "lr=1e-2" / name) for name in first}
