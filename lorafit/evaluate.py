@@ -106,7 +106,7 @@ def run_eval(recipe: Recipe, adapter_dirs: list[str | Path], *, data_file: str |
     # Before any model loads: the report replaces only an earlier report of lorafit's, never a file of the user's
     # (such as the --data file itself when it sits in the same folder).
     run_folder.check_output_folder(out_dir, "eval", overwrite=True, where=f"--out {out_dir}",
-                                   names=[run_folder.EVAL_REPORT, run_folder.EVAL_SAMPLES])
+                                   names=[run_folder.EVAL_REPORT, run_folder.EVAL_SAMPLES, run_folder.EVAL_CHART])
 
     # 1. Tokenizer + template as in training, and every adapter checked against the base (meta device).
     precision, warning = models.choose_precision(recipe.training.precision)
