@@ -156,7 +156,9 @@ def _train_sweep(recipe_path: Path, overrides: list[str], sweeps: list[str], *, 
                          overwrite=overwrite, quiet=quiet or as_json, resume_command=resume_command)
 
     result = _execute(work, debug=debug, as_json=as_json)
-    if not _is_main_process():
+    from lorafit.models import is_main_process
+
+    if not is_main_process():
         return  # under torchrun / accelerate launch, rank 0 alone reports
     failed = result.failed
     failure = (f"{len(failed)} of {len(result.runs)} sweep runs failed: "
