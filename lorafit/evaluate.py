@@ -371,7 +371,8 @@ def _device(model) -> torch.device:
 def _completion_loss(model, examples: list[_Example], tokenizer, batch_size: int) -> tuple[float, int]:
     """Summed next-token loss over the completion tokens, and how many there were."""
     import torch
-    import torch.nn.functional as F
+
+    from lorafit.loss import summed_next_token_loss
 
     total, count = 0.0, 0
     device = _device(model)
@@ -382,12 +383,9 @@ def _completion_loss(model, examples: list[_Example], tokenizer, batch_size: int
         ids = torch.tensor([e.input_ids + [pad] * (width - len(e.input_ids)) for e in batch], device=device)
         labels = torch.tensor([e.labels + [-100] * (width - len(e.labels)) for e in batch], device=device)
         mask = torch.tensor([[1] * len(e.input_ids) + [0] * (width - len(e.input_ids)) for e in batch], device=device)
-        with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=mask).logits.float()
-        shifted = labels[:, 1:]
-        total += F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), shifted.reshape(-1),
-                                 ignore_index=-100, reduction="sum").item()
-        count += int((shifted != -100).sum().item())
+        batch_total, batch_count = summed_next_token_loss(model, ids, mask, labels)
+        total += batch_total
+        count += batch_count
     return total, count
 
 

@@ -26,6 +26,10 @@ _RECIPE_SUFFIXES = (".yaml", ".yml")
 # weights: fp32, or with double quantization 8-bit plus one fp32 per 256 blocks).
 _NF4_BYTES = {True: 0.5 + 1 / 64 + 4 / (64 * 256), False: 0.5 + 4 / 64}
 _DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+LOAD_PEAK_NOTE = (
+    "the memory estimate is the steady state during training; loading on a CPU peaks higher: the weight file's "
+    "pages stay mapped while tensors are copied out of it, and under QLoRA each weight is read in 16/32 bits "
+    "before it is quantized")
 
 
 @dataclass
@@ -128,6 +132,7 @@ def run_inspect(target: str | Path, overrides: list[str] | tuple[str, ...] = ())
         notes.append("adapter figures use the default adapter section (lora, r=16, all-linear); "
                      "pass a recipe or --set adapter.r=... to change it")
     memory = _memory_estimates(recipe, config, base_params, quantizable, trainable, adapted_inputs, head_width)
+    notes.append(LOAD_PEAK_NOTE)
     return InspectResult(
         model=str(target),
         source=source,
@@ -312,7 +317,9 @@ def _memory_estimates(recipe: Recipe, config, base_params: int, quantizable: int
             if quantized:
                 bits = quant.bits if quant else 4
                 per_param = _NF4_BYTES[quant.double_quant if quant else True] if bits == 4 else 1.0
-                weights = int(quantizable * per_param + (base_params - quantizable) * dtype_bytes)
+                # PEFT's prepare_model_for_kbit_training upcasts every weight it does not quantize (embeddings,
+                # LM head, norms) to fp32: 4 bytes each, whatever the compute precision (~2 GB on an 8B model).
+                weights = int(quantizable * per_param + (base_params - quantizable) * 4)
                 setup = f"QLoRA {bits}-bit"
             else:
                 weights = base_params * dtype_bytes
