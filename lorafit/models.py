@@ -206,7 +206,9 @@ def choose_precision(requested: str) -> tuple[Precision, str | None]:
 
     device = detect_device()
     if device == "cuda":
-        bf16_ok = torch.cuda.is_bf16_supported()
+        # Without including_emulation=False torch answers True on T4/V100 (pre-Ampere), where bf16 runs emulated
+        # and far slower than fp16; only compute capability 8.0+ (and ROCm) executes it natively.
+        bf16_ok = torch.cuda.is_bf16_supported(including_emulation=False)
         if requested == "auto":
             name = "bf16" if bf16_ok else "fp16"
             return Precision(name, device, f"auto: {torch.cuda.get_device_name(0)} " + (

@@ -71,3 +71,22 @@ def test_train_reports_the_choice_and_the_warning(make_recipe, cpu, tiny_llama, 
     assert result.precision.name == expected
     assert any(note.startswith(f"precision {expected} on cpu") for note in result.notes)
     assert any("emulated" in note and note.startswith("warning:") for note in result.notes) == warned
+
+
+def test_auto_picks_fp16_on_a_gpu_that_only_emulates_bf16(monkeypatch):
+    """T4 / V100 (compute capability 7.x): torch's default check counts emulated bf16, lorafit's must not."""
+    import torch
+
+    asked = []
+
+    def is_bf16_supported(including_emulation: bool = True) -> bool:
+        asked.append(including_emulation)
+        return including_emulation  # what torch answers on a pre-Ampere card
+
+    monkeypatch.setattr(models, "detect_device", lambda: "cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla T4")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    precision, warning = models.choose_precision("auto")
+    assert (precision.name, precision.device, warning) == ("fp16", "cuda", None) and asked == [False]
+    with pytest.raises(LorafitError, match="training.precision: bf16"):
+        models.choose_precision("bf16")
