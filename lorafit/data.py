@@ -1,9 +1,16 @@
-"""Stage 3: data files -> normalised conversations -> tokenized examples, checked before any compute.
+"""Stage 3: data sources -> tokenized Arrow data sets, checked before any compute, prepared once and cached.
 
-`prepare_data` reads the recipe's files (or hub dataset), detects the row format, turns every row into
-chat messages (or plain text), renders and tokenizes it with the template, truncates, and drops rows that
-cannot teach anything, counting why. The returned `DataReport` is what `--dry-run` and the pre-flight
-lint show; training aborts when nothing trainable remains.
+`prepare_data` reads the recipe's sources (data_sources.py), renders every row with the template, tokenizes,
+masks, truncates and drops rows that cannot teach anything in batched `Dataset.map`s over `data.num_proc`
+processes, and mixes weighted sources. The `DataReport` (counts, drops by reason, supervised share, two
+highlighted samples) is aggregated from the map's own per-row columns; `--dry-run` and the pre-flight lint
+show it, and training aborts when nothing trainable remains.
+
+The prepared sets are cached (data_cache.py): a second run, a `--resume` or another rank memory-maps them.
+With `data.streaming` rows are read and tokenized on the fly instead, and the report covers the first rows.
+
+`eval_rows` is the one place that decides where eval rows come from (an eval file, `--data`, or the share of
+train held out under the seed); `evaluate` and `merge` ask it.
 
 For task sequence-classification, rows are a text column (and optionally a text pair) tokenized as they are,
 and a label column mapped to class ids; a label outside the classes stops with the row that holds it.
@@ -11,33 +18,45 @@ and a label column mapped to class ids; a label outside the classes stops with t
 
 from __future__ import annotations
 
-import csv
-import hashlib
-import json
 import math
+import os
 import random
+import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lorafit import data_cache
+from lorafit.data_sources import (
+    FORMAT_COLUMNS,
+    Messages,
+    Source,
+    as_text,
+    columns_of,
+    detect_format,
+    eval_source,
+    is_mixture,
+    read_source,
+    row_text,
+    row_to_messages,
+    source_fingerprint,
+    train_sources,
+)
 from lorafit.errors import LorafitError
 from lorafit.recipe import DataSection, Recipe
-from lorafit.templates import Encoded, Messages, apply_template, encode_messages, encode_text
+from lorafit.templates import apply_template, assistant_spans
 
 if TYPE_CHECKING:
-    from datasets import Dataset
+    from datasets import Dataset, IterableDataset
     from transformers import PreTrainedTokenizerBase
 
-# The columns each format needs, under their standard names (data.fields renames yours onto these).
-FORMAT_COLUMNS = {
-    "messages": ("messages",),
-    "alpaca": ("instruction", "output"),
-    "prompt-completion": ("prompt", "completion"),
-    "text": ("text",),
-}
-_ROLE_ALIASES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant"}
+__all__ = ["FORMAT_COLUMNS", "DataReport", "EvalRows", "PreparedData", "eval_rows", "prepare_data"]
+
 CLASSIFICATION = "text+label"  # the DataReport format of sequence-classification data
+STREAM_LINT_ROWS = 256  # a stream's report covers its first rows
+_SPECIAL_TEXT = "a message holds the special token text"  # drop reason; the rows are named after it
+_LINT_COLUMNS = ["_drop", "_trained", "_length", "_eos", "_source"]
 
 
 @dataclass
@@ -57,6 +76,11 @@ class DataReport:
     samples: list[list[tuple[str, bool]]] = field(default_factory=list)  # (token text, trained?) per token
     fingerprint: dict[str, str] = field(default_factory=dict)
     label_counts: dict[str, int] = field(default_factory=dict)  # sequence-classification: train rows per class
+    sources: list[dict[str, Any]] = field(default_factory=list)  # per data.train entry: path, weight, rows, tokens
+    streamed: bool = False  # the counts describe the stream's first rows only
+    cache: str = "off"  # "built" | "from cache" | "off" | "streamed"
+    cache_path: str | None = None
+    prepare_seconds: float = 0.0
 
     @property
     def supervised_share(self) -> float:
@@ -71,252 +95,478 @@ class DataReport:
         notes.extend(f"class {name!r} has no training rows" for name, n in self.label_counts.items() if not n)
         return notes
 
+    def summary(self) -> str:
+        """One line on what was prepared and where from, e.g. 'prepared 50,000 rows from cache <path>'."""
+        rows = f"{self.train_examples + self.eval_examples:,} rows"
+        if self.cache == "from cache":
+            return f"prepared {rows} from cache {self.cache_path}"
+        if self.cache == "built":
+            return f"prepared {rows} in {self.prepare_seconds:.1f} s, cached at {self.cache_path}"
+        if self.cache == "streamed":
+            return f"streaming; the report covers the first {self.train_examples:,} rows"
+        return f"prepared {rows} in {self.prepare_seconds:.1f} s (data.cache: false)"
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "dropped": dict(self.dropped)}
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> DataReport:
+        report = cls(**{**raw, "dropped": Counter(raw["dropped"])})
+        report.samples = [[(text, trained) for text, trained in sample] for sample in report.samples]
+        return report
+
 
 @dataclass
 class PreparedData:
     """Tokenized train / eval datasets (input_ids, labels) and the report about them."""
 
-    train: Dataset
+    train: Dataset | IterableDataset
     eval: Dataset | None
     report: DataReport
     labels: list[str] | None = None  # sequence-classification: the class names, in id order
 
 
 def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> PreparedData:
-    """Read, normalise, render, tokenize and lint the recipe's data."""
-    from datasets import Dataset
-
-    if recipe.task == "sequence-classification":
-        return _prepare_classification(recipe, tokenizer)
+    """Read, render, tokenize and lint the recipe's data: from the cache when nothing changed, else built."""
     section = recipe.data
-    train_rows, fingerprint = read_rows(section.train, section)
-    if isinstance(section.eval, str):
-        eval_rows, eval_fp = read_rows(section.eval, section)
-        fingerprint.update(eval_fp)
+    started = time.perf_counter()
+    if recipe.task == "sequence-classification":
+        if is_mixture(section):
+            raise LorafitError("weighted sources are for task causal-lm", where="data.train",
+                               hint="list the files as plain paths, read as one data set")
+        build = _build_classification
+    elif section.streaming:
+        return _prepare_stream(recipe, tokenizer)
     else:
-        eval_rows = []
+        build = _build_causal
+    sources = train_sources(section)
+    evaluation = eval_source(section, section.eval) if isinstance(section.eval, str) else None
+    fingerprint = {k: v for s in [*sources, *([evaluation] if evaluation else [])] for k, v in source_fingerprint(s).items()}
+    key = data_cache.cache_key({
+        "data": section.model_dump(mode="json", exclude={"packing", "group_by_length", "num_proc", "cache"}),
+        "files": fingerprint, "tokenizer": data_cache.tokenizer_fingerprint(tokenizer),
+        "template": recipe.template.model_dump(mode="json"), "template_text": _custom_template_text(recipe),
+        "seed": recipe.training.seed, "task": recipe.task,
+    })
+    if not section.cache:
+        folder = data_cache.new_build_folder(None)
+        prepared = build(recipe, tokenizer, sources, evaluation, folder)
+        prepared.report.fingerprint, prepared.report.prepare_seconds = fingerprint, time.perf_counter() - started
+        return prepared
+    data_cache.remove_stale_builds()
+    with data_cache.locked(key) as entry:
+        cached = data_cache.load(entry)
+        if cached is not None:
+            report = DataReport.from_json(cached.report)
+            if report.template != "none":  # the tokenizer saved with the adapter carries the template
+                apply_template(recipe.template, tokenizer)
+            report.cache, report.cache_path = "from cache", str(entry)
+            report.prepare_seconds = time.perf_counter() - started
+            labels = report.label_counts and list(report.label_counts)
+            return PreparedData(cached.train, cached.eval, report, labels or None)
+        folder = data_cache.new_build_folder(entry)
+        prepared = build(recipe, tokenizer, sources, evaluation, folder / "work")
+        report = prepared.report
+        report.fingerprint, report.cache, report.cache_path = fingerprint, "built", str(entry)
+        report.prepare_seconds = time.perf_counter() - started
+        cached = data_cache.publish(folder, entry, prepared.train, prepared.eval, report.to_json())
+    return PreparedData(cached.train, cached.eval, report, prepared.labels)
+
+
+def _custom_template_text(recipe: Recipe) -> str | None:
+    custom = recipe.template.custom
+    if custom and "\n" not in custom and Path(custom).is_file():
+        return Path(custom).read_text(encoding="utf-8")
+    return custom
+
+
+def num_proc(section: DataSection, rows: int) -> int | None:
+    """Processes for the map: data.num_proc, else the cores this process may use (at most 8); none for small data."""
+    wanted = section.num_proc or min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
+    # Starting workers costs ~1 s; below a few thousand rows one process is faster.
+    return wanted if wanted > 1 and rows >= 2000 * wanted else None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Causal LM: render, tokenize, mask, truncate, drop — in batches
+
+
+@dataclass(frozen=True)
+class _Encoder:
+    """The batched map function: a batch of raw rows -> input_ids, labels and per-row lint columns."""
+
+    source: Source
+    tokenizer: Any
+    train_on: str
+    system_prompt: str | None
+    max_length: int
+    special_texts: tuple[str, ...]
+    source_index: int = 0
+
+    def __call__(self, batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        import numpy as np
+
+        fmt, tokenizer, n = self.source.format, self.tokenizer, len(indices)
+        drop = [""] * n
+        texts, spans, pending = [], [], []
+        rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
+        for i, row in enumerate(rows):
+            if fmt == "text":
+                text = row_text(row, self.source)
+                if not text or not text.strip():
+                    drop[i] = "empty or missing text"
+                    continue
+                texts.append(text)
+                spans.append(None)
+            else:
+                messages = row_to_messages(row, self.source, self.system_prompt)
+                if not messages or not any(m["content"].strip() for m in messages):
+                    drop[i] = f"empty or malformed {fmt} row"
+                    continue
+                if self.train_on == "completions" and not any(m["role"] == "assistant" for m in messages):
+                    drop[i] = "no assistant turn to train on"
+                    continue
+                special = next((t for m in messages for t in self.special_texts if t in m["content"]), None)
+                if special is not None:
+                    # The tokenizer would read it as the real token: a turn would end mid-answer and be trained so.
+                    drop[i] = f"{_SPECIAL_TEXT} {special!r}"
+                    continue
+                text, row_spans = assistant_spans(tokenizer, messages)
+                texts.append(text)
+                spans.append(row_spans)
+            pending.append(i)
+        offsets_needed = fmt != "text" and self.train_on != "all"
+        encoding = tokenizer(texts, add_special_tokens=fmt == "text", return_offsets_mapping=offsets_needed) \
+            if texts else {"input_ids": []}
+        eos = tokenizer.eos_token_id
+        input_ids: list[list[int]] = [[] for _ in range(n)]
+        labels: list[list[int]] = [[] for _ in range(n)]
+        trained, lengths, eos_trained = [0] * n, [0] * n, [False] * n
+        for j, i in enumerate(pending):
+            ids = list(encoding["input_ids"][j])
+            if fmt == "text" and eos is not None and (not ids or ids[-1] != eos):
+                ids.append(eos)  # documents end, so the model learns where
+            if not offsets_needed:
+                row_labels = np.asarray(ids, dtype=np.int64)
+            else:
+                offsets = np.asarray(encoding["offset_mapping"][j], dtype=np.int64).reshape(-1, 2)
+                keep = np.zeros(len(ids), dtype=bool)
+                for start, end in spans[j]:
+                    keep |= (offsets[:, 0] < end) & (offsets[:, 1] > start)
+                row_labels = np.where(keep, np.asarray(ids, dtype=np.int64), -100)
+            full_length = len(ids)
+            ids, row_labels = ids[: self.max_length], row_labels[: self.max_length]
+            supervised = int((row_labels != -100).sum())
+            if not supervised:
+                drop[i] = ("no completion tokens left after truncation to data.max_length"
+                           if full_length > self.max_length else "no trainable tokens")
+                continue
+            input_ids[i], labels[i] = ids, row_labels.tolist()
+            trained[i], lengths[i] = supervised, len(ids)
+            eos_trained[i] = eos is not None and bool((row_labels == eos).any())
+        return {"input_ids": input_ids, "labels": labels, "_drop": drop, "_trained": trained, "_length": lengths,
+                "_eos": eos_trained, "_source": [self.source_index] * n}
+
+
+def _encoded_features():
+    from datasets import Features, Sequence, Value
+
+    return Features({"input_ids": Sequence(Value("int32")), "labels": Sequence(Value("int32")),
+                     "_drop": Value("string"), "_trained": Value("int32"), "_length": Value("int32"),
+                     "_eos": Value("bool"), "_source": Value("int16")})
+
+
+def _encoder(recipe: Recipe, tokenizer, source: Source, index: int = 0) -> _Encoder:
+    # Special tokens that a template writes (end of turn, start of turn, eos): as text inside a message they would
+    # be tokenized as the real token.
+    specials = {t for t in tokenizer.all_special_tokens if t and len(t) > 1}
+    specials |= {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values()
+                 if getattr(t, "special", False) and len(t.content) > 1}
+    return _Encoder(source, tokenizer, recipe.template.train_on, recipe.template.system_prompt,
+                    recipe.data.max_length, tuple(sorted(specials)), index)
+
+
+def _map_encoder(rows: Dataset, encoder: _Encoder, section: DataSection, cache_file: Path | None,
+                 fingerprint: str) -> Dataset:
+    """Run the encoder over a Dataset in batches, in data.num_proc processes, writing Arrow to cache_file."""
+    processes = num_proc(section, len(rows))
+    options: dict[str, Any] = {}
+    if cache_file is not None:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        options["cache_file_name"] = str(cache_file)
+    return rows.map(encoder, batched=True, batch_size=256, with_indices=True, remove_columns=rows.column_names,
+                    num_proc=processes, features=_encoded_features(), new_fingerprint=fingerprint,
+                    load_from_cache_file=False, desc=None, **options)
+
+
+def _lint_table(encoded: Dataset, indices=None):
+    """The lint columns (no token lists) of the chosen rows, as one small in-memory Arrow table."""
+    subset = encoded.select_columns(_LINT_COLUMNS)
+    if indices is not None:
+        subset = subset.select(indices)
+    return subset.flatten_indices(keep_in_memory=True).data.table
+
+
+def _build_causal(recipe: Recipe, tokenizer, sources: list[Source], evaluation: Source | None,
+                  work: Path | None) -> PreparedData:
+    import numpy as np
+    import pyarrow.compute as pc
+
+    section, seed = recipe.data, recipe.training.seed
+    read = [read_source(s, cache_dir=_raw_cache_dir(section)) for s in sources]
+    resolved = [detect_format(r.source, columns_of(r.rows)) for r in read]
+    formats = sorted({s.format for s in resolved})
+    template = "none" if formats == ["text"] else apply_template(recipe.template, tokenizer)
+    report = DataReport(format="+".join(formats), template=template, eos_token=tokenizer.eos_token)
+    train_parts, eval_parts = [], []
+    for index, (source_data, source) in enumerate(zip(read, resolved, strict=True)):
+        encoder = _encoder(recipe, tokenizer, source, index)
+        encoded = _map_encoder(source_data.rows, encoder, section, work / f"train-{index}.arrow" if work else None,
+                               fingerprint=f"lorafit-train-{index}-{os.getpid()}-{time.time_ns()}")
+        report.rows_read += len(encoded)
+        order = np.arange(len(encoded))
+        held: np.ndarray = np.array([], dtype=np.int64)
         if isinstance(section.eval, float):
-            train_rows, eval_rows = _hold_out(train_rows, section.eval, recipe.training.seed)
-    fmt = detect_format(train_rows, section)
-    template = "none" if fmt == "text" else apply_template(recipe.template, tokenizer)
-    report = DataReport(format=fmt, template=template, rows_read=len(train_rows) + len(eval_rows),
-                        eos_token=tokenizer.eos_token, fingerprint=fingerprint)
-    train = _encode_rows(train_rows, fmt, recipe, tokenizer, report, is_train=True)
-    evaluation = _encode_rows(eval_rows, fmt, recipe, tokenizer, report, is_train=False) if eval_rows else []
-    if not train:
+            kept_order, held_order = _hold_out(len(encoded), section.eval, seed)
+            order, held = np.asarray(kept_order, dtype=np.int64), np.asarray(held_order, dtype=np.int64)
+        drop = np.asarray(encoded.data.column("_drop").to_numpy(zero_copy_only=False)) if len(encoded) else np.array([])
+        _count_drops(report, drop, source)
+        keep_train = order[drop[order] == ""] if len(order) else order
+        train_parts.append(encoded.select(keep_train))
+        if len(held):
+            eval_parts.append(encoded.select(held[drop[held] == ""]))
+    if evaluation is not None:
+        eval_read = read_source(evaluation, cache_dir=_raw_cache_dir(section))
+        eval_src = detect_format(eval_read.source, columns_of(eval_read.rows))
+        encoded = _map_encoder(eval_read.rows, _encoder(recipe, tokenizer, eval_src), section,
+                               work / "eval.arrow" if work else None,
+                               fingerprint=f"lorafit-eval-{os.getpid()}-{time.time_ns()}")
+        report.rows_read += len(encoded)
+        drop = np.asarray(encoded.data.column("_drop").to_numpy(zero_copy_only=False))
+        _count_drops(report, drop, eval_src)
+        eval_parts.append(encoded.select(np.flatnonzero(drop == "")))
+    train = _mix(train_parts, resolved, seed) if is_mixture(section) else _concatenate(train_parts)
+    if not len(train):
         reasons = ", ".join(f"{n} {reason}" for reason, n in report.dropped.items()) or "the file has no rows"
         raise LorafitError(f"no trainable rows remain ({reasons})", where="data.train",
                            hint="check data.format, data.fields, data.max_length and template.train_on")
-    report.train_examples, report.eval_examples = len(train), len(evaluation)
-    to_dataset = lambda rows: Dataset.from_dict(  # noqa: E731
-        {"input_ids": [e.input_ids for e in rows], "labels": [e.labels for e in rows]}
-    )
-    return PreparedData(to_dataset(train), to_dataset(evaluation) if evaluation else None, report)
+    lint = _lint_table(train)
+    report.train_examples = len(train)
+    report.total_tokens = int(pc.sum(lint.column("_length")).as_py() or 0)
+    report.trained_tokens = int(pc.sum(lint.column("_trained")).as_py() or 0)
+    report.eos_trained = bool(pc.any(lint.column("_eos")).as_py())
+    report.sources = _source_counts(lint, resolved)
+    for row in train.select(range(min(2, len(train)))):
+        report.samples.append([(tokenizer.decode([t]), label != -100) for t, label in zip(row["input_ids"],
+                                                                                          row["labels"], strict=True)])
+    evaluation_set = _concatenate(eval_parts) if eval_parts and sum(map(len, eval_parts)) else None
+    report.eval_examples = len(evaluation_set) if evaluation_set is not None else 0
+    strip = lambda ds: ds.remove_columns(_LINT_COLUMNS)  # noqa: E731
+    return PreparedData(strip(train), strip(evaluation_set) if evaluation_set is not None else None, report)
 
 
-def _hold_out(rows: list, fraction: float, seed: int) -> tuple[list, list]:
-    order = list(range(len(rows)))
+def _raw_cache_dir(section: DataSection) -> Path | None:
+    """Where `datasets` keeps its Arrow copy of the raw files: inside the lorafit cache (None with cache off)."""
+    return data_cache.data_cache_dir() / "raw" if section.cache else None
+
+
+def _count_drops(report: DataReport, drop, source: Source) -> None:
+    """Add a source's dropped rows to the report by reason; rows with special-token text are named."""
+    import numpy as np
+
+    if not len(drop):
+        return
+    reasons, counts = np.unique(drop[drop != ""], return_counts=True)
+    for reason, count in zip(reasons.tolist(), counts.tolist(), strict=True):
+        if reason.startswith(_SPECIAL_TEXT):
+            rows = (np.flatnonzero(drop == reason) + 1).tolist()
+            shown = ", ".join(map(str, rows[:10])) + (f" and {len(rows) - 10} more" if len(rows) > 10 else "")
+            reason = (f"{reason} (it would be read as the real token and end the turn mid-answer): "
+                      f"{source.where} row(s) {shown}; write it differently or remove those rows")
+        report.dropped[reason] += count
+
+
+def _hold_out(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Row indices kept for training and held out for eval: the same shuffle under the same seed, always."""
+    order = list(range(n))
     random.Random(seed).shuffle(order)
-    n_eval = max(1, round(len(rows) * fraction)) if len(rows) > 1 else 0
-    held = set(order[:n_eval])
-    return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)]
+    n_eval = max(1, round(n * fraction)) if n > 1 else 0
+    held = sorted(order[:n_eval])
+    held_set = set(held)
+    return [i for i in range(n) if i not in held_set], held
+
+
+def _concatenate(parts: list[Dataset]) -> Dataset:
+    from datasets import concatenate_datasets
+
+    return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+
+
+def _mix(parts: list, sources: list[Source], seed: int):
+    """Weighted sampling across sources, deterministic under the seed; no row twice; ends when a source runs out."""
+    from datasets import interleave_datasets
+
+    total = sum(s.weight for s in sources)
+    live = [(p, s.weight / total) for p, s in zip(parts, sources, strict=True)]
+    return interleave_datasets([p for p, _ in live], probabilities=[w for _, w in live], seed=seed,
+                               stopping_strategy="first_exhausted")
+
+
+def _source_counts(lint, sources: list[Source]) -> list[dict[str, Any]]:
+    """Rows and tokens each source contributed to the training set (recorded in metrics.json)."""
+    import pyarrow.compute as pc
+
+    counts = []
+    for index, source in enumerate(sources):
+        mask = pc.equal(lint.column("_source"), index)
+        counts.append({"path": ", ".join(source.paths), "weight": source.weight, "format": source.format,
+                       "rows": int(pc.sum(pc.cast(mask, "int64")).as_py() or 0),
+                       "tokens": int(pc.sum(pc.filter(lint.column("_length"), mask)).as_py() or 0)})
+    return counts
+
+
+# ----------------------------------------------------------------------------------------------------
+# Streaming: read, tokenize (and let the trainer pack) on the fly; the report covers the first rows
+
+
+def _prepare_stream(recipe: Recipe, tokenizer) -> PreparedData:
+    from datasets import Dataset
+
+    section, seed = recipe.data, recipe.training.seed
+    sources = train_sources(section)
+    read = [read_source(s, streaming=True) for s in sources]
+    resolved = [detect_format(r.source, columns_of(r.rows)) for r in read]
+    formats = sorted({s.format for s in resolved})
+    template = "none" if formats == ["text"] else apply_template(recipe.template, tokenizer)
+    report = DataReport(format="+".join(formats), template=template, eos_token=tokenizer.eos_token, streamed=True,
+                        cache="streamed")
+    streams, heads = [], []
+    for index, (source_data, source) in enumerate(zip(read, resolved, strict=True)):
+        encoder = _encoder(recipe, tokenizer, source, index)
+        report.fingerprint.update(source_fingerprint(source))
+        head = Dataset.from_list(list(source_data.rows.take(STREAM_LINT_ROWS)))
+        heads.append(head.map(encoder, batched=True, with_indices=True, remove_columns=head.column_names,
+                              features=_encoded_features()))
+        columns = columns_of(source_data.rows)
+        stream = source_data.rows.map(encoder, batched=True, batch_size=256, with_indices=True, remove_columns=columns,
+                                      features=_encoded_features())
+        streams.append(stream.filter(lambda drop: not drop, input_columns="_drop"))
+    import numpy as np
+    import pyarrow.compute as pc
+
+    for head, source in zip(heads, resolved, strict=True):
+        drop = np.asarray(head.data.column("_drop").to_numpy(zero_copy_only=False))
+        _count_drops(report, drop, source)
+        report.rows_read += len(head)
+    kept = _concatenate([h.select(np.flatnonzero(np.asarray(h["_drop"]) == "")) for h in heads])
+    if not len(kept):
+        reasons = ", ".join(f"{n} {reason}" for reason, n in report.dropped.items()) or "the file has no rows"
+        raise LorafitError(f"no trainable rows in the first {STREAM_LINT_ROWS} rows of the stream ({reasons})",
+                           where="data.train", hint="check data.format, data.fields, data.max_length and template.train_on")
+    lint = _lint_table(kept)
+    report.train_examples = len(kept)
+    report.total_tokens = int(pc.sum(lint.column("_length")).as_py() or 0)
+    report.trained_tokens = int(pc.sum(lint.column("_trained")).as_py() or 0)
+    report.eos_trained = bool(pc.any(lint.column("_eos")).as_py())
+    for row in kept.select(range(min(2, len(kept)))):
+        report.samples.append([(tokenizer.decode([t]), label != -100) for t, label in zip(row["input_ids"],
+                                                                                          row["labels"], strict=True)])
+    train = _mix(streams, resolved, seed) if is_mixture(section) else streams[0]
+    train = train.remove_columns(_LINT_COLUMNS)
+    report.sources = [{"path": ", ".join(s.paths), "weight": s.weight, "format": s.format} for s in resolved]
+    evaluation = None
+    if isinstance(section.eval, str):  # an eval file is small: prepared whole (not cached)
+        eval_read = read_source(eval_source(section, section.eval))
+        eval_src = detect_format(eval_read.source, columns_of(eval_read.rows))
+        report.fingerprint.update(source_fingerprint(eval_src))
+        encoded = eval_read.rows.map(_encoder(recipe, tokenizer, eval_src), batched=True, with_indices=True,
+                                     remove_columns=eval_read.rows.column_names, features=_encoded_features())
+        drop = np.asarray(encoded.data.column("_drop").to_numpy(zero_copy_only=False))
+        _count_drops(report, drop, eval_src)
+        evaluation = encoded.select(np.flatnonzero(drop == "")).remove_columns(_LINT_COLUMNS)
+        report.eval_examples = len(evaluation)
+    return PreparedData(train, evaluation, report)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Eval rows: decided here, once, for train (held-out share), eval and merge (verification prompts)
+
+
+@dataclass
+class EvalRows:
+    """The eval rows as their users need them, and where they came from, in words."""
+
+    described: str
+    conversations: list[Messages | str] = field(default_factory=list)  # causal-lm: messages, or a text row's text
+    labelled: list[tuple[dict[str, Any], int]] = field(default_factory=list)  # classification: (row, class id)
+    dropped: int = 0  # rows that hold nothing usable (no answer to score, empty text)
+    raw: list[dict[str, Any]] = field(default_factory=list)  # the rows as read (dpo / kto read their own columns)
+
+
+def eval_rows(recipe: Recipe, data_file: str | Path | None = None, *, labels: list[str] | None = None,
+              limit: int | None = None) -> EvalRows:
+    """The eval rows: `data_file` (eval --data) if given, else data.eval's file, else the share of train held out.
+
+    The held-out share is the very rows training held out (same shuffle, same seed). A recipe without eval data
+    is an error that says how to give some. Classifiers pass `labels` and get (row, class id) pairs.
+    """
+    section = recipe.data
+    if data_file is not None:
+        parts = [(read_source(eval_source(section, str(data_file), f"--data: {data_file}")), None)]
+        described = str(data_file)
+    elif isinstance(section.eval, str):
+        parts = [(read_source(eval_source(section, section.eval)), None)]
+        described = section.eval
+    elif isinstance(section.eval, float):
+        parts = []
+        for source in train_sources(section):
+            read = read_source(source)
+            parts.append((read, _hold_out(len(read.rows), section.eval, recipe.training.seed)[1]))
+        train = section.train if isinstance(section.train, str) else "data.train"
+        described = f"{section.eval:g} of {train} held out (seed {recipe.training.seed})"
+    else:
+        raise LorafitError("the recipe has no eval data", where="data.eval",
+                           hint="set data.eval to a file or a held-out fraction, or pass --data FILE")
+    result = EvalRows(described)
+    for read, held in parts:
+        rows = read.rows.select(held) if held is not None else read.rows
+        if limit is not None:
+            rows = rows.select(range(min(limit, len(rows))))
+        if labels is not None:
+            ids = label_ids(rows, labels, section, read.source.where)
+            result.labelled.extend(zip(rows, ids, strict=True))
+            continue
+        result.raw.extend(rows)
+        if recipe.task in ("dpo", "kto"):
+            continue
+        source = detect_format(read.source, columns_of(rows))
+        for row in rows:
+            item = row_text(row, source) if source.format == "text" else row_to_messages(
+                row, source, recipe.template.system_prompt)
+            if item is None or (isinstance(item, str) and not item.strip()):
+                result.dropped += 1
+            else:
+                result.conversations.append(item)
+    return result
 
 
 def split_rows(recipe: Recipe) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, str]]:
-    """The recipe's train and eval rows, unencoded (eval: its file, or the held-out share), and file fingerprints."""
+    """Preference (dpo / kto) rows as dicts: train, eval (its file, or the held-out share) and file fingerprints."""
     section = recipe.data
-    train_rows, fingerprint = read_rows(section.train, section)
-    eval_rows: list[dict[str, Any]] = []
-    if isinstance(section.eval, str):
-        eval_rows, eval_fingerprint = read_rows(section.eval, section)
-        fingerprint.update(eval_fingerprint)
-    elif isinstance(section.eval, float):
-        train_rows, eval_rows = _hold_out(train_rows, section.eval, recipe.training.seed)
-    return train_rows, eval_rows, fingerprint
-
-
-def read_eval_rows(recipe: Recipe) -> list[dict[str, Any]]:
-    """The recipe's eval rows, unencoded: its eval file, or the same held-out share of train that training used."""
-    section = recipe.data
-    if isinstance(section.eval, str):
-        return read_rows(section.eval, section)[0]
-    if isinstance(section.eval, float):
-        return _hold_out(read_rows(section.train, section)[0], section.eval, recipe.training.seed)[1]
-    return []
-
-
-# ----------------------------------------------------------------------------------------------------
-# Reading
-
-
-def read_rows(spec: str | list[str], section: DataSection) -> tuple[list[dict[str, Any]], dict[str, str]]:
-    """Rows from local files or a hub dataset, plus a sha256 fingerprint of each local file."""
-    specs = [spec] if isinstance(spec, str) else list(spec)
-    rows: list[dict[str, Any]] = []
     fingerprint: dict[str, str] = {}
-    for item in specs:
-        path = Path(item)
-        if path.exists() or path.suffix.lower() in (".jsonl", ".json", ".csv", ".parquet") or "/" not in item:
-            rows.extend(_read_file(path))
-            fingerprint[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
-        else:
-            rows.extend(_read_hub(item, section.split))
-            fingerprint[item] = f"hub:{section.split}"
-    return rows, fingerprint
-
-
-def _read_file(path: Path) -> list[dict[str, Any]]:
-    where = str(path)
-    if not path.exists():
-        raise LorafitError("data file not found", where=where, hint="check data.train / data.eval")
-    if path.is_dir():
-        raise LorafitError("is a directory, not a data file", where=where)
-    if path.stat().st_size == 0:
-        raise LorafitError("the data file is empty", where=where)
-    suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        from datasets import Dataset
-
-        return Dataset.from_parquet(str(path)).to_list()
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise LorafitError(f"not UTF-8 text (byte {exc.start})", where=where) from None
-    if suffix == ".csv":
-        return list(csv.DictReader(text.splitlines()))
-    if suffix == ".json" and text.lstrip().startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise LorafitError(f"invalid JSON: {exc.msg}", where=f"{where}:{exc.lineno}") from None
-        return [_require_object(row, f"{where}: item {i}") for i, row in enumerate(rows)]
-    rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise LorafitError(f"malformed JSON line: {exc.msg}", where=f"{where}:{number}",
-                               hint="each line must be one JSON object") from None
-        rows.append(_require_object(row, f"{where}:{number}"))
-    if not rows:
-        raise LorafitError("the data file has no rows", where=where)
-    return rows
-
-
-def _require_object(row: Any, where: str) -> dict[str, Any]:
-    if not isinstance(row, dict):
-        raise LorafitError(f"expected a JSON object, got {type(row).__name__}", where=where)
-    return row
-
-
-def _read_hub(dataset_id: str, split: str) -> list[dict[str, Any]]:
-    from datasets import load_dataset
-
-    try:
-        return load_dataset(dataset_id, split=split).to_list()
-    except Exception as exc:  # datasets raises many types for "not reachable / not found"
-        raise LorafitError(f"cannot load hub dataset: {str(exc).splitlines()[0][:200]}", where=f"data.train: {dataset_id}",
-                           hint="check the id, data.split, and your network") from None
-
-
-# ----------------------------------------------------------------------------------------------------
-# Formats
-
-
-def detect_format(rows: list[dict[str, Any]], section: DataSection) -> str:
-    """The row format: as configured, or detected from the first row's columns."""
-    columns = set(rows[0]) if rows else set()
-    mapped = {standard: section.fields.get(standard, standard) for cols in FORMAT_COLUMNS.values() for standard in cols}
-    present = {standard for standard, actual in mapped.items() if actual in columns}
-    if section.format != "auto":
-        needed = FORMAT_COLUMNS[section.format]
-        missing = [section.fields.get(c, c) for c in needed if c not in present]
-        if missing and rows:
-            raise LorafitError(f"format {section.format} needs column(s) {', '.join(missing)}; the data has "
-                               f"{', '.join(sorted(columns))}", where="data.format",
-                               hint="map your columns with data.fields, e.g. {prompt: question}")
-        return section.format
-    for fmt, needed in FORMAT_COLUMNS.items():
-        if all(c in present for c in needed):
-            return fmt
-    if "conversations" in columns:
-        raise LorafitError("found a 'conversations' column (ShareGPT style)", where="data.fields",
-                           hint="set data.fields: {messages: conversations}")
-    raise LorafitError(f"cannot tell the data format from columns {', '.join(sorted(columns)) or '(none)'}",
-                       where="data.format",
-                       hint="set data.format (messages | alpaca | prompt-completion | text) and data.fields")
-
-
-def row_to_messages(row: dict[str, Any], fmt: str, section: DataSection, system_prompt: str | None) -> Messages | None:
-    """One row as chat messages (None when it has nothing to train on)."""
-    get = lambda name: row.get(section.fields.get(name, name))  # noqa: E731
-    if fmt == "messages":
-        raw = get("messages")
-        if not isinstance(raw, list):
-            return None
-        messages = []
-        for turn in raw:
-            if not isinstance(turn, dict):
-                return None
-            role = turn.get("role", turn.get("from"))
-            content = turn.get("content", turn.get("value"))
-            if not isinstance(role, str) or not isinstance(content, str):
-                return None
-            messages.append({"role": _ROLE_ALIASES.get(role, role), "content": content})
-    elif fmt == "alpaca":
-        instruction, extra, output = get("instruction"), get("input"), get("output")
-        if not isinstance(instruction, str) or not isinstance(output, str):
-            return None
-        prompt = f"{instruction}\n\n{extra}" if isinstance(extra, str) and extra.strip() else instruction
-        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
-    else:
-        prompt, completion = get("prompt"), get("completion")
-        if not isinstance(prompt, str) or not isinstance(completion, str):
-            return None
-        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
-    if system_prompt and messages and messages[0]["role"] != "system":
-        messages.insert(0, {"role": "system", "content": system_prompt})
-    return messages
-
-
-def _encode_rows(rows: list[dict[str, Any]], fmt: str, recipe: Recipe, tokenizer: PreTrainedTokenizerBase,
-                 report: DataReport, *, is_train: bool) -> list[Encoded]:
-    section, template = recipe.data, recipe.template
-    eos_ids = {tokenizer.eos_token_id}
-    encoded = []
-    for row in rows:
-        if fmt == "text":
-            text = row.get(section.fields.get("text", "text"))
-            if not isinstance(text, str) or not text.strip():
-                report.dropped["empty or missing text"] += 1
-                continue
-            example = encode_text(tokenizer, text)
-        else:
-            messages = row_to_messages(row, fmt, section, template.system_prompt)
-            if not messages or not any(m["content"].strip() for m in messages):
-                report.dropped[f"empty or malformed {fmt} row"] += 1
-                continue
-            if not any(m["role"] == "assistant" for m in messages) and template.train_on == "completions":
-                report.dropped["no assistant turn to train on"] += 1
-                continue
-            example = encode_messages(tokenizer, messages, train_on=template.train_on)
-        ids, labels = example.input_ids[: section.max_length], example.labels[: section.max_length]
-        if all(label == -100 for label in labels):
-            reason = "no completion tokens left after truncation to data.max_length" if len(
-                example.input_ids) > section.max_length else "no trainable tokens"
-            report.dropped[reason] += 1
-            continue
-        example = Encoded(ids, labels, example.text)
-        if is_train:
-            report.total_tokens += len(ids)
-            report.trained_tokens += sum(label != -100 for label in labels)
-            report.eos_trained = report.eos_trained or any(label in eos_ids for label in labels)
-            if len(report.samples) < 2:
-                report.samples.append([(tokenizer.decode([t]), label != -100) for t, label in zip(ids, labels)])
-        encoded.append(example)
-    return encoded
+    train: list[dict[str, Any]] = []
+    for source in train_sources(section):
+        train.extend(read_source(source, cache_dir=_raw_cache_dir(section)).rows)
+        fingerprint.update(source_fingerprint(source))
+    evaluation: list[dict[str, Any]] = []
+    if isinstance(section.eval, str):
+        source = eval_source(section, section.eval)
+        evaluation = list(read_source(source, cache_dir=_raw_cache_dir(section)).rows)
+        fingerprint.update(source_fingerprint(source))
+    elif isinstance(section.eval, float):
+        kept, held = _hold_out(len(train), section.eval, recipe.training.seed)
+        train, evaluation = [train[i] for i in kept], [train[i] for i in held]
+    return train, evaluation, fingerprint
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -334,85 +584,144 @@ class LabelledText:
     label: int
 
 
-def _prepare_classification(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> PreparedData:
+@dataclass(frozen=True)
+class _LabelledEncoder:
+    """Batched map function for classifiers: text (+ pair) -> input_ids, label -> class id (-1: no text)."""
+
+    text_column: str
+    pair_column: str
+    label_column: str
+    classes: tuple[str, ...]
+    tokenizer: Any
+    max_length: int
+    with_pairs: bool
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        index = {name: i for i, name in enumerate(self.classes)}
+        n = len(batch[self.text_column])
+        texts = [as_text(t) for t in batch[self.text_column]]
+        pairs = [as_text(p) for p in batch.get(self.pair_column, [None] * n)]
+        usable = [i for i, t in enumerate(texts) if t and t.strip()]
+        out = {"input_ids": [[] for _ in range(n)], "labels": [index.get(_label_name(v), -2)
+                                                              for v in batch[self.label_column]]}
+        if self.with_pairs:
+            out["token_type_ids"] = [[] for _ in range(n)]
+        for with_pair in (False, True):
+            chosen = [i for i in usable if (pairs[i] is not None) == with_pair]
+            if not chosen:
+                continue
+            encoding = self.tokenizer([texts[i] for i in chosen], [pairs[i] for i in chosen] if with_pair else None,
+                                      truncation=True, max_length=self.max_length)
+            for j, i in enumerate(chosen):
+                out["input_ids"][i] = encoding["input_ids"][j]
+                if self.with_pairs:
+                    types = encoding.get("token_type_ids") if with_pair else None
+                    out["token_type_ids"][i] = list(types[j]) if types else [0] * len(encoding["input_ids"][j])
+        out["_empty"] = [not out["input_ids"][i] for i in range(n)]
+        return out
+
+
+def _build_classification(recipe: Recipe, tokenizer, sources: list[Source], evaluation: Source | None,
+                          work: Path | None) -> PreparedData:
+    import numpy as np
+    import pyarrow.compute as pc
+
     section = recipe.data
-    train_rows, fingerprint = read_rows(section.train, section)
-    labels = class_labels(recipe, train_rows)
+    train_read = read_source(sources[0], cache_dir=_raw_cache_dir(section))
+    labels = class_labels(recipe, train_read.rows)
     # Labels are checked before any row is held out, so an error names the row's place in the file.
-    train = list(zip(train_rows, label_ids(train_rows, labels, section, _where_train(section)), strict=True))
-    evaluation: list[tuple[dict[str, Any], int]] = []
-    if isinstance(section.eval, str):
-        eval_rows, eval_fingerprint = read_rows(section.eval, section)
-        fingerprint.update(eval_fingerprint)
-        ids = label_ids(eval_rows, labels, section, f"data.eval: {section.eval}")
-        evaluation = list(zip(eval_rows, ids, strict=True))
+    train_all = _map_labelled(train_read.rows, labels, recipe, tokenizer, train_read.source.where,
+                              work / "train.arrow" if work else None)
+    eval_all = None
+    if evaluation is not None:
+        eval_read = read_source(evaluation, cache_dir=_raw_cache_dir(section))
+        eval_all = _map_labelled(eval_read.rows, labels, recipe, tokenizer, evaluation.where,
+                                 work / "eval.arrow" if work else None)
+        train_set = train_all
     elif isinstance(section.eval, float):
-        train, evaluation = _hold_out(train, section.eval, recipe.training.seed)
-    report = DataReport(format=CLASSIFICATION, template="none", rows_read=len(train) + len(evaluation),
-                        eos_token=tokenizer.eos_token, fingerprint=fingerprint, label_counts=dict.fromkeys(labels, 0))
-    train_examples, empty = encode_labelled(train, section, tokenizer)
-    eval_examples, eval_empty = encode_labelled(evaluation, section, tokenizer)
-    if empty + eval_empty:
-        report.dropped["empty or missing text"] += empty + eval_empty
-    if not train_examples:
-        raise LorafitError(f"no trainable rows remain ({empty} with an empty or missing text)", where="data.train",
-                           hint="check data.fields.text")
-    for example in train_examples:
-        report.label_counts[labels[example.label]] += 1
-        report.total_tokens += len(example.input_ids)
-        if len(report.samples) < 2:  # the text as the model reads it, then the label it learns (highlighted)
-            report.samples.append([(tokenizer.decode([t]), False) for t in example.input_ids]
-                                  + [(f"  -> {labels[example.label]}", True)])
-    report.train_examples, report.eval_examples = len(train_examples), len(eval_examples)
-    return PreparedData(_labelled_dataset(train_examples),
-                        _labelled_dataset(eval_examples) if eval_examples else None, report, labels)
+        kept, held = _hold_out(len(train_all), section.eval, recipe.training.seed)
+        train_set, eval_all = train_all.select(kept), train_all.select(held)
+    else:
+        train_set = train_all
+    report = DataReport(format=CLASSIFICATION, template="none", eos_token=tokenizer.eos_token,
+                        rows_read=len(train_all) + (len(eval_all) if evaluation is not None else 0),
+                        label_counts=dict.fromkeys(labels, 0))
+
+    def non_empty(ds: Dataset) -> Dataset:
+        empty = np.asarray(ds.select_columns(["_empty"]).flatten_indices(keep_in_memory=True)["_empty"], dtype=bool)
+        if empty.any():
+            report.dropped["empty or missing text"] += int(empty.sum())
+        return ds.select(np.flatnonzero(~empty)).remove_columns("_empty")
+
+    train = non_empty(train_set)
+    evaluation_set = non_empty(eval_all) if eval_all is not None else None
+    if not len(train):
+        raise LorafitError(f"no trainable rows remain ({report.dropped['empty or missing text']} with an empty or "
+                           "missing text)", where="data.train", hint="check data.fields.text")
+    table = train.select_columns(["labels", "input_ids"]).flatten_indices(keep_in_memory=True).data.table
+    counts = pc.value_counts(table.column("labels")).to_pylist()
+    for item in counts:
+        report.label_counts[labels[item["values"]]] = item["counts"]
+    report.total_tokens = int(pc.sum(pc.list_value_length(table.column("input_ids"))).as_py() or 0)
+    for row in train.select(range(min(2, len(train)))):  # the text as the model reads it, then its label (highlighted)
+        report.samples.append([(tokenizer.decode([t]), False) for t in row["input_ids"]]
+                              + [(f"  -> {labels[row['labels']]}", True)])
+    report.train_examples = len(train)
+    report.eval_examples = len(evaluation_set) if evaluation_set is not None else 0
+    return PreparedData(train, evaluation_set if report.eval_examples else None, report, labels)
 
 
-def class_labels(recipe: Recipe, train_rows: list[dict[str, Any]] | None = None) -> list[str]:
+def _map_labelled(rows: Dataset, labels: list[str], recipe: Recipe, tokenizer, where: str,
+                  cache_file: Path | None) -> Dataset:
+    import numpy as np
+
+    section = recipe.data
+    _require_columns(columns_of(rows), section, where)
+    pair = _column(section, "text_pair")
+    encoder = _LabelledEncoder(_column(section, "text"), pair, _column(section, "label"), tuple(labels), tokenizer,
+                               section.max_length, pair in rows.column_names)
+    options: dict[str, Any] = {"cache_file_name": str(cache_file)} if cache_file is not None else {}
+    if cache_file is not None:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+    encoded = rows.map(encoder, batched=True, batch_size=256, remove_columns=rows.column_names,
+                       num_proc=num_proc(section, len(rows)), new_fingerprint=f"lorafit-cls-{time.time_ns()}",
+                       load_from_cache_file=False, **options)
+    ids = np.asarray(encoded.data.column("labels").to_numpy())
+    bad = np.flatnonzero(ids < 0)
+    if len(bad):
+        column = _column(section, "label")
+        value = rows[int(bad[0])][column]
+        problem = (f"no {column!r} value" if value is None or value == "" else
+                   f"label {value!r} is not one of the classes ({', '.join(labels)})")
+        raise LorafitError(f"row {int(bad[0]) + 1}: {problem}", where=where,
+                           hint="fix the row, or list every class in data.labels")
+    return encoded
+
+
+def class_labels(recipe: Recipe, rows: Dataset | None = None) -> list[str]:
     """The class names in id order: data.labels, else the distinct label values of data.train, sorted."""
     section = recipe.data
     if section.labels is not None:
         return list(section.labels)
-    rows = read_rows(section.train, section)[0] if train_rows is None else train_rows
-    _require_columns(rows, section, "data.train")
+    if rows is None:
+        rows = read_source(train_sources(section)[0]).rows
+    sources = train_sources(section)
+    _require_columns(columns_of(rows), section, sources[0].where)
     column = _column(section, "label")
-    names = {_label_name(row.get(column)) for row in rows} - {None}
+    names = {_label_name(value) for value in rows.unique(column)} - {None}
     if len(names) < 2:
         raise LorafitError(f"the {column!r} column holds {len(names)} distinct label(s); a classifier needs at "
                            "least two", where="data.train", hint="check data.fields.label, or list data.labels")
     return sorted(names, key=_class_order)  # type: ignore[arg-type]
 
 
-def labelled_rows(spec: str | list[str], labels: list[str], section: DataSection,
-                  where: str) -> list[tuple[dict[str, Any], int]]:
-    """The rows of a file (or hub dataset) paired with their class ids; `where` names it in errors."""
-    rows = read_rows(spec, section)[0]
-    return list(zip(rows, label_ids(rows, labels, section, where), strict=True))
-
-
-def labelled_eval_rows(recipe: Recipe, labels: list[str]) -> list[tuple[dict[str, Any], int]]:
-    """A classifier's eval rows and class ids: the eval file, or the same held-out share of train that training used."""
-    section = recipe.data
-    if isinstance(section.eval, str):
-        return labelled_rows(section.eval, labels, section, f"data.eval: {section.eval}")
-    if isinstance(section.eval, float):
-        train = labelled_rows(section.train, labels, section, _where_train(section))
-        return _hold_out(train, section.eval, recipe.training.seed)[1]
-    return []
-
-
-def _where_train(section: DataSection) -> str:
-    return f"data.train: {section.train}" if isinstance(section.train, str) else "data.train"
-
-
-def label_ids(rows: list[dict[str, Any]], labels: list[str], section: DataSection, where: str) -> list[int]:
+def label_ids(rows, labels: list[str], section: DataSection, where: str) -> list[int]:
     """Each row's class id; a missing label, or one that is not a class, is an error naming its row."""
-    _require_columns(rows, section, where)
+    _require_columns(columns_of(rows), section, where)
     column = _column(section, "label")
     index = {name: i for i, name in enumerate(labels)}
     ids = []
-    for number, row in enumerate(rows, start=1):
-        value = row.get(column)
+    for number, value in enumerate(rows[column], start=1):
         name = _label_name(value)
         if name not in index:
             problem = (f"no {column!r} value" if value is None or value == "" else
@@ -429,32 +738,21 @@ def encode_labelled(rows: list[tuple[dict[str, Any], int]], section: DataSection
     text_column, pair_column = _column(section, "text"), _column(section, "text_pair")
     examples, empty = [], 0
     for row, label in rows:
-        text, pair = row.get(text_column), row.get(pair_column)
-        if not isinstance(text, str) or not text.strip():
+        text, pair = as_text(row.get(text_column)), as_text(row.get(pair_column))
+        if not text or not text.strip():
             empty += 1
             continue
-        pair = pair if isinstance(pair, str) else None
         encoding = tokenizer(text, pair, truncation=True, max_length=section.max_length)
         types = encoding.get("token_type_ids") if pair is not None else None
         examples.append(LabelledText(text, pair, list(encoding["input_ids"]), list(types) if types else None, label))
     return examples, empty
 
 
-def _labelled_dataset(examples: list[LabelledText]) -> Dataset:
-    from datasets import Dataset
-
-    columns: dict[str, list] = {"input_ids": [e.input_ids for e in examples], "labels": [e.label for e in examples]}
-    if any(e.token_type_ids for e in examples):
-        columns["token_type_ids"] = [e.token_type_ids or [0] * len(e.input_ids) for e in examples]
-    return Dataset.from_dict(columns)
-
-
 def _column(section: DataSection, name: str) -> str:
     return section.fields.get(name, name)
 
 
-def _require_columns(rows: list[dict[str, Any]], section: DataSection, where: str) -> None:
-    columns = set(rows[0]) if rows else set()
+def _require_columns(columns: list[str], section: DataSection, where: str) -> None:
     missing = [_column(section, name) for name in ("text", "label") if _column(section, name) not in columns]
     if missing:
         raise LorafitError(f"no {' or '.join(repr(m) for m in missing)} column; the data has "

@@ -241,23 +241,26 @@ def _causal_examples(recipe: Recipe, data_file: str | Path | None, samples: int 
                                                                                           list | None]:
     """The eval rows rendered with the recipe's template, where they came from, and the template's name ("none"
     for format text: no prompt/reference split, so nothing is generated); dpo / kto: also the held-out pairs."""
-    rows, described = _eval_rows(recipe, data_file)
-    pairs = None
+    rows = data.eval_rows(recipe, data_file, limit=samples)  # the one place that says where eval rows come from
+    pairs, conversations = None, rows.conversations
     if recipe.task in PREFERENCE_TASKS:  # scored as pairs, and their chosen answers are the generation references
-        pairs, rows = _preference_rows(recipe, tokenizer, rows[:samples] if samples else rows, notes, described)
-    fmt = data.detect_format(rows, recipe.data)
-    template = "none" if fmt == "text" else apply_template(recipe.template, tokenizer)
+        pairs, chosen = _preference_rows(recipe, tokenizer, rows.raw, notes, rows.described)
+        conversations = [row["messages"] for row in chosen]
+    chat = any(not isinstance(item, str) for item in conversations)
+    template = apply_template(recipe.template, tokenizer) if chat else "none"
     for name, own in zip(names, saved_tokenizers, strict=True):
-        if fmt != "text" and own is not None and own.chat_template and own.chat_template != tokenizer.chat_template:
+        if chat and own is not None and own.chat_template and own.chat_template != tokenizer.chat_template:
             notes.append(f"warning: {name} was trained with a different chat template than this recipe renders")
-    examples, dropped = _examples(rows[:samples] if samples else rows, fmt, recipe, tokenizer)
+    examples, dropped = _examples(conversations, recipe, tokenizer)
+    dropped += rows.dropped
     if dropped:
         notes.append(f"skipped {dropped} row(s) with no assistant answer to compare against")
     if not examples:
-        raise LorafitError("no usable eval rows", where=described, hint="rows need a final assistant turn / completion")
-    if fmt == "text":
+        raise LorafitError("no usable eval rows", where=rows.described,
+                           hint="rows need a final assistant turn / completion")
+    if not chat:
         notes.append("format text: no prompt/reference split, so only loss and perplexity are measured")
-    return examples, described, template, pairs
+    return examples, rows.described, template, pairs
 
 
 def _preference_rows(recipe: Recipe, tokenizer, rows: list[dict[str, Any]], notes: list[str],
@@ -279,49 +282,27 @@ def _preference_rows(recipe: Recipe, tokenizer, rows: list[dict[str, Any]], note
 def _labelled_examples(recipe: Recipe, labels: list[str], data_file: str | Path | None, samples: int | None,
                        tokenizer, notes: list[str]) -> tuple[list[data.LabelledText], str]:
     """The labelled eval rows, read and tokenized as training read them, and where they came from."""
-    pairs, described = _labelled_eval_rows(recipe, labels, data_file)
-    examples, empty = data.encode_labelled(pairs[:samples] if samples else pairs, recipe.data, tokenizer)
+    rows = data.eval_rows(recipe, data_file, labels=labels, limit=samples)
+    examples, empty = data.encode_labelled(rows.labelled, recipe.data, tokenizer)
     if empty:
         notes.append(f"skipped {empty} row(s) with an empty or missing text")
     if not examples:
-        raise LorafitError("no usable eval rows", where=described, hint="rows need a text and a label")
-    return examples, described
+        raise LorafitError("no usable eval rows", where=rows.described, hint="rows need a text and a label")
+    return examples, rows.described
 
 
-def _eval_rows(recipe: Recipe, data_file: str | Path | None) -> tuple[list[dict[str, Any]], str]:
-    if data_file is not None:
-        return data.read_rows(str(data_file), recipe.data)[0], str(data_file)
-    rows = data.read_eval_rows(recipe)
-    return rows, _described_eval_data(recipe, found=bool(rows))
-
-
-def _described_eval_data(recipe: Recipe, *, found: bool) -> str:
-    """Where the recipe's eval rows come from, in words; an error when there are none."""
-    if not found:
-        raise LorafitError("the recipe has no eval data", where="data.eval",
-                           hint="set data.eval to a file or a held-out fraction, or pass --data FILE")
-    if isinstance(recipe.data.eval, str):
-        return recipe.data.eval
-    return f"{recipe.data.eval:g} of {recipe.data.train} held out (seed {recipe.training.seed})"
-
-
-def _examples(rows: list[dict[str, Any]], fmt: str, recipe: Recipe,
+def _examples(conversations: list[Messages | str], recipe: Recipe,
               tokenizer: PreTrainedTokenizerBase) -> tuple[list[_Example], int]:
     """Each row as a prompt (everything before the last answer), its reference, and loss labels."""
     from lorafit.templates import encode_messages, encode_text, render
 
-    section, max_length = recipe.data, recipe.data.max_length
+    max_length = recipe.data.max_length
     examples, dropped = [], 0
-    for row in rows:
-        if fmt == "text":
-            text = row.get(section.fields.get("text", "text"))
-            if not isinstance(text, str) or not text.strip():
-                dropped += 1
-                continue
-            encoded = encode_text(tokenizer, text)
-            examples.append(_Example(text, [], "", encoded.input_ids[:max_length], encoded.labels[:max_length]))
+    for messages in conversations:
+        if isinstance(messages, str):  # format text: a document, scored by its loss only
+            encoded = encode_text(tokenizer, messages)
+            examples.append(_Example(messages, [], "", encoded.input_ids[:max_length], encoded.labels[:max_length]))
             continue
-        messages: Messages | None = data.row_to_messages(row, fmt, section, recipe.template.system_prompt)
         if not messages or messages[-1]["role"] != "assistant" or len(messages) < 2:
             dropped += 1
             continue
@@ -534,14 +515,6 @@ def _base_head_note(config, labels: list[str], seed: int) -> str:
     return (f"base: a newly initialised classifier head (seed {seed}, the one training started from): it was never "
             "trained, so expect chance-level scores, give or take what a random projection happens to separate; "
             "the adapters carry the heads they trained")
-
-
-def _labelled_eval_rows(recipe: Recipe, labels: list[str],
-                        data_file: str | Path | None) -> tuple[list[tuple[dict[str, Any], int]], str]:
-    if data_file is not None:
-        return data.labelled_rows(str(data_file), labels, recipe.data, f"--data: {data_file}"), str(data_file)
-    pairs = data.labelled_eval_rows(recipe, labels)
-    return pairs, _described_eval_data(recipe, found=bool(pairs))
 
 
 def _classify(model, name: str, adapter: adapters.TrainedAdapter | None, examples: list[data.LabelledText],

@@ -408,30 +408,21 @@ def _torch_dtype(dtype: str, config) -> torch.dtype:
 def _verification_prompts(adapter: TrainedAdapter, tokenizer: PreTrainedTokenizerBase, notes: list[str], *,
                           classify: bool = False) -> list[list[int]]:
     """A few token sequences to compare logits on: rows of the run's own data, else generic prompts."""
-    from lorafit.data import detect_format, read_rows, row_to_messages
+    from lorafit.data import eval_rows
     from lorafit.templates import render
 
     if classify:
         return _classifier_prompts(adapter, tokenizer, notes)
     texts: list[str] = []
     recipe = adapter.recipe
-    if recipe is not None:
+    if recipe is not None and recipe.data.eval is not None:
         try:
-            spec = recipe.data.eval if isinstance(recipe.data.eval, str) else recipe.data.train
-            rows, _ = read_rows(spec, recipe.data)
-            fmt = detect_format(rows, recipe.data)
-            for row in rows[:20]:
-                if fmt == "text":
-                    text = row.get(recipe.data.fields.get("text", "text"))
-                else:
-                    messages = row_to_messages(row, fmt, recipe.data, recipe.template.system_prompt)
-                    text = render(tokenizer, messages) if messages else None
-                if isinstance(text, str) and text.strip():
+            for item in eval_rows(recipe, limit=len(_FALLBACK_PROMPTS)).conversations:
+                text = item if isinstance(item, str) else render(tokenizer, item)
+                if text.strip():
                     texts.append(text)
-                if len(texts) == len(_FALLBACK_PROMPTS):
-                    break
         except LorafitError as exc:
-            notes.append(f"verification uses generic prompts: the run's data could not be read ({exc})")
+            notes.append(f"verification uses generic prompts: the run's eval data could not be read ({exc})")
     if not texts:
         for prompt in _FALLBACK_PROMPTS:
             messages = [{"role": "user", "content": prompt}]
@@ -443,16 +434,16 @@ def _verification_prompts(adapter: TrainedAdapter, tokenizer: PreTrainedTokenize
 def _classifier_prompts(adapter: TrainedAdapter, tokenizer: PreTrainedTokenizerBase,
                         notes: list[str]) -> list[list[int]]:
     """A classifier's verification inputs: texts of the run's own data, tokenized as training did; else generic ones."""
-    from lorafit.data import encode_labelled, read_rows
+    from lorafit.data import class_labels, encode_labelled, eval_rows
 
-    section = adapter.recipe.data
-    try:
-        rows, _ = read_rows(section.eval if isinstance(section.eval, str) else section.train, section)
-        # The class id is not used here; 0 stands in, so rows with any (or no) label serve.
-        examples, _ = encode_labelled([(row, 0) for row in rows[:20]], section, tokenizer)
-    except LorafitError as exc:
-        notes.append(f"verification uses generic texts: the run's data could not be read ({exc})")
-        examples = []
+    recipe, examples = adapter.recipe, []
+    if recipe is not None and recipe.data.eval is not None:
+        try:
+            labels = list(recipe.data.labels or class_labels(recipe))
+            rows = eval_rows(recipe, labels=labels, limit=len(_FALLBACK_PROMPTS)).labelled
+            examples, _ = encode_labelled(rows, recipe.data, tokenizer)
+        except LorafitError as exc:
+            notes.append(f"verification uses generic texts: the run's eval data could not be read ({exc})")
     prompts = [e.input_ids[:_MAX_PROMPT_TOKENS] for e in examples[:len(_FALLBACK_PROMPTS)]]
     return prompts or [tokenizer(text)["input_ids"][:_MAX_PROMPT_TOKENS] for text in _FALLBACK_PROMPTS]
 

@@ -144,13 +144,28 @@ def _expand_home(value: str) -> str:
     return os.path.expanduser(value) if value.startswith("~") else value
 
 
+DataFormat = Literal["auto", "messages", "alpaca", "prompt-completion", "text"]
+
+
+class DataSource(_Section):
+    path: str = Field(description="A local jsonl/json/csv/parquet file or a hub dataset id.")
+    weight: float = Field(1.0, gt=0, description="Share of the mixed training rows drawn from this source, relative "
+                          "to the other sources' weights (3 and 1: three rows from this one for every one from the other).")
+    split: str | None = Field(None, description="Split to read from a hub dataset; default data.split.")
+    fields: dict[str, str] | None = Field(None, description="This source's column names; default data.fields.")
+    format: DataFormat | None = Field(None, description="This source's row format; default data.format.")
+
+
 class DataSection(_Section):
-    train: str | list[str] = Field(description="Training data: local jsonl/json/csv/parquet file(s) or a hub dataset id.")
+    train: str | list[str | DataSource] = Field(
+        description="Training data: local jsonl/json/csv/parquet file(s) or a hub dataset id; a list of files is read "
+        "as one data set, and a list of {path, weight, split, fields, format} entries is mixed by weight "
+        "(sampled under training.seed, without repeating a row; it ends when a source runs out).")
     eval: str | float | None = Field(
         None, description="Eval data: a file, or a fraction in (0, 1) held out from train; null for none."
     )
-    format: Literal["auto", "messages", "alpaca", "prompt-completion", "text"] = Field(
-        "auto", description="Row format; auto detects it from the columns."
+    format: DataFormat = Field(
+        "auto", description="Row format; auto detects it from the columns (ShareGPT 'conversations' included)."
     )
     fields: dict[str, str] = Field(
         default_factory=dict,
@@ -165,6 +180,17 @@ class DataSection(_Section):
     max_length: int = Field(1024, gt=0, description="Tokens per example; longer rows are truncated.")
     packing: bool = Field(
         False, description="Pack several examples per row without cross-attention (padding-free); faster on ragged data."
+    )
+    num_proc: int | None = Field(
+        None, gt=0, description="Processes that tokenize the data; default: the CPU cores available (at most 8)."
+    )
+    cache: bool = Field(
+        True, description="Keep the prepared (tokenized) data in the lorafit cache folder and reuse it while nothing "
+        "that changes it changes (data files, tokenizer, template, format, fields, max_length, train_on, ...)."
+    )
+    streaming: bool = Field(
+        False, description="Read, tokenize (and pack) rows on the fly instead of preparing them all first, for data "
+        "larger than memory or disk; needs training.max_steps, and data.eval as a file or null.",
     )
     group_by_length: bool = Field(
         False, description="Batch rows of similar length together, so little compute goes to padding; faster on "
@@ -342,6 +368,8 @@ class Recipe(_Section):
             # at their sequence boundaries: packed examples would attend to each other (tests/test_packing.py).
             raise ValueError("data.packing: prefix tuning cannot be packed (packed examples would attend to each "
                              "other); set packing: false, or use data.group_by_length for speed")
+        if self.data.streaming:
+            self._check_streaming()
         if self.task == "sequence-classification":
             self._check_classification()
         elif self.data.labels is not None:
@@ -353,6 +381,16 @@ class Recipe(_Section):
         if self.adapter.init_from is not None and self.adapter.method == "prefix":
             raise ValueError("adapter.init_from: continuing a prefix-tuning adapter is not supported; use method: lora")
         return self
+
+    def _check_streaming(self) -> None:
+        if self.training.max_steps is None:
+            raise ValueError("data.streaming: a stream has no known length, so training needs training.max_steps")
+        if isinstance(self.data.eval, float):
+            raise ValueError("data.eval: a fraction cannot be held out of a stream; give an eval file, or null")
+        if self.data.group_by_length:
+            raise ValueError("data.group_by_length: needs every row's length up front, which a stream does not have")
+        if self.task == "sequence-classification":
+            raise ValueError("data.streaming: only task causal-lm streams its data")
 
     def _check_classification(self) -> None:
         # Settings that would silently do nothing for a classifier are refused, each naming its key.
@@ -581,7 +619,8 @@ def _resolve_input_paths(raw: dict[str, Any], base_dir: Path) -> None:
         for key in ("train", "eval"):
             value = data.get(key)
             if isinstance(value, list):
-                data[key] = [resolve(item, must_look_like_file=True) for item in value]
+                data[key] = [{**item, "path": resolve(item.get("path"), must_look_like_file=True)}
+                             if isinstance(item, dict) else resolve(item, must_look_like_file=True) for item in value]
             elif value is not None:
                 data[key] = resolve(value, must_look_like_file=True)
     model = raw.get("model")

@@ -35,7 +35,7 @@ def run_init(model: str, data: str, out: Path, *, name: str | None = None, qlora
              overwrite: bool = False) -> StarterResult:
     """Write a starter recipe to `out` for `model` and `data`; returns what it detected."""
     from lorafit import adapters, models
-    from lorafit.data import detect_format, read_rows
+    from lorafit.data_sources import detect_format, read_source, train_sources
     from lorafit.recipe import DataSection
 
     if out.exists() and not overwrite:
@@ -44,10 +44,12 @@ def run_init(model: str, data: str, out: Path, *, name: str | None = None, qlora
     data_path = Path(data).expanduser()
     model = str(Path(model).expanduser()) if model.startswith("~") else model
     data_section = DataSection(train=str(data_path.resolve()) if data_path.exists() else data)
-    rows, _ = read_rows(data_section.train, data_section)
+    data_source = train_sources(data_section)[0]
+    # The first rows say what the data is; a large file is not read whole for a starter recipe.
+    rows = list(read_source(data_source, streaming=True).rows.take(10_000))
     label_columns = _classification_columns(rows)
     task = "sequence-classification" if label_columns else "causal-lm"
-    data_format = None if label_columns else detect_format(rows[:1], data_section)
+    data_format = None if label_columns else detect_format(data_source, list(rows[0]) if rows else []).format
     if label_columns:
         notes.append(f"detected a label column ({label_columns['label']!r}, {len({str(r.get(label_columns['label'])) for r in rows})} "
                      f"classes) beside the text column {label_columns['text']!r}: task sequence-classification")

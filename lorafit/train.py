@@ -57,6 +57,8 @@ class TrainMetrics:
     eval_examples: int
     supervised_token_share: float | None  # None for a classifier: it learns one label per row, not tokens
     data_fingerprint: dict[str, str]  # data file -> sha256
+    data_sources: list[dict[str, Any]]  # per data.train entry: weight, and the rows and tokens it contributed
+    data_cache: dict[str, Any]  # state (built | from cache | off | streamed), path, prepare_seconds
     recipe_git_commit: str | None
     versions: dict[str, str | None]
     hardware: dict[str, Any]
@@ -218,6 +220,7 @@ def _prepare(recipe: Recipe, *, resume: bool, dry_run: bool) -> _PreparedRun:
     prepared = prepare(recipe, tokenizer)
     if prepared.labels is not None:  # the class ids, recorded in the run's recipe.yaml for eval and merge
         recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"labels": prepared.labels})})
+    notes.append(f"data: {prepared.report.summary()}")
     notes.extend(f"data: {warning}" for warning in prepared.report.warnings())
     stop_ids = models.generation_stop_ids(recipe, source) if recipe.task != "sequence-classification" else set()
     if stop_ids and tokenizer.eos_token_id not in stop_ids:
@@ -306,12 +309,10 @@ def check_run_dir(recipe: Recipe, *, resume: bool, overwrite: bool, dry_run: boo
     model_path = Path(recipe.model.path).expanduser()
     if model_path.exists():
         forbidden[model_path.resolve()] = "the base model folder"
-    data_files = [recipe.data.train] if isinstance(recipe.data.train, str) else list(recipe.data.train)
-    if isinstance(recipe.data.eval, str):
-        data_files.append(recipe.data.eval)
-    for item in data_files:
-        if Path(item).expanduser().exists():
-            forbidden[Path(item).expanduser().resolve().parent] = "the data folder"
+    from lorafit.data_sources import local_files
+
+    for item in local_files(recipe.data):
+        forbidden[item.resolve().parent] = "the data folder"
     if run_dir in forbidden:
         raise LorafitError(f"refusing to write a run into {forbidden[run_dir]}", where=where,
                            hint="use a dedicated folder such as runs/<name>")
@@ -548,6 +549,8 @@ def _measured(result: TrainResult, recipe: Recipe, source: str, trainer, output,
         # A classifier learns one label per row, preference tuning scores both answers: no SFT supervision share.
         supervised_token_share=None if classify or preference else report.supervised_share,
         data_fingerprint=report.fingerprint,
+        data_sources=report.sources,
+        data_cache={"state": report.cache, "path": report.cache_path, "prepare_seconds": report.prepare_seconds},
         recipe_git_commit=export.git_commit_of(Path.cwd()),
         **export.environment_info(),
         **({"labels": list(recipe.data.labels), "label_counts": report.label_counts,

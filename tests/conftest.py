@@ -14,6 +14,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Prepared data goes to a throwaway cache, never the user's (subprocesses inherit it); tests that check the
+# cache itself point LORAFIT_DATA_CACHE at their own tmp_path.
+if "LORAFIT_DATA_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["LORAFIT_DATA_CACHE"] = tempfile.mkdtemp(prefix="lorafit-test-data-cache-")
 
 # Make `import tiny_models` work regardless of pytest's import mode (prepend/importlib).
 _TESTS_DIR = str(Path(__file__).resolve().parent)

@@ -102,7 +102,7 @@ def test_held_out_fraction_and_eval_file(make_recipe, tokenizer, toy_data_factor
 def test_rows_without_completion_after_truncation_are_dropped_and_counted(make_recipe, tokenizer, tmp_path):
     path = tmp_path / "mixed.jsonl"
     rows = [{"prompt": "word " * 200, "completion": "apple"}, {"prompt": "red", "completion": "apple"},
-            {"prompt": "red", "completion": 5}]
+            {"prompt": "red", "completion": None}]
     path.write_text("\n".join(json.dumps(r) for r in rows))
     prepared = prepare_data(validate_recipe(make_recipe("unused", path, data={"max_length": 32})), tokenizer)
     assert prepared.report.train_examples == 1

@@ -364,7 +364,7 @@ def test_dropped_rows_are_counted_and_training_goes_on(make_recipe, tiny_llama, 
     """Rows that cannot teach anything are dropped and counted by reason; the rest still train."""
     data = tmp_path / "mixed.jsonl"
     rows = [{"prompt": "red", "completion": "apple"}] * 4 + [{"prompt": "word " * 200, "completion": "x"},
-                                                             {"prompt": "red", "completion": 5}]
+                                                             {"prompt": "red", "completion": None}]
     data.write_text("\n".join(json.dumps(row) for row in rows))
     result = run_train(validate_recipe(make_recipe(tiny_llama, data, tmp_path / "run", QUICK)), QUIET, dry_run=True)
     assert result.report.train_examples == 4

@@ -1,0 +1,155 @@
+"""The prepared-data cache: tokenized train/eval sets on disk, keyed by everything that changes them.
+
+An entry is `<cache>/data/<key>/` (cache = `$LORAFIT_CACHE`, default `~/.cache/lorafit`) holding `train/` and
+`eval/` (Arrow, written by `Dataset.save_to_disk`, read back memory-mapped), `report.json` (the lint report) and
+`manifest.json` (every file's size, written last). The key is a sha256 over the data files' hashes (or the hub
+revision), the tokenizer, template, format, fields, max_length, train_on, system prompt, seed, task and the
+lorafit version, so any change is a miss and nothing stale is ever reused.
+
+An entry is built under a temporary name and renamed into place when complete; one whose files do not match
+its manifest is removed and rebuilt. A file lock per key makes one process build while the others (the other
+ranks of a `torchrun`, or a second run started meanwhile) wait and then read what it built.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+    from transformers import PreTrainedTokenizerBase
+
+_FORMAT_VERSION = 1  # bump when the layout or the meaning of the prepared columns changes
+
+
+def data_cache_dir() -> Path:
+    """Where prepared data is kept: $LORAFIT_DATA_CACHE, else <lorafit cache>/data (models.cache_dir)."""
+    from lorafit.models import cache_dir
+
+    return Path(os.environ.get("LORAFIT_DATA_CACHE") or cache_dir() / "data").expanduser()
+
+
+def cache_key(inputs: dict[str, Any]) -> str:
+    """A short sha256 of everything that changes the prepared data."""
+    from lorafit import __version__
+
+    payload = json.dumps({"lorafit": __version__, "layout": _FORMAT_VERSION, **inputs}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:24]
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A hash of the tokenizer as it will encode: its vocabulary and rules, special tokens and chat template."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    body = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    extra = json.dumps([tokenizer.chat_template, tokenizer.eos_token, tokenizer.pad_token, tokenizer.bos_token,
+                        type(tokenizer).__name__, getattr(tokenizer, "add_bos_token", None)], default=str)
+    return hashlib.sha256((body + extra).encode()).hexdigest()
+
+
+@dataclass
+class CachedData:
+    """A complete cache entry, memory-mapped: train, eval (or None) and the stored report."""
+
+    path: Path
+    train: Dataset
+    eval: Dataset | None
+    report: dict[str, Any]
+
+
+@contextlib.contextmanager
+def locked(key: str) -> Iterator[Path]:
+    """Hold the key's lock (blocking) and yield the entry's folder; other processes wait at this point."""
+    root = data_cache_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f"{key}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also when the process dies
+        try:
+            yield root / key
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def load(entry: Path) -> CachedData | None:
+    """The entry if it is complete and intact; a damaged one is removed (and so rebuilt), never trusted."""
+    if not entry.is_dir():
+        return None
+    try:
+        manifest = json.loads((entry / "manifest.json").read_text())
+        for name, size in manifest["files"].items():
+            if (entry / name).stat().st_size != size:
+                raise ValueError(f"{name} has the wrong size")
+        from datasets import load_from_disk
+
+        train = load_from_disk(str(entry / "train"))
+        evaluation = load_from_disk(str(entry / "eval")) if (entry / "eval").is_dir() else None
+        report = json.loads((entry / "report.json").read_text())
+        if len(train) != manifest["train_rows"]:
+            raise ValueError("train has the wrong number of rows")
+    except Exception:  # any damage at all (missing, truncated, unparsable) means: build it again
+        shutil.rmtree(entry, ignore_errors=True)
+        return None
+    return CachedData(entry, train, evaluation, report)
+
+
+def new_build_folder(entry: Path | None) -> Path:
+    """A fresh folder to build into: beside the entry (renamed into place by publish), or a temporary one."""
+    if entry is None:
+        folder = Path(tempfile.mkdtemp(prefix="lorafit-data-"))
+        import atexit
+
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        return folder
+    folder = entry.parent / f"{entry.name}.tmp-{os.getpid()}"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    return folder
+
+
+def publish(folder: Path, entry: Path, train: Dataset, evaluation: Dataset | None, report: dict[str, Any]) -> CachedData:
+    """Write the prepared sets into the build folder, then rename it to the entry; returns them memory-mapped."""
+    train.save_to_disk(str(folder / "train"))
+    if evaluation is not None:
+        evaluation.save_to_disk(str(folder / "eval"))
+    (folder / "report.json").write_text(json.dumps(report))
+    shutil.rmtree(folder / "work", ignore_errors=True)
+    files = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+    manifest = {"files": files, "train_rows": len(train)}
+    with open(folder / "manifest.json", "w") as handle:  # written last: its presence means "complete"
+        json.dump(manifest, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    shutil.rmtree(entry, ignore_errors=True)
+    os.rename(folder, entry)
+    cached = load(entry)
+    if cached is None:
+        raise OSError(f"the prepared data just written to {entry} cannot be read back")
+    return cached
+
+
+def remove_stale_builds() -> None:
+    """Remove build folders left by processes that died mid-build (their pid is gone)."""
+    root = data_cache_dir()
+    for folder in root.glob("*.tmp-*") if root.is_dir() else []:
+        pid = folder.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,412 @@
+"""Where rows come from: files and hub data sets read into Arrow, their format, and each row as chat messages.
+
+`read_source` reads one source (local jsonl/json/csv/parquet files or a hub id) through `datasets`, so rows
+stay in memory-mapped Arrow tables, never in a Python list. Reading errors keep their precision: a malformed
+JSON line is reported as `file:line`, a `.json` file that wraps its rows in an object is read from its one
+list (or the candidates are named), a BOM is skipped, CSV fields keep their quoted newlines and read as text.
+
+`detect_format` decides a source's row format from its columns (ShareGPT `conversations` included), and
+`row_to_messages` turns one row into chat messages: content given as a list of text parts is joined,
+numbers are text, ShareGPT roles (human/gpt) become user/assistant.
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lorafit.errors import LorafitError
+from lorafit.recipe import DataSection, DataSource
+
+if TYPE_CHECKING:
+    from datasets import Dataset, IterableDataset
+
+Messages = list[dict[str, str]]
+
+# The columns each format needs, under their standard names (data.fields renames yours onto these).
+FORMAT_COLUMNS = {
+    "messages": ("messages",),
+    "alpaca": ("instruction", "output"),
+    "prompt-completion": ("prompt", "completion"),
+    "text": ("text",),
+}
+_ROLE_ALIASES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant"}
+_FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+@dataclass(frozen=True)
+class Source:
+    """One entry of data.train (or data.eval) with the section's defaults filled in."""
+
+    paths: tuple[str, ...]  # several files are read as one data set
+    weight: float
+    split: str
+    fields: dict[str, str]
+    format: str  # as configured; "auto" until detect_format resolves it
+    where: str  # how errors name it, e.g. "data.train: a.jsonl"
+
+    def column(self, standard: str) -> str:
+        """The source's own name for a standard column (prompt, completion, messages, ...)."""
+        return self.fields.get(standard, standard)
+
+
+@dataclass
+class SourceData:
+    """A source's rows as read (the format may still be "auto")."""
+
+    source: Source
+    rows: Dataset | IterableDataset
+
+
+def train_sources(section: DataSection) -> list[Source]:
+    """data.train as sources: one for a file, a hub id or a plain list of files; one per entry for a weighted mix."""
+    entries = section.train if isinstance(section.train, list) else [section.train]
+    if all(isinstance(entry, str) for entry in entries):  # several files read as one data set
+        where = f"data.train: {section.train}" if isinstance(section.train, str) else "data.train"
+        return [Source(tuple(entries), 1.0, section.split, dict(section.fields), section.format, where)]
+    sources = []
+    for i, entry in enumerate(entries):
+        entry = DataSource(path=entry) if isinstance(entry, str) else entry
+        sources.append(Source((entry.path,), entry.weight, entry.split or section.split,
+                              dict(section.fields if entry.fields is None else entry.fields),
+                              entry.format or section.format, f"data.train[{i}]: {entry.path}"))
+    return sources
+
+
+def eval_source(section: DataSection, path: str, where: str | None = None) -> Source:
+    """An eval file (data.eval or --data) read with the section's format and fields."""
+    return Source((path,), 1.0, section.split, dict(section.fields), section.format, where or f"data.eval: {path}")
+
+
+def is_mixture(section: DataSection) -> bool:
+    """True when data.train lists weighted entries (a mix), not plain files read as one."""
+    return isinstance(section.train, list) and any(not isinstance(entry, str) for entry in section.train)
+
+
+def local_files(section: DataSection) -> list[Path]:
+    """Every local data file the recipe names (train and eval), for checks such as 'not the output folder'."""
+    paths = [p for source in train_sources(section) for p in source.paths]
+    if isinstance(section.eval, str):
+        paths.append(section.eval)
+    return [Path(p).expanduser() for p in paths if Path(p).expanduser().exists()]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_source(source: Source, *, streaming: bool = False, cache_dir: Path | None = None) -> SourceData:
+    """The source's rows as an Arrow-backed Dataset (or an IterableDataset when streaming)."""
+    specs = source.paths
+    local = [s for s in specs if _is_local(s)]
+    if local and len(local) != len(specs):
+        raise LorafitError("mixes local files and hub ids in one list", where=source.where,
+                           hint="list them as weighted entries: [{path: a.jsonl}, {path: org/dataset}]")
+    if not local:
+        if len(specs) > 1:
+            raise LorafitError("several hub ids in one plain list", where=source.where,
+                               hint="list them as entries: [{path: org/a}, {path: org/b}]")
+        return _read_hub(source, streaming=streaming)
+    paths = [_checked_file(Path(s).expanduser(), source.where) for s in specs]
+    builders = {_FILE_BUILDERS.get(path.suffix.lower(), "json") for path in paths}
+    if len(builders) > 1:
+        raise LorafitError("lists files of different kinds (" + ", ".join(sorted(builders)) + ")", where=source.where,
+                           hint="convert them to one kind, or list them as weighted entries")
+    builder = builders.pop()
+    options: dict[str, Any] = {}
+    if builder == "csv":
+        # Every column as text, exactly as written: "007" stays "007", an empty field stays "" (not NaN).
+        options = {"dtype": str, "keep_default_na": False, "encoding": "utf-8-sig"}
+    elif builder == "json":
+        options = _json_options(paths, source.where)
+    rows = _load(builder, paths, options, source.where, streaming=streaming, cache_dir=cache_dir)
+    return SourceData(source, rows)
+
+
+def source_fingerprint(source: Source) -> dict[str, str]:
+    """What identifies the source's content: each local file's sha256, or a hub data set's loaded revision."""
+    fingerprint = {}
+    for spec in source.paths:
+        if _is_local(spec):
+            path = _checked_file(Path(spec).expanduser(), source.where)
+            fingerprint[str(path)] = file_sha256(path)
+        else:
+            fingerprint[spec] = f"hub:{source.split}@{_hub_revision(spec, source.where)}"
+    return fingerprint
+
+
+def _is_local(spec: str) -> bool:
+    path = Path(spec).expanduser()
+    return path.exists() or path.suffix.lower() in (*_FILE_BUILDERS, ".txt") or "/" not in spec
+
+
+def _checked_file(path: Path, where: str) -> Path:
+    if not path.exists():
+        raise LorafitError("data file not found", where=str(path), hint=f"check {where.split(':')[0]}")
+    if path.is_dir():
+        raise LorafitError("is a directory, not a data file", where=str(path))
+    if path.stat().st_size == 0:
+        raise LorafitError("the data file is empty", where=str(path))
+    return path
+
+
+def file_sha256(path: Path) -> str:
+    """The file's sha256, read in blocks (a 1 GB file is never held in memory)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _json_options(paths: list[Path], where: str) -> dict[str, Any]:
+    """How to read .json/.jsonl: one object per line, an array, or an object wrapping the rows in one list."""
+    for path in paths:
+        _check_rows_are_objects(path)
+    fields = {_wrapping_field(path) for path in paths if path.suffix.lower() == ".json"} - {None}
+    if len(fields) > 1:
+        raise LorafitError(f"the .json files wrap their rows under different keys ({', '.join(sorted(fields))})",
+                           where=where)
+    return {"field": fields.pop()} if fields else {}
+
+
+def _check_rows_are_objects(path: Path) -> None:
+    """JSON lines (or a .json array) must hold objects; `datasets` would read [1, 2] as a text column."""
+    with path.open("rb") as handle:
+        head = handle.read(1 << 16).removeprefix(codecs.BOM_UTF8).lstrip()
+    if head.startswith(b"[") and path.suffix.lower() == ".json":
+        if head[1:].lstrip()[:1] not in (b"{", b"]", b""):
+            raise LorafitError("expected a JSON object", where=f"{path}: item 0",
+                               hint="a .json file must be an array of objects, one per row")
+    elif head[:1] not in (b"{", b""):
+        _explain_failure([path], "json", ValueError("not JSON lines"))
+
+
+def _wrapping_field(path: Path) -> str | None:
+    """For a .json document like {"data": [...]}, the key of its list of rows; None for arrays and JSON lines."""
+    with path.open("rb") as handle:
+        head = handle.read(1 << 16)
+    text = head.removeprefix(codecs.BOM_UTF8).lstrip()
+    if not text.startswith(b"{"):
+        return None
+    first_line = text.split(b"\n", 1)[0]
+    try:
+        obj = json.loads(first_line)
+        one_line_document = not text[len(first_line):].strip()
+    except ValueError:
+        obj, one_line_document = None, False
+    if obj is not None and not one_line_document:
+        return None  # JSON lines: the first line is a whole object and more follow
+    try:
+        document = json.loads(path.read_bytes().removeprefix(codecs.BOM_UTF8))
+    except ValueError:
+        return None  # reported with its line by _explain_failure
+    if not isinstance(document, dict):
+        return None
+    lists = [key for key, value in document.items()
+             if isinstance(value, list) and value and all(isinstance(item, dict) for item in value)]
+    if len(lists) == 1:
+        return lists[0]
+    if obj is not None and not lists:
+        return None  # one row written as a one-line JSON document
+    raise LorafitError(
+        "is one JSON object, not rows: " + (f"it holds several lists of rows ({', '.join(lists)})" if lists else
+                                            f"none of its keys ({', '.join(map(str, document)) or 'none'}) holds a list of rows"),
+        where=str(path), hint="write one JSON object per line (.jsonl), or a .json array of objects")
+
+
+def _load(builder: str, paths: list[Path], options: dict[str, Any], where: str, *, streaming: bool,
+          cache_dir: Path | None):
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    try:
+        return datasets.load_dataset(builder, data_files=[str(p) for p in paths], split="train", streaming=streaming,
+                                     cache_dir=str(cache_dir) if cache_dir else None, **options)
+    except LorafitError:
+        raise
+    except Exception as exc:  # datasets wraps parser errors in several types; find the line ourselves
+        _explain_failure(paths, builder, exc)
+        raise LorafitError(f"cannot read the data: {_first_line(exc)}", where=where) from None
+
+
+def _explain_failure(paths: list[Path], builder: str, exc: Exception) -> None:
+    """Raise the precise error (file:line) behind a failed load, found by re-reading the files in Python."""
+    for path in paths:
+        try:
+            with path.open(encoding="utf-8-sig") as handle:
+                if builder == "json" and path.suffix.lower() == ".json" and handle.read(1 << 16).lstrip()[:1] == "[":
+                    handle.seek(0)
+                    try:
+                        rows = json.loads(handle.read())
+                    except json.JSONDecodeError as error:
+                        raise LorafitError(f"invalid JSON: {error.msg}", where=f"{path}:{error.lineno}") from None
+                    for i, row in enumerate(rows):
+                        _require_object(row, f"{path}: item {i}")
+                    continue
+                handle.seek(0)
+                if builder != "json":
+                    handle.read()  # only the text decoding is checked for csv / parquet
+                    continue
+                for number, line in enumerate(handle, start=1):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as error:
+                        raise LorafitError(f"malformed JSON line: {error.msg}", where=f"{path}:{number}",
+                                           hint="each line must be one JSON object") from None
+                    _require_object(row, f"{path}:{number}")
+        except UnicodeDecodeError as error:
+            raise LorafitError(f"not UTF-8 text (byte {error.start})", where=str(path)) from None
+    message = _first_line(exc)
+    if "ArrowInvalid" in repr(exc.__cause__) or "column" in message.lower():
+        raise LorafitError(f"the files' columns do not agree: {message}", where=", ".join(map(str, paths)),
+                           hint="give every row the same columns, or list the files as separate entries")
+
+
+def _require_object(row: Any, where: str) -> None:
+    if not isinstance(row, dict):
+        raise LorafitError(f"expected a JSON object, got {type(row).__name__}", where=where)
+
+
+def _first_line(exc: BaseException) -> str:
+    cause = exc.__cause__ or exc
+    return (str(cause).strip().splitlines() or [type(cause).__name__])[0][:200]
+
+
+def _read_hub(source: Source, *, streaming: bool) -> SourceData:
+    import datasets
+
+    datasets.disable_progress_bars()
+    try:
+        rows = datasets.load_dataset(source.paths[0], split=source.split, streaming=streaming)
+    except Exception as exc:  # datasets raises many types for "not reachable / not found"
+        raise LorafitError(f"cannot load hub dataset: {_first_line(exc)}", where=source.where,
+                           hint="check the id, data.split, and your network") from None
+    return SourceData(source, rows)
+
+
+def _hub_revision(dataset_id: str, where: str) -> str:
+    """The commit of the hub data set that loading resolves to now (offline: the one in the local cache)."""
+    import datasets
+
+    try:
+        builder = datasets.load_dataset_builder(dataset_id)
+    except Exception as exc:  # not reachable / not found: the same error the load itself would give
+        raise LorafitError(f"cannot load hub dataset: {_first_line(exc)}", where=where,
+                           hint="check the id, data.split, and your network") from None
+    return str(builder.hash or builder.config_id)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Formats
+
+
+def columns_of(rows) -> list[str]:
+    """The column names of a Dataset or IterableDataset (a stream is asked for its first row if needed)."""
+    names = getattr(rows, "column_names", None)
+    if names is None:
+        first = next(iter(rows), None)
+        names = list(first) if first else []
+    return list(names)
+
+
+def detect_format(source: Source, columns: list[str]) -> Source:
+    """The source with its row format resolved: as configured (checked against the columns), or detected."""
+    present = set(columns)
+    mapped = {standard for cols in FORMAT_COLUMNS.values() for standard in cols if source.column(standard) in present}
+    fmt = source.format
+    if fmt != "auto":
+        missing = [source.column(c) for c in FORMAT_COLUMNS[fmt] if c not in mapped]
+        if fmt == "messages" and missing and "messages" not in source.fields and "conversations" in present:
+            return _with(source, "messages", {"messages": "conversations"})
+        if missing:
+            raise LorafitError(f"format {fmt} needs column(s) {', '.join(missing)}; the data has "
+                               f"{', '.join(sorted(present)) or 'no columns'}", where=source.where,
+                               hint="map your columns with data.fields, e.g. {prompt: question}")
+        return source
+    for candidate, needed in FORMAT_COLUMNS.items():
+        if all(c in mapped for c in needed):
+            return _with(source, candidate, {})
+    if "conversations" in present and "messages" not in source.fields:  # ShareGPT
+        return _with(source, "messages", {"messages": "conversations"})
+    raise LorafitError(f"cannot tell the data format from columns {', '.join(sorted(present)) or '(none)'}",
+                       where=source.where,
+                       hint="set data.format (messages | alpaca | prompt-completion | text) and data.fields")
+
+
+def _with(source: Source, fmt: str, fields: dict[str, str]) -> Source:
+    return Source(source.paths, source.weight, source.split, {**source.fields, **fields}, fmt, source.where)
+
+
+def as_text(value: Any) -> str | None:
+    """A cell as text: strings as they are, numbers written out (a completion of 42 is the text "42")."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    return None
+
+
+def _content_text(content: Any) -> str | None:
+    """Message content as text: a string, a number, or a list of text parts ({"type": "text", "text": ...})."""
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if isinstance(part, str):
+                texts.append(part)
+            elif isinstance(part, dict) and part.get("type", "text") == "text" and isinstance(part.get("text"), str):
+                texts.append(part["text"])
+            else:
+                return None  # an image or other non-text part: this row cannot be trained as text
+        return "\n".join(texts)
+    return as_text(content)
+
+
+def row_to_messages(row: dict[str, Any], source: Source, system_prompt: str | None) -> Messages | None:
+    """One row as chat messages (None when it has nothing usable); `source.format` must be resolved, not text."""
+    get = lambda name: row.get(source.column(name))  # noqa: E731
+    fmt = source.format
+    if fmt == "messages":
+        raw = get("messages")
+        if isinstance(raw, str):  # a messages column stored as JSON text (e.g. in CSV or parquet)
+            try:
+                raw = json.loads(raw)
+            except ValueError:
+                return None
+        if not isinstance(raw, list):
+            return None
+        messages = []
+        for turn in raw:
+            if not isinstance(turn, dict):
+                return None
+            role = turn.get("role", turn.get("from"))
+            content = _content_text(turn.get("content", turn.get("value")))
+            if not isinstance(role, str) or content is None:
+                return None
+            messages.append({"role": _ROLE_ALIASES.get(role, role), "content": content})
+    elif fmt == "alpaca":
+        instruction, extra, output = as_text(get("instruction")), as_text(get("input")), as_text(get("output"))
+        if instruction is None or output is None:
+            return None
+        prompt = f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
+    else:
+        prompt, completion = as_text(get("prompt")), as_text(get("completion"))
+        if prompt is None or completion is None:
+            return None
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+    if system_prompt and messages and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    return messages
+
+
+def row_text(row: dict[str, Any], source: Source) -> str | None:
+    """A text-format row's document."""
+    return as_text(row.get(source.column("text")))
