@@ -120,7 +120,8 @@ def read_source(source: Source, *, streaming: bool = False, cache_dir: Path | No
     options: dict[str, Any] = {}
     if builder == "csv":
         # Every column as text, exactly as written: "007" stays "007", an empty field stays "" (not NaN).
-        options = {"dtype": str, "keep_default_na": False, "encoding": "utf-8-sig"}
+        options = {"features": _csv_text_features(paths, source.where), "keep_default_na": False,
+                   "encoding": "utf-8-sig"}
     elif builder == "json":
         options = _json_options(paths, source.where)
     rows = _load(builder, paths, options, source.where, streaming=streaming, cache_dir=cache_dir)
@@ -161,6 +162,28 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _csv_text_features(paths: list[Path], where: str):
+    """Every CSV column read as a string (the header gives the names; all files must share it)."""
+    import csv
+
+    from datasets import Features, Value
+
+    headers = set()
+    for path in paths:
+        try:
+            with path.open(encoding="utf-8-sig", newline="") as handle:
+                headers.add(tuple(next(csv.reader(handle), [])))
+        except UnicodeDecodeError as error:
+            raise LorafitError(f"not UTF-8 text (byte {error.start})", where=str(path)) from None
+    if len(headers) > 1:
+        raise LorafitError("the CSV files have different header rows", where=where,
+                           hint="give every file the same columns, or list them as separate entries")
+    header = headers.pop()
+    if not header or len(set(header)) != len(header):
+        raise LorafitError("the CSV header row is empty or repeats a column name", where=str(paths[0]))
+    return Features({name: Value("string") for name in header})
 
 
 def _json_options(paths: list[Path], where: str) -> dict[str, Any]:

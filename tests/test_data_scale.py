@@ -1,0 +1,335 @@
+"""Data at scale and data as the user meant it: Arrow reading, the prepared-data cache, one preparation per
+machine, weighted mixing, streaming, and the file shapes users bring (CSV newlines, BOMs, wrapped JSON,
+ShareGPT, content parts, numbers, special-token text)."""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import json
+import multiprocessing
+import os
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from lorafit import data_cache
+from lorafit.data import eval_rows, prepare_data
+from lorafit.errors import LorafitError
+from lorafit.recipe import validate_recipe
+
+
+@pytest.fixture
+def tokenizer(tiny_llama):
+    return AutoTokenizer.from_pretrained(tiny_llama)
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch) -> Path:
+    """Each test gets an empty prepared-data cache."""
+    folder = tmp_path / "data-cache"
+    monkeypatch.setenv("LORAFIT_DATA_CACHE", str(folder))
+    return folder
+
+
+def make_recipe(train, **sections):
+    raw = {"name": "t", "model": {"path": "unused"}, "data": {"train": train if isinstance(train, list) else str(train)}}
+    for key, value in sections.items():
+        raw[key] = {**raw.get(key, {}), **value}
+    return validate_recipe(raw)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    return path
+
+
+def trained_text(tokenizer, row) -> str:
+    return tokenizer.decode([t for t, label in zip(row["input_ids"], row["labels"]) if label != -100])
+
+
+QA = [{"prompt": f"colour {i}", "completion": f"answer {i}"} for i in range(12)]
+
+
+# ----------------------------------------------------------------------------------------------------
+# What the user meant
+
+
+def test_csv_fields_with_quoted_newlines_keep_them_and_numbers_stay_text(tokenizer, tmp_path):
+    """A quoted CSV field holding newlines stays one field with its newlines; '007' is not turned into 7."""
+    path = tmp_path / "qa.csv"
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["prompt", "completion"])
+        writer.writerow(["line one\nline two", "007"])
+        writer.writerow(["plain", "first\nsecond"])
+    prepared = prepare_data(make_recipe(path), tokenizer)
+    assert prepared.report.train_examples == 2 and not prepared.report.dropped
+    assert trained_text(tokenizer, prepared.train[0]).startswith("007")
+    assert trained_text(tokenizer, prepared.train[1]).startswith("first\nsecond")
+    assert "line one\nline two" in tokenizer.decode(prepared.train[0]["input_ids"])
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".json"])
+def test_a_byte_order_mark_before_the_header_or_json_is_skipped(tokenizer, tmp_path, suffix):
+    """Files saved by Excel/Notepad start with a UTF-8 BOM; the first column name must not carry it."""
+    path = tmp_path / f"bom{suffix}"
+    if suffix == ".csv":
+        text = "prompt,completion\nred,apple\nblue,sky\n"
+    elif suffix == ".jsonl":
+        text = "\n".join(json.dumps(r) for r in QA[:2])
+    else:
+        text = json.dumps(QA[:2])
+    path.write_bytes(codecs.BOM_UTF8 + text.encode())
+    prepared = prepare_data(make_recipe(path), tokenizer)
+    assert prepared.report.format == "prompt-completion" and prepared.report.train_examples == 2
+
+
+def test_a_json_file_that_wraps_its_rows_in_an_object_is_read(tokenizer, tmp_path):
+    """{"data": [...]} (pretty-printed or on one line) is read from its one list of rows."""
+    pretty = tmp_path / "wrapped.json"
+    pretty.write_text(json.dumps({"version": 2, "data": QA[:5]}, indent=2))
+    assert prepare_data(make_recipe(pretty), tokenizer).report.train_examples == 5
+    one_line = tmp_path / "one_line.json"
+    one_line.write_text(json.dumps({"data": QA[:3]}))
+    assert prepare_data(make_recipe(one_line), tokenizer).report.train_examples == 3
+
+
+def test_a_json_object_with_no_single_list_of_rows_is_named_precisely(tokenizer, tmp_path):
+    """Two candidate lists: the error names both keys, not 'malformed JSON line'."""
+    path = tmp_path / "two.json"
+    path.write_text(json.dumps({"train": QA[:2], "test": QA[2:4]}, indent=2))
+    with pytest.raises(LorafitError, match=r"several lists of rows \(train, test\)") as error:
+        prepare_data(make_recipe(path), tokenizer)
+    assert "malformed" not in str(error.value)
+
+
+def test_chat_content_given_as_text_parts_is_accepted(tokenizer, tmp_path):
+    """OpenAI-style content: [{"type": "text", "text": ...}] is the text of its parts."""
+    rows = [{"messages": [{"role": "user", "content": [{"type": "text", "text": "red"}]},
+                          {"role": "assistant", "content": [{"type": "text", "text": "apple"}]}]},
+            {"messages": [{"role": "user", "content": "blue"}, {"role": "assistant", "content": "sky"}]}]
+    prepared = prepare_data(make_recipe(write_jsonl(tmp_path / "parts.jsonl", rows)), tokenizer)
+    assert prepared.report.train_examples == 2 and not prepared.report.dropped
+    assert trained_text(tokenizer, prepared.train[0]) == "apple<|im_end|>\n"
+
+
+def test_numbers_in_prompt_and_completion_columns_are_text(tokenizer, tmp_path):
+    """A completion of 42 (a JSON number) is trained as the text "42", not dropped as malformed."""
+    rows = [{"prompt": "6 x 7", "completion": 42}, {"prompt": 3.5, "completion": "half of seven"}]
+    prepared = prepare_data(make_recipe(write_jsonl(tmp_path / "numbers.jsonl", rows)), tokenizer)
+    assert prepared.report.train_examples == 2 and not prepared.report.dropped
+    assert trained_text(tokenizer, prepared.train[0]) == "42<|im_end|>\n"
+
+
+def test_special_token_text_inside_an_answer_is_not_trained_as_a_real_end_of_turn(tokenizer, tmp_path):
+    """'<|im_end|>' written inside an answer would end the turn mid-answer: those rows are dropped and named."""
+    rows = [*QA[:3], {"prompt": "how do turns end?", "completion": "with <|im_end|> and then more text"},
+            QA[3], {"prompt": "and <|im_start|>?", "completion": "it starts one"}]
+    prepared = prepare_data(make_recipe(write_jsonl(tmp_path / "special.jsonl", rows)), tokenizer)
+    assert prepared.report.train_examples == 4
+    notes = " ".join(prepared.report.warnings())
+    assert "'<|im_end|>'" in notes and "row(s) 4" in notes and "'<|im_start|>'" in notes and "row(s) 6" in notes
+    for row in prepared.train:  # every trained end-of-turn is the last trained token of its row
+        labels = [label for label in row["labels"] if label != -100]
+        assert labels.count(tokenizer.eos_token_id) == 1
+
+
+def test_sharegpt_conversations_are_detected_and_only_the_gpt_turns_are_trained(tokenizer, tmp_path):
+    """{"conversations": [{"from": "human"|"gpt"|"system", "value": ...}]} needs no data.fields."""
+    rows = [{"conversations": [{"from": "system", "value": "be brief"}, {"from": "human", "value": "red"},
+                               {"from": "gpt", "value": "apple"}, {"from": "human", "value": "blue"},
+                               {"from": "gpt", "value": "sky"}]}] * 3
+    prepared = prepare_data(make_recipe(write_jsonl(tmp_path / "sharegpt.jsonl", rows)), tokenizer)
+    assert prepared.report.format == "messages" and prepared.report.train_examples == 3
+    assert trained_text(tokenizer, prepared.train[0]) == "apple<|im_end|>\nsky<|im_end|>\n"
+    assert "<|im_start|>system\nbe brief" in tokenizer.decode(prepared.train[0]["input_ids"])
+
+
+def test_a_malformed_line_is_still_reported_as_file_and_line(tokenizer, tmp_path):
+    """The Arrow reader's failure is traced back to the first bad line."""
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(QA[0]) + "\n" + json.dumps(QA[1]) + "\n{\"prompt\": oops}\n")
+    with pytest.raises(LorafitError, match=r"bad.jsonl:3: malformed JSON line"):
+        prepare_data(make_recipe(path), tokenizer)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The cache
+
+
+def test_a_second_preparation_is_read_from_the_cache_and_equals_the_first(tokenizer, tmp_path, own_cache):
+    """Same inputs: the second call builds nothing and returns the same tokens, report and samples."""
+    recipe = make_recipe(write_jsonl(tmp_path / "qa.jsonl", QA), data={"eval": 0.25})
+    first = prepare_data(recipe, tokenizer)
+    second = prepare_data(recipe, AutoTokenizer.from_pretrained(tokenizer.name_or_path))
+    assert first.report.cache == "built" and second.report.cache == "from cache"
+    assert second.report.summary().startswith("prepared 12 rows from cache " + str(own_cache))
+    assert second.train.to_dict() == first.train.to_dict() and second.eval.to_dict() == first.eval.to_dict()
+    assert (second.report.train_examples, second.report.eval_examples) == (9, 3)
+    assert second.report.samples == first.report.samples and second.report.fingerprint == first.report.fingerprint
+    entries = {p.name for p in own_cache.iterdir() if not p.name.endswith(".lock")}
+    assert entries == {Path(first.report.cache_path).name, "raw"}  # one entry, and datasets' copy of the raw file
+    assert not list(own_cache.glob("*.tmp-*"))  # nothing half-built left behind
+
+
+@pytest.mark.parametrize("change", ["file", "max_length", "train_on", "system_prompt", "template", "fields",
+                                    "seed", "tokenizer"])
+def test_any_change_to_what_shapes_the_data_is_a_cache_miss(tokenizer, tmp_path, change):
+    """Each fingerprint input, changed alone, makes the next preparation build again."""
+    path = write_jsonl(tmp_path / "qa.jsonl", QA)
+    base = {"data": {"eval": 0.25}, "template": {}, "training": {}}
+    recipe = make_recipe(path, **base)
+    assert prepare_data(recipe, tokenizer).report.cache == "built"
+    assert prepare_data(recipe, AutoTokenizer.from_pretrained(tokenizer.name_or_path)).report.cache == "from cache"
+    fresh = AutoTokenizer.from_pretrained(tokenizer.name_or_path)
+    if change == "file":
+        write_jsonl(path, QA[:-1])
+    elif change == "tokenizer":
+        fresh.add_tokens(["<extra>"])
+    changed = {"max_length": {"data": {"eval": 0.25, "max_length": 16}},
+               "train_on": {"template": {"train_on": "all"}},
+               "system_prompt": {"template": {"system_prompt": "be brief"}},
+               "template": {"template": {"name": "alpaca"}},
+               "fields": {"data": {"eval": 0.25, "fields": {"prompt": "completion", "completion": "prompt"}}},
+               "seed": {"training": {"seed": 7}}}.get(change, {})
+    assert prepare_data(make_recipe(path, **{**base, **changed}), fresh).report.cache == "built"
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete_manifest", "garbage_report"])
+def test_a_damaged_cache_entry_is_rebuilt_not_trusted(tokenizer, tmp_path, damage):
+    """A truncated Arrow file, a missing manifest or an unreadable report: the entry is built again."""
+    recipe = make_recipe(write_jsonl(tmp_path / "qa.jsonl", QA))
+    first = prepare_data(recipe, tokenizer)
+    expected = first.train.to_dict()
+    entry = Path(first.report.cache_path)
+    if damage == "truncate":
+        arrow = next((entry / "train").glob("*.arrow"))
+        arrow.write_bytes(arrow.read_bytes()[: arrow.stat().st_size // 2])
+    elif damage == "delete_manifest":
+        (entry / "manifest.json").unlink()
+    else:
+        (entry / "report.json").write_text("{not json")
+    again = prepare_data(recipe, AutoTokenizer.from_pretrained(tokenizer.name_or_path))
+    assert again.report.cache == "built"
+    assert again.train.to_dict() == expected
+
+
+def test_cache_off_prepares_every_time_and_writes_nothing_to_the_cache(tokenizer, tmp_path, own_cache):
+    """data.cache: false: nothing is stored or reused."""
+    recipe = make_recipe(write_jsonl(tmp_path / "qa.jsonl", QA), data={"cache": False})
+    assert prepare_data(recipe, tokenizer).report.cache == "off"
+    assert prepare_data(recipe, tokenizer).report.cache == "off"
+    assert not own_cache.exists() or not [p for p in own_cache.iterdir() if p.is_dir()]
+
+
+def _prepare_in_child(args) -> str:
+    cache, recipe_raw, tokenizer_dir = args
+    os.environ["LORAFIT_DATA_CACHE"] = cache
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    return prepare_data(validate_recipe(recipe_raw), tokenizer).report.cache
+
+
+def test_two_processes_at_once_prepare_the_data_once(tiny_llama, tmp_path, own_cache):
+    """Started together (as torchrun's ranks are), one process builds and the other waits and reads its entry."""
+    path = write_jsonl(tmp_path / "qa.jsonl", QA * 50)
+    raw = {"name": "t", "model": {"path": "unused"}, "data": {"train": str(path)}}
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        states = pool.map(_prepare_in_child, [(str(own_cache), raw, str(tiny_llama))] * 2)
+    assert sorted(states) == ["built", "from cache"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Mixing and eval rows
+
+
+def _letters(tmp_path: Path, name: str, n: int) -> Path:
+    return write_jsonl(tmp_path / f"{name}.jsonl", [{"prompt": f"{name} {i}", "completion": name} for i in range(n)])
+
+
+def test_weighted_sources_mix_in_proportion_reproducibly_under_the_seed(tokenizer, tmp_path):
+    """Weights 3:1 give ~75% rows from the first source, the same rows under the same seed, others under another."""
+    a, b = _letters(tmp_path, "alpha", 400), _letters(tmp_path, "beta", 400)
+    train = [{"path": str(a), "weight": 3}, {"path": str(b), "weight": 1}]
+    prepared = prepare_data(make_recipe(train, data={"cache": False}), tokenizer)
+    sources = prepared.report.sources
+    share = sources[0]["rows"] / (sources[0]["rows"] + sources[1]["rows"])
+    assert 0.70 < share < 0.80
+    assert sources[0]["rows"] == 400  # sampling stops when a source runs out; no row is used twice
+    assert sum(s["tokens"] for s in sources) == prepared.report.total_tokens
+    again = prepare_data(make_recipe(train, data={"cache": False}), tokenizer)
+    assert again.train["input_ids"] == prepared.train["input_ids"]
+    other = prepare_data(make_recipe(train, data={"cache": False}, training={"seed": 1}), tokenizer)
+    assert other.train["input_ids"] != prepared.train["input_ids"]
+
+
+def test_each_source_keeps_its_own_format_and_fields(tokenizer, tmp_path):
+    """A mix of a prompt/completion file and a ShareGPT file with renamed columns trains both."""
+    qa = write_jsonl(tmp_path / "qa.jsonl", [{"q": f"red {i}", "a": "apple"} for i in range(20)])
+    chats = write_jsonl(tmp_path / "chats.jsonl", [{"conversations": [{"from": "human", "value": "blue"},
+                                                                     {"from": "gpt", "value": "sky"}]}] * 20)
+    train = [{"path": str(qa), "fields": {"prompt": "q", "completion": "a"}}, {"path": str(chats)}]
+    prepared = prepare_data(make_recipe(train), tokenizer)
+    assert {s["format"] for s in prepared.report.sources} == {"prompt-completion", "messages"}
+    answers = {trained_text(tokenizer, row) for row in prepared.train}
+    assert answers == {"apple<|im_end|>\n", "sky<|im_end|>\n"}
+
+
+def test_eval_rows_are_the_rows_training_held_out(tokenizer, tmp_path):
+    """data.eval as a fraction: evaluate gets exactly the rows preparation kept out of training."""
+    recipe = make_recipe(write_jsonl(tmp_path / "qa.jsonl", QA), data={"eval": 0.25})
+    prepared = prepare_data(recipe, tokenizer)
+    held = eval_rows(recipe)
+    assert len(held.conversations) == prepared.report.eval_examples == 3
+    trained_prompts = {tokenizer.decode(row["input_ids"]) for row in prepared.train}
+    for messages in held.conversations:
+        assert not any(messages[0]["content"] + "<|im_end|>" in text for text in trained_prompts)
+    with pytest.raises(LorafitError, match="the recipe has no eval data"):
+        eval_rows(make_recipe(tmp_path / "qa.jsonl"))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Streaming
+
+
+def test_streaming_reads_rows_on_the_fly_and_the_report_covers_the_first_rows(tokenizer, tmp_path):
+    """data.streaming: an IterableDataset of the same tokens, and a lint of the first rows."""
+    path = write_jsonl(tmp_path / "qa.jsonl", QA)
+    streamed = prepare_data(make_recipe(path, data={"streaming": True}, training={"max_steps": 2}), tokenizer)
+    whole = prepare_data(make_recipe(path), tokenizer)
+    from datasets import IterableDataset
+
+    assert isinstance(streamed.train, IterableDataset) and streamed.report.streamed
+    assert [row["input_ids"] for row in streamed.train] == whole.train["input_ids"]
+    assert streamed.report.train_examples == 12 and streamed.report.eos_trained
+
+
+def test_streaming_needs_max_steps_and_no_held_out_fraction(tmp_path):
+    """A stream has no length: the recipe says what to set instead."""
+    with pytest.raises(Exception, match="training.max_steps"):
+        make_recipe(tmp_path / "x.jsonl", data={"streaming": True})
+    with pytest.raises(Exception, match="a fraction cannot be held out of a stream"):
+        make_recipe(tmp_path / "x.jsonl", data={"streaming": True, "eval": 0.1}, training={"max_steps": 2})
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_a_streamed_run_trains(tiny_llama, tmp_path, packing):
+    """Training from a stream takes max_steps steps, lowers the loss and exports an adapter."""
+    from rich.console import Console
+
+    from lorafit.train import run_train
+
+    rows = [{"prompt": f"Color: {c}", "completion": t} for c, t in [("red", "apple"), ("blue", "sky")]] * 40
+    raw = {"name": "s", "model": {"path": str(tiny_llama)}, "adapter": {"r": 8, "dropout": 0.0},
+           "data": {"train": str(write_jsonl(tmp_path / "qa.jsonl", rows)), "streaming": True, "max_length": 32,
+                    "packing": packing},
+           "training": {"max_steps": 6, "batch_size": 4, "grad_accum": 1, "learning_rate": 1e-2, "logging_steps": 1,
+                        "warmup_ratio": 0.0, "scheduler": "constant"},
+           "output": {"dir": str(tmp_path / "run"), "report_to": ["none"]}}
+    result = run_train(validate_recipe(raw), Console(quiet=True))
+    assert result.metrics["global_step"] == 6
+    losses = [e["loss"] for e in result.metrics["loss_history"] if "loss" in e]
+    assert losses[-1] < losses[0]
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").exists()
+    assert data_cache.data_cache_dir() == Path(os.environ["LORAFIT_DATA_CACHE"])
