@@ -390,7 +390,10 @@ def _train_payload(result, recipe) -> dict[str, Any]:
         "data": {"format": result.report.format, "template": result.report.template,
                  "train_examples": result.report.train_examples, "eval_examples": result.report.eval_examples,
                  "dropped": dict(result.report.dropped), "supervised_token_share": result.report.supervised_share,
-                 "eos_trained": result.report.eos_trained,
+                 "eos_trained": result.report.eos_trained, "cache": getattr(result.report, "cache", None),
+                 "cache_path": getattr(result.report, "cache_path", None),
+                 "prepare_seconds": getattr(result.report, "prepare_seconds", None),
+                 **({"sources": result.report.sources} if getattr(result.report, "sources", None) else {}),
                  **({"label_counts": result.report.label_counts} if result.report.label_counts else {}),
                  **({"token_lengths": result.report.token_lengths, "truncated": result.report.truncated}
                     if hasattr(result.report, "token_lengths") else {})},

@@ -202,6 +202,7 @@ class _Encoder:
     max_length: int
     special_texts: tuple[str, ...]
     source_index: int = 0
+    as_lists: bool = False  # a stream hands rows to the trainer as they come out: Python ints, not int32 arrays
 
     def __call__(self, batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         import numpy as np
@@ -235,25 +236,24 @@ class _Encoder:
                 texts.append(text)
                 spans.append(row_spans)
             pending.append(i)
-        offsets_needed = fmt != "text" and self.train_on != "all"
-        encoding = tokenizer(texts, add_special_tokens=fmt == "text", return_offsets_mapping=offsets_needed) \
-            if texts else {"input_ids": []}
+        # The Rust tokenizer directly: transformers' wrapper would build offset lists for every token of every row,
+        # while the mask needs only the tokens at each span's two ends (char_to_token).
+        encodings = tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=fmt == "text") if texts else []
         eos = tokenizer.eos_token_id
-        input_ids: list[list[int]] = [[] for _ in range(n)]
-        labels: list[list[int]] = [[] for _ in range(n)]
+        empty = np.zeros(0, dtype=np.int32)
+        input_ids, labels = [empty] * n, [empty] * n
         trained, lengths, eos_trained = [0] * n, [0] * n, [False] * n
-        for j, i in enumerate(pending):
-            ids = list(encoding["input_ids"][j])
-            if fmt == "text" and eos is not None and (not ids or ids[-1] != eos):
-                ids.append(eos)  # documents end, so the model learns where
-            if not offsets_needed:
-                row_labels = np.asarray(ids, dtype=np.int64)
+        for encoding, i, row_spans in zip(encodings, pending, spans, strict=True):
+            ids = np.asarray(encoding.ids, dtype=np.int32)
+            if fmt == "text" and eos is not None and (not len(ids) or ids[-1] != eos):
+                ids = np.append(ids, np.int32(eos))  # documents end, so the model learns where
+            if row_spans is None or self.train_on == "all":
+                row_labels = ids.copy()
             else:
-                offsets = np.asarray(encoding["offset_mapping"][j], dtype=np.int64).reshape(-1, 2)
-                keep = np.zeros(len(ids), dtype=bool)
-                for start, end in spans[j]:
-                    keep |= (offsets[:, 0] < end) & (offsets[:, 1] > start)
-                row_labels = np.where(keep, np.asarray(ids, dtype=np.int64), -100)
+                row_labels = np.full(len(ids), -100, dtype=np.int32)
+                for start, end in row_spans:
+                    first, last = _token_range(encoding, start, end)
+                    row_labels[first:last] = ids[first:last]
             full_length = len(ids)
             ids, row_labels = ids[: self.max_length], row_labels[: self.max_length]
             supervised = int((row_labels != -100).sum())
@@ -261,11 +261,20 @@ class _Encoder:
                 drop[i] = ("no completion tokens left after truncation to data.max_length"
                            if full_length > self.max_length else "no trainable tokens")
                 continue
-            input_ids[i], labels[i] = ids, row_labels.tolist()
+            input_ids[i], labels[i] = (ids.tolist(), row_labels.tolist()) if self.as_lists else (ids, row_labels)
             trained[i], lengths[i] = supervised, len(ids)
             eos_trained[i] = eos is not None and bool((row_labels == eos).any())
         return {"input_ids": input_ids, "labels": labels, "_drop": drop, "_trained": trained, "_length": lengths,
                 "_eos": eos_trained, "_source": [self.source_index] * n}
+
+
+def _token_range(encoding, start: int, end: int) -> tuple[int, int]:
+    """The tokens that overlap the characters [start, end) of the encoded text, as a slice."""
+    first, last = encoding.char_to_token(start), encoding.char_to_token(end - 1)
+    if first is None or last is None:  # a character no token covers (some normalizers drop spaces): ask every token
+        inside = [t for t, (a, b) in enumerate(encoding.offsets) if a < end and b > start]
+        return (inside[0], inside[-1] + 1) if inside else (0, 0)
+    return first, last + 1
 
 
 def _encoded_features():
@@ -276,14 +285,14 @@ def _encoded_features():
                      "_eos": Value("bool"), "_source": Value("int16")})
 
 
-def _encoder(recipe: Recipe, tokenizer, source: Source, index: int = 0) -> _Encoder:
+def _encoder(recipe: Recipe, tokenizer, source: Source, index: int = 0, *, as_lists: bool = False) -> _Encoder:
     # Special tokens that a template writes (end of turn, start of turn, eos): as text inside a message they would
     # be tokenized as the real token.
     specials = {t for t in tokenizer.all_special_tokens if t and len(t) > 1}
     specials |= {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values()
                  if getattr(t, "special", False) and len(t.content) > 1}
     return _Encoder(source, tokenizer, recipe.template.train_on, recipe.template.system_prompt,
-                    recipe.data.max_length, tuple(sorted(specials)), index)
+                    recipe.data.max_length, tuple(sorted(specials)), index, as_lists)
 
 
 def _map_encoder(rows: Dataset, encoder: _Encoder, section: DataSection, cache_file: Path | None,
@@ -448,7 +457,7 @@ def _prepare_stream(recipe: Recipe, tokenizer) -> PreparedData:
         heads.append(head.map(encoder, batched=True, with_indices=True, remove_columns=head.column_names,
                               features=_encoded_features()))
         columns = columns_of(source_data.rows)
-        stream = source_data.rows.map(encoder, batched=True, batch_size=256, with_indices=True, remove_columns=columns,
+        stream = source_data.rows.map(_encoder(recipe, tokenizer, source, index, as_lists=True), batched=True, batch_size=256, with_indices=True, remove_columns=columns,
                                       features=_encoded_features())
         streams.append(stream.filter(lambda drop: not drop, input_columns="_drop"))
     import numpy as np

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lorafit.errors import LorafitError
+from lorafit.errors import LorafitError, first_line
 from lorafit.recipe import DataSection, DataSource
 
 if TYPE_CHECKING:
@@ -299,8 +299,7 @@ def _require_object(row: Any, where: str) -> None:
 
 
 def _first_line(exc: BaseException) -> str:
-    cause = exc.__cause__ or exc
-    return (str(cause).strip().splitlines() or [type(cause).__name__])[0][:200]
+    return first_line(exc.__cause__ or exc)  # datasets wraps the parser's error; its cause says what went wrong
 
 
 def _read_hub(source: Source, *, streaming: bool) -> SourceData:

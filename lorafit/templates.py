@@ -95,7 +95,7 @@ def assistant_spans(tokenizer: PreTrainedTokenizerBase, messages: Messages) -> t
         if message["role"] != "assistant":
             continue
         before = render(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
-        upto = render(tokenizer, messages[: i + 1])
+        upto = full if i == len(messages) - 1 else render(tokenizer, messages[: i + 1])
         if not (upto.startswith(before) and full.startswith(upto)):
             spans = []
             break

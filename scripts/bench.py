@@ -3,6 +3,7 @@
     python scripts/bench.py                 # SmolLM2-135M, fixed + ragged rows, ~15 min on 2 CPU cores
     python scripts/bench.py --quick         # tiny random model, ~2 min: checks the script itself
     python scripts/bench.py --include-qlora --recipe configs/quickstart.yaml --steps 12 --out bench.json
+    python scripts/bench.py --data-scale --rows 50000,500000 --stream-rows 1000000   # data path (bench_data.py)
 
 Every run is its own process (launched from here), on the same model, rows, LoRA config and batch shape:
 
@@ -194,6 +195,12 @@ def _log_step(result: dict, *, tokens: int, computed: int | None, loss: float | 
 
 def _run_as_runner(kind: str, spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
+    if kind in ("trl-data", "lorafit-data"):
+        import bench_data
+
+        runner = bench_data.runner_trl_data if kind == "trl-data" else bench_data.runner_lorafit_data
+        Path(spec["result"]).write_text(json.dumps(runner(spec)))
+        return
     result = {"hand": runner_hand, "trl": runner_trl, "peak": runner_peak, "baseline": runner_baseline}[kind](spec)
     if "step_end" in result:
         ends, tokens = result["step_end"], result["step_tokens"]
@@ -652,10 +659,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=3600, help="seconds allowed per run")
     parser.add_argument("--out", default="bench-results.json", help="JSON results file")
     parser.add_argument("--keep", action="store_true", help="keep the working folder (runs, logs, recipes)")
+    parser.add_argument("--data-scale", action="store_true", help="data-scale mode instead (scripts/bench_data.py): "
+                        "time and memory until the data is ready, lorafit vs TRL, first and cached run")
+    parser.add_argument("--rows", default="50000", help="--data-scale: comma list of row counts")
+    parser.add_argument("--stream-rows", type=int, default=0, help="--data-scale: also train 10 steps streaming a "
+                        "file of this many rows")
+    parser.add_argument("--max-length", type=int, default=1024, help="--data-scale: data.max_length / TRL max_length")
+    parser.add_argument("--workdir", help="--data-scale: where the data files and caches go (default .bench-data)")
     parser.add_argument("--runner", nargs=2, metavar=("KIND", "SPEC"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
     args.runs = [r.strip() for r in args.runs.split(",")] if args.runs else None
+    args.rows = [int(r) for r in str(args.rows).split(",") if r.strip()]
+    if args.quick and args.data_scale:
+        args.rows, args.stream_rows = [2000], args.stream_rows and 5000
     unknown = set(args.workloads) - {"fixed", "ragged"}
     if unknown:
         parser.error(f"unknown workload(s): {', '.join(sorted(unknown))}")
@@ -669,6 +686,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.runner:
         _run_as_runner(*args.runner)
+        return 0
+    if args.data_scale:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from bench_data import render_data_scale, run_data_scale
+
+        results = run_data_scale(args, {**os.environ, **ENV, "PYTHONPATH": str(ROOT)})
+        Path(args.out).write_text(json.dumps(results, indent=2, default=str))
+        render_data_scale(results)
+        print(f"results: {args.out}")
         return 0
     if args.device == "auto":
         probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.is_available())"],
