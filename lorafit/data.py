@@ -520,16 +520,17 @@ def eval_rows(recipe: Recipe, data_file: str | Path | None = None, *, labels: li
     is an error that says how to give some. Classifiers pass `labels` and get (row, class id) pairs.
     """
     section = recipe.data
+    raw = _raw_cache_dir(section)  # datasets' Arrow copy of the files, shared with training's preparation
     if data_file is not None:
-        parts = [(read_source(eval_source(section, str(data_file), f"--data: {data_file}")), None)]
+        parts = [(read_source(eval_source(section, str(data_file), f"--data: {data_file}"), cache_dir=raw), None)]
         described = str(data_file)
     elif isinstance(section.eval, str):
-        parts = [(read_source(eval_source(section, section.eval)), None)]
+        parts = [(read_source(eval_source(section, section.eval), cache_dir=raw), None)]
         described = section.eval
     elif isinstance(section.eval, float):
         parts = []
         for source in train_sources(section):
-            read = read_source(source)
+            read = read_source(source, cache_dir=raw)
             parts.append((read, _hold_out(len(read.rows), section.eval, recipe.training.seed)[1]))
         train = section.train if isinstance(section.train, str) else "data.train"
         described = f"{section.eval:g} of {train} held out (seed {recipe.training.seed})"

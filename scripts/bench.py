@@ -665,6 +665,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--stream-rows", type=int, default=0, help="--data-scale: also train 10 steps streaming a "
                         "file of this many rows")
     parser.add_argument("--max-length", type=int, default=1024, help="--data-scale: data.max_length / TRL max_length")
+    parser.add_argument("--skip-trl", action="store_true", help="--data-scale: lorafit runs only")
     parser.add_argument("--workdir", help="--data-scale: where the data files and caches go (default .bench-data)")
     parser.add_argument("--runner", nargs=2, metavar=("KIND", "SPEC"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
