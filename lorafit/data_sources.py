@@ -247,7 +247,8 @@ def _load(builder: str, paths: list[Path], options: dict[str, Any], where: str, 
     import datasets
 
     datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
+    # Its JSON reader logs a parse failure (with a traceback) before raising; the error below says it in one line.
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     try:
         return datasets.load_dataset(builder, data_files=[str(p) for p in paths], split="train", streaming=streaming,
                                      cache_dir=str(cache_dir) if cache_dir else None, **options)
