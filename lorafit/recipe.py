@@ -155,6 +155,11 @@ class DataSource(_Section):
     fields: dict[str, str] | None = Field(None, description="This source's column names; default data.fields.")
     format: DataFormat | None = Field(None, description="This source's row format; default data.format.")
 
+    @field_validator("path")
+    @classmethod
+    def _home_expanded(cls, value: str) -> str:
+        return _expand_home(value)
+
 
 class DataSection(_Section):
     train: str | list[str | DataSource] = Field(
@@ -206,8 +211,10 @@ class DataSection(_Section):
 
     @field_validator("train")
     @classmethod
-    def _home_expanded(cls, value: str | list[str]) -> str | list[str]:
-        return [_expand_home(item) for item in value] if isinstance(value, list) else _expand_home(value)
+    def _home_expanded(cls, value: str | list[str | DataSource]) -> str | list[str | DataSource]:
+        if isinstance(value, list):  # weighted entries expand their own path (DataSource._home_expanded)
+            return [_expand_home(item) if isinstance(item, str) else item for item in value]
+        return _expand_home(value)
 
     @field_validator("labels", mode="before")
     @classmethod
