@@ -679,15 +679,7 @@ def _render_eval(console: Console, result, *, quiet: bool = False) -> None:
                       pct(s.normalized_exact_match), pct(s.rouge_l), f"{s.seconds:.1f} s")
     console.print(table)
     if any(s.preference for s in result.scores):  # dpo / kto: the held-out pairs
-        table = Table(title=f"preferences on {result.scores[0].preference.pairs} held-out pairs (reward: beta x "
-                      "log-ratio to the base)", title_justify="left")
-        for column in ("model", "prefers chosen", "log-prob margin", "reward accuracy", "reward margin"):
-            table.add_column(column, justify="left" if column == "model" else "right")
-        for s in result.scores:
-            p = s.preference
-            table.add_row(s.name, pct(p.pair_accuracy), _fmt(p.logp_margin), pct(p.reward_accuracy),
-                          _fmt(p.reward_margin))
-        console.print(table)
+        _render_preferences(console, result.scores)
     if quiet:
         return
     for row in result.samples[:3]:
@@ -700,6 +692,18 @@ def _render_eval(console: Console, result, *, quiet: bool = False) -> None:
                   + (f"; chart: {result.chart_path}" if result.chart_path else "") + "[/dim]")
 
 
+def _render_preferences(console: Console, scores) -> None:
+    table = Table(title=f"preferences on {scores[0].preference.pairs} held-out pairs (reward: beta x "
+                  "log-ratio to the base)", title_justify="left")
+    for column in ("model", "prefers chosen", "log-prob margin", "reward accuracy", "reward margin"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for s in scores:
+        p = s.preference
+        table.add_row(s.name, _pct(p.pair_accuracy), _fmt(p.logp_margin), _pct(p.reward_accuracy),
+                      _fmt(p.reward_margin))
+    console.print(table)
+
+
 def _render_classification_eval(console: Console, result, *, quiet: bool = False) -> None:
     table = Table(title=f"{result.recipe}: {result.examples} eval rows from {result.data}, classes "
                   f"{', '.join(result.labels)}", title_justify="left")
@@ -709,16 +713,6 @@ def _render_classification_eval(console: Console, result, *, quiet: bool = False
         per_class = ", ".join(f"{name} {c['correct']}/{c['rows']}" for name, c in (s.per_class or {}).items())
         table.add_row(s.name, _fmt(s.loss), _pct(s.accuracy), _pct(s.f1), per_class, f"{s.seconds:.1f} s")
     console.print(table)
-    if any(s.preference for s in result.scores):  # dpo / kto: the held-out pairs
-        table = Table(title=f"preferences on {result.scores[0].preference.pairs} held-out pairs (reward: beta x "
-                      "log-ratio to the base)", title_justify="left")
-        for column in ("model", "prefers chosen", "log-prob margin", "reward accuracy", "reward margin"):
-            table.add_column(column, justify="left" if column == "model" else "right")
-        for s in result.scores:
-            p = s.preference
-            table.add_row(s.name, pct(p.pair_accuracy), _fmt(p.logp_margin), pct(p.reward_accuracy),
-                          _fmt(p.reward_margin))
-        console.print(table)
     if quiet:
         return
     for row in result.samples[:3]:

@@ -173,19 +173,20 @@ def _legacy_marker(folder: Path) -> Marker | None:
         status = "finished" if (folder / METRICS).is_file() else "interrupted"
         return Marker(folder=folder, kind="run", lorafit_version="(before lorafit.json)", created="", files=files,
                       status=status, legacy=True)
-    record = _json_or_none(folder / MERGE_RECORD)
+    record = read_json_object(folder / MERGE_RECORD)
     if record is not None and {"max_logit_diff", "base_weights", "files"} <= set(record):
         files = [str(name) for name in record["files"] if isinstance(name, str) and "/" not in name]
         return Marker(folder=folder, kind="merge", lorafit_version="(before lorafit.json)", created="",
                       files=files, status="finished", legacy=True)
-    report = _json_or_none(folder / EVAL_REPORT)
+    report = read_json_object(folder / EVAL_REPORT)
     if report is not None and {"scores", "report_path", "samples_path"} <= set(report):
         return Marker(folder=folder, kind="eval", lorafit_version="(before lorafit.json)", created="",
                       files=[EVAL_REPORT, EVAL_SAMPLES, EVAL_CHART], status="finished", legacy=True)
     return None
 
 
-def _json_or_none(path: Path) -> dict[str, Any] | None:
+def read_json_object(path: Path) -> dict[str, Any] | None:
+    """A JSON object read from `path`, or None when the file is missing, unreadable or not an object."""
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError):

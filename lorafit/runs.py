@@ -129,7 +129,7 @@ def read_run(folder: Path) -> RunInfo | None:
     recipe = _yaml_or_none(folder / run_folder.RECIPE)
     if recipe is not None:
         _from_recipe(info, recipe)
-    metrics = _json_or_none(folder / run_folder.METRICS) if status == "finished" else None
+    metrics = run_folder.read_json_object(folder / run_folder.METRICS) if status == "finished" else None
     if metrics is not None:
         _from_metrics(info, metrics)
     else:
@@ -183,7 +183,7 @@ def _from_checkpoint(info: RunInfo, folder: Path) -> None:
     from lorafit.checkpoints import complete_checkpoints
 
     checkpoints = complete_checkpoints(folder / run_folder.CHECKPOINTS)
-    state = _json_or_none(checkpoints[-1] / "trainer_state.json") if checkpoints else None
+    state = run_folder.read_json_object(checkpoints[-1] / "trainer_state.json") if checkpoints else None
     if state is None:
         return
     logged = state.get("log_history") or []
@@ -206,7 +206,7 @@ def _history(entries: list[Any]) -> list[dict[str, Any]]:
 
 
 def _from_eval_report(info: RunInfo, folder: Path) -> None:
-    report = _json_or_none(folder / run_folder.EVAL / run_folder.EVAL_REPORT)
+    report = run_folder.read_json_object(folder / run_folder.EVAL / run_folder.EVAL_REPORT)
     scores = report.get("scores") if report else None
     if not isinstance(scores, list):
         return
@@ -225,14 +225,6 @@ def _number(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return None
     return value
-
-
-def _json_or_none(path: Path) -> dict[str, Any] | None:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        return None
-    return value if isinstance(value, dict) else None
 
 
 def _yaml_or_none(path: Path) -> dict[str, Any] | None:
