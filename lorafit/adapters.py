@@ -175,12 +175,24 @@ def gradient_checkpointing_on(recipe: Recipe, *, on_gpu: bool, quantized: bool) 
     return on_gpu or quantized if setting == "auto" else bool(setting)
 
 
-def wrap_model(recipe: Recipe, model: nn.Module, *, gradient_checkpointing: bool) -> PeftModel:
+def wrap_model(recipe: Recipe, model: nn.Module, *, gradient_checkpointing: bool, precision: str = "fp32",
+               zero3: bool = False) -> PeftModel:
     """The base model frozen and wrapped with the recipe's adapter (prepared for k-bit training under QLoRA).
 
     For sequence classification PEFT's SEQ_CLS task adds the classifier head (`classifier`, or `score` on decoders)
     to modules_to_save: it is trained fully and saved with the adapter; presets never target it with LoRA.
+
+    `precision` is the compute precision (lorafit.models.Precision.name) and `zero3` says DeepSpeed ZeRO-3 partitions
+    the weights; both change how the trainable parameters are held:
+    - ZeRO-3 (not 4-bit): the adapter keeps the base model's dtype, and gradient checkpointing is reentrant. These
+      are TRL's SFTTrainer rules for PEFT under ZeRO-3 (trl/trainer/sft_trainer.py): ZeRO-3 gathers a layer's
+      parameters into one buffer of the first parameter's dtype, so fp32 adapters on a bf16 base fail at the first
+      step, and PEFT + ZeRO-3 needs reentrant checkpointing to train correctly.
+    - fp16 (not ZeRO-3, which keeps its own fp32 master weights): every trainable parameter is fp32. PEFT upcasts
+      the LoRA matrices only; a classifier head, modules_to_save copies and trained biases would stay fp16, and the
+      fp16 gradient scaler refuses them ("Attempting to unscale FP16 gradients").
     """
+    import torch
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     config = build_peft_config(recipe.adapter, model, task_type=peft_task_type(recipe.task))
@@ -188,16 +200,27 @@ def wrap_model(recipe: Recipe, model: nn.Module, *, gradient_checkpointing: bool
     if start is not None:
         _check_same_adapter(start, config)
         check_adapter_fits(start, model, model.config, source=model.config.name_or_path or recipe.model.path)
-    if recipe.quantization is not None:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    quantized = recipe.quantization is not None
+    checkpointing = {"use_reentrant": zero3}
+    if quantized:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                                gradient_checkpointing_kwargs=checkpointing)
     elif gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
         model.enable_input_require_grads()
+    autocast = not (zero3 and not quantized)
     if start is not None:
         from peft import PeftModel
 
-        return PeftModel.from_pretrained(model, str(start.path), is_trainable=True)
-    return get_peft_model(model, config)
+        wrapped = PeftModel.from_pretrained(model, str(start.path), is_trainable=True,
+                                            autocast_adapter_dtype=autocast)
+    else:
+        wrapped = get_peft_model(model, config, autocast_adapter_dtype=autocast)
+    if precision == "fp16" and not zero3:
+        for parameter in wrapped.parameters():
+            if parameter.requires_grad and parameter.dtype != torch.float32:
+                parameter.data = parameter.data.float()
+    return wrapped
 
 
 def _check_same_adapter(start: TrainedAdapter, config: PeftConfig) -> None:

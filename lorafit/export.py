@@ -31,10 +31,13 @@ if TYPE_CHECKING:
 
 
 def export_run(run_dir: Path, model: PeftModel, tokenizer: PreTrainedTokenizerBase, recipe: Recipe,
-               metrics: TrainMetrics, notes: list[str] | None = None) -> Path:
+               metrics: TrainMetrics, notes: list[str] | None = None, *,
+               state_dict: dict | None = None) -> Path:
     """Write adapter, recipe, loss chart, metrics and model card into the run folder; returns the adapter folder.
 
-    A chart that cannot be drawn is a warning appended to `notes`, never a failed export.
+    A chart that cannot be drawn is a warning appended to `notes`, never a failed export. `state_dict` is the
+    gathered state of a sharded model (lorafit.distributed.gathered_state_dict): FSDP and ZeRO-3 leave each rank
+    only a slice of every weight, so the adapter is saved from it instead of the model's own tensors.
     """
     import shutil
 
@@ -46,7 +49,8 @@ def export_run(run_dir: Path, model: PeftModel, tokenizer: PreTrainedTokenizerBa
                                                  run_folder.MODEL_CARD, run_folder.METRICS, run_folder.LOSS_CHART])
     shutil.rmtree(staging, ignore_errors=True)
     # Only the trained adapter: a preference run may also hold TRL's frozen reference copy ("ref").
-    model.save_pretrained(staging, safe_serialization=True, selected_adapters=[model.active_adapter])
+    model.save_pretrained(staging, safe_serialization=True, selected_adapters=[model.active_adapter],
+                          state_dict=state_dict)
     tokenizer.save_pretrained(staging)
     if adapter_dir.exists():
         shutil.rmtree(adapter_dir)

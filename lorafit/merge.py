@@ -89,6 +89,7 @@ class MergeResult:
     labels: list[str] | None = None  # sequence classification: the class names, in id order
     format: str = "safetensors"  # safetensors | gguf | gguf-adapter
     gguf: GgufReport | GgufAdapterReport | None = None  # GGUF formats: the file, its type and how it was verified
+    device: str = "cpu"  # where the base was loaded and merged: cpu, or cuda:N when the model fits the GPU
 
 
 @dataclass
@@ -104,6 +105,7 @@ class _Adapters:
     method: str
     density: float
     classifier: dict | None  # models.classifier_config for a sequence-classification adapter
+    device: str = "cpu"  # where the full base is loaded (merge_device)
 
     @property
     def combine(self) -> bool:
@@ -113,7 +115,7 @@ class _Adapters:
     def on_full_base(self) -> PeftModel:
         """The 16/32-bit base as stored on disk, with the adapter(s) attached."""
         return self.attached_to(_load_full(self.model_class, self.section, self.source, self.dtype,
-                                           self.classifier))
+                                           self.classifier, self.device))
 
     def attached_to(self, base) -> PeftModel:
         """`base` with the adapter(s) attached (combined into one named 'default' when several)."""
@@ -173,14 +175,21 @@ def run_merge(specs: list[AdapterSpec], out_dir: str | Path, *, base: str | None
             adapter, trust_remote_code=section.trust_remote_code)
         adapters.check_adapter_fits(adapter, meta_model, config, source=source, tokenizer=own)
     model_class = type(meta_model)
+    parameter_count = sum(p.numel() for p in meta_model.parameters())
     del meta_model
     torch_dtype = _torch_dtype(dtype, config)
     dtype_name = str(torch_dtype).removeprefix("torch.")
+    if fmt == "safetensors":
+        device, device_reason = merge_device(parameter_count, torch_dtype)
+    else:  # the GGUF exporters read and write the weights in host memory
+        device, device_reason = "cpu", f"{fmt} export"
+    notes.append(f"merged on {device} ({device_reason})")
     prompts = _verification_prompts(trained[0], tokenizer, notes, classify=labels is not None)
     classifier = _classifier_head(labels, tokenizer, trained[0]) if labels is not None else None
 
     # 2. One base copy with the adapter(s) attached, unmerged; for QLoRA the base weights are chosen here.
-    sources = _Adapters(trained, specs, section, source, model_class, torch_dtype, method, density, classifier)
+    sources = _Adapters(trained, specs, section, source, model_class, torch_dtype, method, density, classifier,
+                        device)
     quantized = [t for t in trained if t.quantized]
     if quantized and not as_adapter:
         model, reference, chosen = _qlora_base(sources, quantized[0], prompts, base_weights)
@@ -239,7 +248,7 @@ def run_merge(specs: list[AdapterSpec], out_dir: str | Path, *, base: str | None
             max_logit_diff=max_diff, tolerance=tolerance, top1_agreement=top1, adapter_effect=effect,
             prompts=len(prompts), files=[], peak_memory_mb=models.peak_memory_mb(_device()), seconds=0.0, notes=notes,
             task="sequence-classification" if labels is not None else "causal-lm", labels=labels, format=fmt,
-            gguf=gguf,
+            gguf=gguf, device=device,
         )
         result.seconds = time.perf_counter() - started
         result.files = sorted({*(p.name for p in staging.iterdir()), run_folder.MODEL_CARD, run_folder.MERGE_RECORD})
@@ -452,17 +461,39 @@ def _classifier_prompts(adapter: TrainedAdapter, tokenizer: PreTrainedTokenizerB
 # Models
 
 
-def _load_full(model_class, section: ModelSection, source: str, dtype: torch.dtype, classifier: dict | None = None):
-    """The base model in 16/32-bit as stored on disk (safetensors unless pickles are allowed).
+def merge_device(parameter_count: int, dtype: torch.dtype) -> tuple[str, str]:
+    """Where to merge: the current GPU when there is one and the model fits its free memory, else the CPU; and why.
+
+    Merging is one addition per adapted weight, memory-bound: on a GPU it takes seconds where a CPU takes minutes,
+    and the verification forward passes run there too. The 25% margin covers the adapter, the delta being added
+    and the verification activations; a model that does not fit is merged in host memory, as before.
+    """
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu", "no GPU"
+    index = torch.cuda.current_device()
+    free, _total = torch.cuda.mem_get_info(index)
+    needed = parameter_count * torch.empty((), dtype=dtype).element_size() * 1.25
+    name = torch.cuda.get_device_name(index)
+    if needed <= free:
+        return f"cuda:{index}", f"{name}, {free / 2**30:.1f} GiB free for a {needed / 2**30:.1f} GiB need"
+    return "cpu", f"the model needs {needed / 2**30:.1f} GiB with margin, {name} has {free / 2**30:.1f} GiB free"
+
+
+def _load_full(model_class, section: ModelSection, source: str, dtype: torch.dtype, classifier: dict | None = None,
+               device: str = "cpu"):
+    """The base model in 16/32-bit as stored on disk (safetensors unless pickles are allowed), on `device`.
 
     `classifier` (models.classifier_config) gives a sequence classifier its classes and pad id; a head of another
     size in the checkpoint is replaced by a fresh one, as in training.
     """
     head = {**classifier, "ignore_mismatched_sizes": True} if classifier else {}
+    placement = {"device_map": {"": device}} if device != "cpu" else {}
     try:
         return model_class.from_pretrained(
             source, revision=section.revision, trust_remote_code=section.trust_remote_code, dtype=dtype,
-            use_safetensors=None if section.allow_pickle_weights else True, **head,
+            use_safetensors=None if section.allow_pickle_weights else True, **head, **placement,
         )
     except (OSError, ValueError) as exc:
         raise LorafitError(f"cannot load the base model: {first_line(exc)}",

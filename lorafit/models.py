@@ -272,11 +272,14 @@ def generation_stop_ids(recipe: Recipe, source: str) -> set[int]:
 
 
 def load_base_model(recipe: Recipe, source: str, precision: Precision, *,
-                    pad_token_id: int | None = None) -> PreTrainedModel:
+                    pad_token_id: int | None = None, sharded: bool = False) -> PreTrainedModel:
     """The base model for training, quantized with bitsandbytes when the recipe has a quantization section.
 
     For task sequence-classification it is loaded with a classifier head for `recipe.data.labels` (fresh when the
-    checkpoint has none or one of another size), and `pad_token_id` must be the tokenizer's pad id.
+    checkpoint has none or one of another size), and `pad_token_id` must be the tokenizer's pad id. `sharded` says
+    that FSDP or ZeRO-3 will split the weights across processes (see lorafit/distributed.py); call this after the
+    training arguments exist, so that under ZeRO-3 transformers builds the model partitioned and reads the
+    checkpoint on rank 0 only.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, BitsAndBytesConfig
@@ -301,7 +304,7 @@ def load_base_model(recipe: Recipe, source: str, precision: Precision, *,
             kwargs["quantization_config"] = BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type=quant.quant_type,
                 bnb_4bit_use_double_quant=quant.double_quant, bnb_4bit_compute_dtype=compute,
-                llm_int8_skip_modules=skip,
+                llm_int8_skip_modules=skip, **quant_storage(compute, sharded=sharded),
             )
         else:
             kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
@@ -324,6 +327,16 @@ def load_base_model(recipe: Recipe, source: str, precision: Precision, *,
         raise LorafitError(first_line(exc), where=f"model.path: {section.path}") from None
     model.config.use_cache = False  # the KV cache is useless in training and costs memory
     return model
+
+
+def quant_storage(compute_dtype: torch.dtype, *, sharded: bool) -> dict:
+    """BitsAndBytesConfig's storage dtype for 4-bit weights: the compute dtype when FSDP / ZeRO-3 shard them.
+
+    bitsandbytes packs 4-bit weights into uint8 by default; FSDP2 can only shard floating-point tensors, so accelerate
+    leaves uint8-packed weights whole on every GPU (a warning, and no memory saved). Packed into the compute dtype
+    they shard like any other weight; the FSDP-QLoRA recipe of PEFT and bitsandbytes does the same.
+    """
+    return {"bnb_4bit_quant_storage": compute_dtype} if sharded else {}
 
 
 def classifier_config(labels: list[str] | None, pad_token_id: int | None) -> dict:

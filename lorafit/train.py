@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from lorafit.data import DataReport, PreparedData
+    from lorafit.distributed import Layout
     from lorafit.models import Precision
 
 # What TRL's DPO / KTO trainers log about the implicit rewards (KTO has no accuracies), kept in metrics.json.
@@ -49,6 +50,8 @@ class TrainMetrics:
     peak_memory_mb: float
     precision: str
     device: str
+    device_kind: str  # the GPU model, or "cpu: <model name>" (lorafit.distributed.device_kind)
+    distributed: dict[str, Any]  # strategy as run, world_size, per_device_batch, grad_accum, global_batch
     seed: int
     trainable_params: int
     total_params: int
@@ -197,11 +200,13 @@ class _PreparedRun:
     model: PeftModel
     gradient_checkpointing: bool
     checkpoint: Path | None  # --resume: the checkpoint training continues from
+    args: Any  # the HF TrainingArguments (None for a dry run)
+    layout: Layout  # how the launcher spread the run over processes
 
 
 def _prepare(recipe: Recipe, *, resume: bool, dry_run: bool) -> _PreparedRun:
     """Everything a dry run checks and shows: precision, tokenizer, data, the resume check, the wrapped model."""
-    from lorafit import adapters, checkpoints, data
+    from lorafit import adapters, checkpoints, data, distributed
 
     notes: list[str] = []
     # 1. Everything that can be checked without loading weights.
@@ -232,32 +237,42 @@ def _prepare(recipe: Recipe, *, resume: bool, dry_run: bool) -> _PreparedRun:
         checkpoint, resume_notes = checkpoints.check_resume(recipe, prepared.report.fingerprint)
         notes.extend(resume_notes)
 
-    # 3. The model, wrapped with the adapter.
+    # 3. The training arguments, which set up the process group under torchrun / accelerate launch, then the model,
+    # wrapped with the adapter: the layout decides how it loads and is wrapped, and under ZeRO-3 transformers
+    # partitions the weights as they load only when the arguments already exist (lorafit/distributed.py).
     gradient_checkpointing = adapters.gradient_checkpointing_on(recipe, on_gpu=precision.device == "cuda",
                                                                 quantized=recipe.quantization is not None)
+    args, layout = None, distributed.Layout("none", 1)
+    if not dry_run:
+        args = _training_arguments(recipe, prepared, precision)
+        layout = distributed.read_layout(args)
+        if layout.strategy != "none":
+            notes.append(f"distributed: {layout.strategy} over {layout.world_size} processes")
     # The adapter's random init (LoRA A) and a new classifier head (sequence classification, created as the model
     # loads) must follow the recipe's seed too, not only the data order: the Trainer seeds only when it is built.
     from transformers import set_seed
 
     set_seed(recipe.training.seed)
-    base = models.load_base_model(recipe, source, precision, pad_token_id=tokenizer.pad_token_id)
-    model = adapters.wrap_model(recipe, base, gradient_checkpointing=gradient_checkpointing)
+    base = models.load_base_model(recipe, source, precision, pad_token_id=tokenizer.pad_token_id,
+                                  sharded=layout.shards_weights)
+    model = adapters.wrap_model(recipe, base, gradient_checkpointing=gradient_checkpointing, precision=precision.name,
+                                zero3=layout.zero3)
     trainable, total = model.get_nb_trainable_parameters()
     targets = sorted(getattr(model.peft_config["default"], "target_modules", None) or [])
-    if _one_packed_row_per_forward(recipe, model):
+    if _one_packed_row_per_forward(recipe):
         notes.append(f"packing: one packed row per forward pass ({model.config._attn_implementation} attention has no "
                      f"variable-length kernel); {recipe.training.batch_size} rows are accumulated per step")
     result = TrainResult(recipe.run_dir, precision, prepared.report, trainable, total, targets, dry_run, notes=notes,
                          recipe=recipe)
-    return _PreparedRun(result, source, tokenizer, prepared, model, gradient_checkpointing, checkpoint)
+    return _PreparedRun(result, source, tokenizer, prepared, model, gradient_checkpointing, checkpoint, args, layout)
 
 
 def _fit_and_export(run: _PreparedRun, console: Console, *, replace: bool, quiet: bool, resume_command: str,
                     started: float) -> None:
     """Train (atomic checkpoints, clean Ctrl-C, out-of-memory / disk-full explained), then write the run folder;
     `run.result.metrics` is filled in."""
-    from lorafit import checkpoints, export
-    from lorafit.trainer import ThroughputMeter, explained_failures, fit, nonfinite_parameters
+    from lorafit import checkpoints, distributed, export
+    from lorafit.trainer import ThroughputMeter, explained_failures, fit, nonfinite_parameters, on_any_rank
 
     result, recipe = run.result, run.result.recipe
     run_dir = recipe.run_dir
@@ -268,7 +283,7 @@ def _fit_and_export(run: _PreparedRun, console: Console, *, replace: bool, quiet
         # Written now, not only at export: `lorafit train runs/x/recipe.yaml --overwrite` must not lose the file it
         # runs from if training then fails, and an interrupted run can be resumed from its own folder.
         run_folder.write_atomic(run_dir / run_folder.RECIPE, dump_recipe(recipe))
-    trainer = _build_trainer(recipe, run.model, run.tokenizer, run.data, result.precision, console, quiet=quiet)
+    trainer = _build_trainer(recipe, run.model, run.tokenizer, run.data, run.args, console, quiet=quiet)
     throughput = ThroughputMeter()
     trainer.add_callback(throughput)
     explained = functools.partial(explained_failures, recipe, gradient_checkpointing=run.gradient_checkpointing,
@@ -278,17 +293,24 @@ def _fit_and_export(run: _PreparedRun, console: Console, *, replace: bool, quiet
         output = fit(trainer, recipe, resume_from=run.checkpoint, resume_command=resume_command)
         train_seconds = time.perf_counter() - train_started
     nonfinite = nonfinite_parameters(run.model)
-    if nonfinite:
-        raise RunFailed(f"the trained weights hold NaN/inf ({', '.join(nonfinite[:3])}); no adapter was exported",
+    if on_any_rank(bool(nonfinite), trainer.args):
+        raise RunFailed(f"the trained weights hold NaN/inf ({', '.join(nonfinite[:3]) or 'on another rank'}); "
+                        "no adapter was exported",
                         where="training", hint=f"lower training.learning_rate (now {recipe.training.learning_rate:g}); "
                         f"{checkpoints.last_saved(run_dir)}")
 
     # 5. Export the run folder.
-    result.metrics = _measured(result, recipe, run.source, trainer, output, throughput, train_seconds=train_seconds,
-                               wall_seconds=time.perf_counter() - started)
+    result.metrics = _measured(result, recipe, run.source, trainer, output, throughput, run.layout,
+                               train_seconds=train_seconds, wall_seconds=time.perf_counter() - started)
+    if result.metrics.distributed["strategy"] != run.layout.strategy:
+        result.notes.append(f"warning: the launcher asked for {run.layout.strategy}, but the trainer ran "
+                            f"{result.metrics.distributed['strategy']}")
+    # Sharded weights (FSDP, ZeRO-3) are gathered by every rank together; rank 0 alone writes the run folder.
+    adapter_state = distributed.gathered_state_dict(trainer.model, trainer)
     if trainer.is_world_process_zero():
         with explained():
-            export.export_run(run_dir, run.model, run.tokenizer, recipe, result.metrics, notes=result.notes)
+            export.export_run(run_dir, run.model, run.tokenizer, recipe, result.metrics, notes=result.notes,
+                              state_dict=adapter_state)
 
 
 def check_run_dir(recipe: Recipe, *, resume: bool, overwrite: bool, dry_run: bool) -> bool:
@@ -357,7 +379,7 @@ def _prepare_run_dir(run_dir: Path, *, replace: bool) -> None:
     run_folder.write_marker(run_dir, "run", files=[run_folder.RECIPE, run_folder.CHECKPOINTS], status="running")
 
 
-def _one_packed_row_per_forward(recipe: Recipe, model) -> bool:
+def _one_packed_row_per_forward(recipe: Recipe) -> bool:
     """Packing without a variable-length attention kernel: each forward pass takes one packed row.
 
     TRL's padding-free collator concatenates a batch's packed rows into one long row. FlashAttention splits it at
@@ -366,22 +388,19 @@ def _one_packed_row_per_forward(recipe: Recipe, model) -> bool:
     linear layers. One row per forward keeps attention at max_length^2, and accumulating batch_size rows per
     optimizer step keeps the step the same (docs/performance.md).
     """
-    return recipe.data.packing and "flash" not in str(getattr(model.config, "_attn_implementation", "") or "")
+    # model.attn_implementation "auto" never picks FlashAttention (transformers chooses SDPA, else eager).
+    return recipe.data.packing and "flash" not in recipe.model.attn_implementation
 
 
-def _build_trainer(recipe: Recipe, model, tokenizer, prepared, precision: Precision, console: Console, *,
-                   quiet: bool):
-    from transformers import DataCollatorWithPadding, PrinterCallback
-
+def _training_arguments(recipe: Recipe, prepared, precision: Precision):
+    """The task's HF TrainingArguments (SFTConfig, DPOConfig...) of the recipe; creating them sets up distributed
+    state (the process group under torchrun / accelerate launch)."""
     from lorafit import checkpoints
-    from lorafit.progress import ProgressCallback
-    from lorafit.trainer import EvaluateAtEnd
 
-    classify = recipe.task == "sequence-classification"
-    arguments, trainer_class, task_options = _task_trainer(recipe)
+    arguments, _trainer_class, task_options = _task_trainer(recipe)
     t = recipe.training
-    row_per_forward = _one_packed_row_per_forward(recipe, model)
-    report_to, callbacks = _trackers(recipe)
+    row_per_forward = _one_packed_row_per_forward(recipe)
+    report_to = _trackers(recipe)
     options = dict(
         # Checkpoints are written into a staging folder and renamed into place once complete; HF's rotation
         # (which deletes any checkpoint-* it finds) is off: trainer.fit rotates only lorafit's own.
@@ -427,7 +446,20 @@ def _build_trainer(recipe: Recipe, model, tokenizer, prepared, precision: Precis
         # default costs an extra autograd traversal per step under DDP.
         ddp_find_unused_parameters=False,
     )
-    args = arguments(**(options | task_options))  # a task's own setting wins (KTO reads its rows in order)
+    return arguments(**(options | task_options))  # a task's own setting wins (KTO reads its rows in order)
+
+
+def _build_trainer(recipe: Recipe, model, tokenizer, prepared, args, console: Console, *, quiet: bool):
+    """The task's trainer over the wrapped model, with `args` from `_training_arguments`."""
+    from transformers import DataCollatorWithPadding, PrinterCallback
+
+    from lorafit.progress import ProgressCallback
+    from lorafit.trainer import EvaluateAtEnd
+
+    classify = recipe.task == "sequence-classification"
+    _arguments, trainer_class, _task_options = _task_trainer(recipe)
+    t = recipe.training
+    callbacks = _tensorboard_callbacks(recipe)
     callbacks.append(ProgressCallback(console, quiet=quiet))
     if prepared.eval is not None:
         callbacks.append(EvaluateAtEnd())
@@ -489,33 +521,41 @@ def _classification_metrics(prediction) -> dict[str, float]:
     return classification_scores(logits.argmax(-1).tolist(), prediction.label_ids.tolist())
 
 
-def _trackers(recipe: Recipe) -> tuple[list[str], list]:
-    """report_to for HF, with tensorboard written to <run>/logs by our own callback instance."""
+def _trackers(recipe: Recipe) -> list[str]:
+    """report_to for HF: the recipe's trackers, with tensorboard left to `_tensorboard_callbacks`."""
     import importlib.util
 
     wanted = recipe.output.report_to
     if wanted == "auto":
         wanted = ["tensorboard"] if importlib.util.find_spec("tensorboard") else []
     wanted = [w for w in wanted if w != "none"]
-    callbacks = []
-    if "tensorboard" in wanted:
-        if importlib.util.find_spec("tensorboard") is None:
-            raise LorafitError("tensorboard is not installed", where="output.report_to",
-                               hint="pip install tensorboard, or set report_to: [none]")
-        from torch.utils.tensorboard import SummaryWriter
-        from transformers.integrations import TensorBoardCallback
-
-        if models.is_main_process():
-            run_folder.update_marker(recipe.run_dir, add_files=[run_folder.LOGS])  # listed before it is written
-            callbacks.append(TensorBoardCallback(tb_writer=SummaryWriter(str(recipe.run_dir / run_folder.LOGS))))
-        wanted = [w for w in wanted if w != "tensorboard"]
-    return wanted or ["none"], callbacks
+    if "tensorboard" in wanted and importlib.util.find_spec("tensorboard") is None:
+        raise LorafitError("tensorboard is not installed", where="output.report_to",
+                           hint="pip install tensorboard, or set report_to: [none]")
+    return [w for w in wanted if w != "tensorboard"] or ["none"]
 
 
-def _measured(result: TrainResult, recipe: Recipe, source: str, trainer, output, throughput, *,
+def _tensorboard_callbacks(recipe: Recipe) -> list:
+    """Our own TensorBoardCallback writing to <run>/logs, on the main process only (one event file, not one per
+    process). Built with the trainer, once the run folder is claimed: its marker lists logs/ before it is written."""
+    import importlib.util
+
+    wanted = recipe.output.report_to
+    if wanted == "auto":
+        wanted = ["tensorboard"] if importlib.util.find_spec("tensorboard") else []
+    if "tensorboard" not in wanted or not models.is_main_process():
+        return []
+    from torch.utils.tensorboard import SummaryWriter
+    from transformers.integrations import TensorBoardCallback
+
+    run_folder.update_marker(recipe.run_dir, add_files=[run_folder.LOGS])  # listed before it is written
+    return [TensorBoardCallback(tb_writer=SummaryWriter(str(recipe.run_dir / run_folder.LOGS)))]
+
+
+def _measured(result: TrainResult, recipe: Recipe, source: str, trainer, output, throughput, layout: Layout, *,
               train_seconds: float, wall_seconds: float) -> TrainMetrics:
     """The finished run's TrainMetrics, from the trainer's log history and state."""
-    from lorafit import export
+    from lorafit import distributed, export
 
     history, state, report = trainer.state.log_history, trainer.state, result.report
     history_keys = ("loss", "eval_loss", "eval_accuracy", "eval_f1", "learning_rate", "grad_norm",
@@ -540,6 +580,8 @@ def _measured(result: TrainResult, recipe: Recipe, source: str, trainer, output,
         peak_memory_mb=models.peak_memory_mb(result.precision.device),
         precision=result.precision.name,
         device=result.precision.device,
+        device_kind=distributed.device_kind(result.precision.device),
+        distributed=distributed.run_record(trainer, layout),
         seed=recipe.training.seed,
         trainable_params=result.trainable_params,
         total_params=result.total_params,

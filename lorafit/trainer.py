@@ -113,11 +113,16 @@ class KTOTrainer(NonFiniteGuard, AdapterReference, trl.KTOTrainer):
 
 
 def nonfinite_parameters(model: nn.Module) -> list[str]:
-    """Names of trainable parameters holding NaN/inf (empty when all are finite)."""
+    """Names of trainable parameters holding NaN/inf (empty when all are finite).
+
+    A sharded parameter (FSDP2 DTensor) is checked on this rank's shard: combine the answer across ranks with
+    `on_any_rank`, so every rank stops together.
+    """
     import torch
 
     with torch.no_grad():
-        return [name for name, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+        return [name for name, p in model.named_parameters()
+                if p.requires_grad and not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -219,16 +224,16 @@ class _CheckpointGuard(transformers.TrainerCallback):
         self.in_nonfinite_streak = in_nonfinite_streak
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        if _on_any_rank(self.stop.count > 0, args):
+        if on_any_rank(self.stop.count > 0, args):
             control.should_save = True
             control.should_training_stop = True
-        if control.should_save and _on_any_rank(self.in_nonfinite_streak(), args):
+        if control.should_save and on_any_rank(self.in_nonfinite_streak(), args):
             control.should_save = False  # the last good checkpoint is the one from before the NaN/inf losses
         if control.should_save and model is not None:
             bad = nonfinite_parameters(model)
-            if bad:
+            if on_any_rank(bool(bad), args):
                 raise RunFailed(
-                    f"the weights became NaN/inf by step {state.global_step} ({bad[0]}"
+                    f"the weights became NaN/inf by step {state.global_step} ({bad[0] if bad else 'on another rank'}"
                     f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}); not saved, "
                     f"{checkpoints.last_saved(self.folder.parent)}, no adapter was exported",
                     where="training", hint=f"lower training.learning_rate (now {args.learning_rate:g}) or "
@@ -244,8 +249,11 @@ class _CheckpointGuard(transformers.TrainerCallback):
         _barrier()
 
 
-def _on_any_rank(flag: bool, args) -> bool:
-    """True on every rank when it is true on one, so all ranks stop at the same step (no hang in DDP/FSDP)."""
+def on_any_rank(flag: bool, args) -> bool:
+    """True on every rank when it is true on one, so all ranks stop at the same step (no hang in DDP/FSDP).
+
+    Every rank must call it (one all-reduce).
+    """
     import torch
     import torch.distributed as dist
 

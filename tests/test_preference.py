@@ -113,7 +113,7 @@ def test_the_reference_is_the_adapter_switched_off_not_a_second_model(tiny_llama
     disabled, in the same weights (no parameter outside the base model and its adapter)."""
     from lorafit import adapters, models, preference_data
     from lorafit.recipe import validate_recipe as validate
-    from lorafit.train import _build_trainer
+    from lorafit.train import _build_trainer, _training_arguments
 
     pairs = write_pairs(tmp_path / "pairs.jsonl", 16)
     recipe = validate(preference_recipe(tiny_llama, pairs, tmp_path / "run"))
@@ -123,7 +123,8 @@ def test_the_reference_is_the_adapter_switched_off_not_a_second_model(tiny_llama
     base = models.load_base_model(recipe, str(tiny_llama), precision, pad_token_id=tokenizer.pad_token_id)
     model = adapters.wrap_model(recipe, base, gradient_checkpointing=False)
     base_params = {id(p) for p in base.parameters()}
-    trainer = _build_trainer(recipe, model, tokenizer, prepared, precision, QUIET, quiet=True)
+    args = _training_arguments(recipe, prepared, precision)
+    trainer = _build_trainer(recipe, model, tokenizer, prepared, args, QUIET, quiet=True)
     assert trainer.ref_model is None
     assert list(trainer.model.peft_config) == ["default"]
     assert {id(p) for p in trainer.model.parameters()} == base_params  # one set of weights, nothing copied
@@ -137,7 +138,7 @@ def test_init_adapter_reference_copies_only_the_adapter(tiny_llama, tmp_path):
     """reference: init-adapter starts from adapter.init_from and keeps a frozen copy of it as the reference: the
     copy is adapter-sized and not trained, the exported adapter holds only the trained one."""
     from lorafit import adapters, models, preference_data
-    from lorafit.train import _build_trainer
+    from lorafit.train import _build_trainer, _training_arguments
 
     pairs = write_pairs(tmp_path / "pairs.jsonl", 16)
     first = run_train(validate_recipe(preference_recipe(tiny_llama, pairs, tmp_path / "first",
@@ -150,7 +151,8 @@ def test_init_adapter_reference_copies_only_the_adapter(tiny_llama, tmp_path):
     prepared = preference_data.prepare_preference_data(recipe, tokenizer)
     base = models.load_base_model(recipe, str(tiny_llama), precision, pad_token_id=tokenizer.pad_token_id)
     model = adapters.wrap_model(recipe, base, gradient_checkpointing=False)
-    trainer = _build_trainer(recipe, model, tokenizer, prepared, precision, QUIET, quiet=True)
+    args = _training_arguments(recipe, prepared, precision)
+    trainer = _build_trainer(recipe, model, tokenizer, prepared, args, QUIET, quiet=True)
     assert trainer.ref_model is None and sorted(trainer.model.peft_config) == ["default", "ref"]
     ref = {n: p for n, p in trainer.model.named_parameters() if ".ref." in n}
     default = {n: p for n, p in trainer.model.named_parameters() if ".default." in n}
