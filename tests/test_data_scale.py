@@ -328,8 +328,8 @@ def test_a_streamed_run_trains(tiny_llama, tmp_path, packing):
                         "warmup_ratio": 0.0, "scheduler": "constant"},
            "output": {"dir": str(tmp_path / "run"), "report_to": ["none"]}}
     result = run_train(validate_recipe(raw), Console(quiet=True))
-    assert result.metrics["global_step"] == 6
-    losses = [e["loss"] for e in result.metrics["loss_history"] if "loss" in e]
+    assert result.metrics.global_step == 6
+    losses = [e["loss"] for e in result.metrics.loss_history if "loss" in e]
     assert losses[-1] < losses[0]
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").exists()
     assert data_cache.data_cache_dir() == Path(os.environ["LORAFIT_DATA_CACHE"])
