@@ -90,12 +90,12 @@ def test_dpo_moves_the_adapter_and_the_chosen_answers_gain_on_the_rejected(dpo_r
 
     from lorafit.preference_data import eval_examples
     from lorafit.preference_eval import answer_logps
-    from lorafit.data import read_rows
 
     weights = adapter_weights(dpo_run["run"])
     assert any(name.endswith("lora_B.weight") and value.abs().sum() > 0 for name, value in weights.items())
     tokenizer = AutoTokenizer.from_pretrained(dpo_run["run"] / "adapter")
-    pairs, _ = eval_examples(dpo_run["recipe"], tokenizer, read_rows(str(dpo_run["pairs"]), dpo_run["recipe"].data)[0])
+    rows = [json.loads(line) for line in dpo_run["pairs"].read_text().splitlines() if line.strip()]
+    pairs, _ = eval_examples(dpo_run["recipe"], tokenizer, rows)
     base = AutoModelForCausalLM.from_pretrained(dpo_run["model"])
     before = answer_logps(base, pairs, tokenizer, 8)
     after = answer_logps(PeftModel.from_pretrained(base, dpo_run["run"] / "adapter"), pairs, tokenizer, 8)
@@ -196,7 +196,7 @@ def test_dpo_resume_equals_an_uninterrupted_run(dpo_run, tmp_path, monkeypatch):
         run_train(recipe, QUIET)
     monkeypatch.undo()
     resumed = run_train(recipe, QUIET, resume=True)
-    assert resumed.metrics["global_step"] == 8
+    assert resumed.metrics.global_step == 8
     expected, got = adapter_weights(dpo_run["run"]), adapter_weights(tmp_path / "run")
     assert expected.keys() == got.keys()
     for name in expected:
@@ -210,7 +210,7 @@ def test_kto_trains_on_labelled_answers(tiny_llama, tmp_path):
     result = run_train(recipe, QUIET)
     assert result.report.format == "prompt/completion/label"
     assert result.report.desirable + result.report.undesirable == 36 and result.report.desirable > 10
-    assert result.metrics["preference"]["eval_rewards/margins"] > 0
+    assert result.metrics.preference["eval_rewards/margins"] > 0
 
 
 # ----------------------------------------------------------------------------------------------------
