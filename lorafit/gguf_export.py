@@ -520,14 +520,8 @@ def _check_tokenizer_transformers(path: Path, tokenizer: PreTrainedTokenizerBase
         notes.append(f"transformers does not rebuild llama.cpp's {pre!r} pre-tokenizer; its token check used the "
                      "training tokenizer's splitting")
     for text in texts:
-        want = tokenizer(text)["input_ids"]
-        got = loaded(text)["input_ids"]
-        if got != want:
-            first = next((i for i, (g, w) in enumerate(zip(got, want)) if g != w), min(len(got), len(want)))
-            raise RunFailed(f"GGUF verification failed: the tokenizer read back from {GGUF_FILE} splits {text[:40]!r} "
-                            f"differently (first difference at token {first}: {got[first:first + 3]} vs "
-                            f"{want[first:first + 3]}); nothing was written", where=str(path.parent),
-                            hint="report this with --debug output")
+        _require_same_tokens(f"the tokenizer read back from {GGUF_FILE}", text, loaded(text)["input_ids"],
+                             tokenizer(text)["input_ids"], path)
     if (loaded.chat_template or None) != (tokenizer.chat_template or None):
         raise RunFailed(f"GGUF verification failed: the chat template read back from {GGUF_FILE} differs from the "
                         "training one; nothing was written", where=str(path.parent))
@@ -573,14 +567,9 @@ def _check_llama_cpp(path: Path, model, tokenizer: PreTrainedTokenizerBase, text
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=max(map(len, prompts), default=0) + _GENERATION_TOKENS + 64,
                           n_threads=2, verbose=False, seed=0)
     for text in texts:
-        want = tokenizer(text)["input_ids"]
-        got = llm.tokenize(text.encode("utf-8"), add_bos=_adds_bos(tokenizer), special=True)
-        if got != want:
-            first = next((i for i, (g, w) in enumerate(zip(got, want)) if g != w), min(len(got), len(want)))
-            raise RunFailed(f"GGUF verification failed: llama.cpp splits {text[:40]!r} differently from the training "
-                            f"tokenizer (first difference at token {first}: {got[first:first + 3]} vs "
-                            f"{want[first:first + 3]}); nothing was written", where=str(path.parent),
-                            hint="report this with --debug output")
+        _require_same_tokens("llama.cpp", text,
+                             llm.tokenize(text.encode("utf-8"), add_bos=_adds_bos(tokenizer), special=True),
+                             tokenizer(text)["input_ids"], path)
     stop = set(tokenizer.convert_tokens_to_ids(end_of_turn_tokens(model, tokenizer)))
     generations = []
     for ids in prompts:
@@ -623,3 +612,14 @@ def _greedy(model, ids: list[int], stop: set[int]) -> list[int]:
 
 def _adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
     return tokenizer.bos_token_id is not None and tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]
+
+
+def _require_same_tokens(reader: str, text: str, got: list[int], want: list[int], path: Path) -> None:
+    """Fail the export when `reader` splits `text` into other token ids than the training tokenizer."""
+    if got == want:
+        return
+    first = next((i for i, (g, w) in enumerate(zip(got, want)) if g != w), min(len(got), len(want)))
+    raise RunFailed(f"GGUF verification failed: {reader} splits {text[:40]!r} differently from the training "
+                    f"tokenizer (first difference at token {first}: {got[first:first + 3]} vs "
+                    f"{want[first:first + 3]}); nothing was written", where=str(path.parent),
+                    hint="report this with --debug output")
