@@ -89,7 +89,7 @@ def _quiet_libraries(debug: bool) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TQDM_DISABLE", "1")  # bars no setting reaches, e.g. transformers' GGUF de-quantizing one
     warnings.filterwarnings("ignore")
-    for name in ("transformers", "peft", "trl", "datasets", "accelerate", "torch"):
+    for name in ("transformers", "peft", "trl", "datasets", "accelerate", "torch", "bitsandbytes"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
