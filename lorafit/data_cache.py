@@ -18,7 +18,9 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -109,7 +111,7 @@ def new_build_folder(entry: Path | None) -> Path:
 
         atexit.register(shutil.rmtree, folder, ignore_errors=True)
         return folder
-    folder = entry.parent / f"{entry.name}.tmp-{os.getpid()}"
+    folder = entry.parent / f"{entry.name}.tmp-{_build_owner()}"
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     return folder
@@ -137,12 +139,21 @@ def publish(folder: Path, entry: Path, train: Dataset, evaluation: Dataset | Non
 
 
 def remove_stale_builds() -> None:
-    """Remove build folders left by processes that died mid-build (their pid is gone)."""
+    """Remove build folders left by processes of this machine that died mid-build (their pid is gone).
+
+    Only names this module writes (`<24-hex key>.tmp-<host>-<pid>`) are considered, and only this host's: on a
+    cache folder shared by several nodes, another node's pid means nothing here and its build is left alone.
+    """
     root = data_cache_dir()
-    for folder in root.glob("*.tmp-*") if root.is_dir() else []:
-        pid = folder.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
+    pattern = re.compile(rf"^[0-9a-f]{{24}}\.tmp-{re.escape(socket.gethostname())}-(\d+)$")
+    for folder in root.iterdir() if root.is_dir() else []:
+        match = pattern.match(folder.name)
+        if match and folder.is_dir() and not _alive(int(match.group(1))):
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def _build_owner() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
 
 
 def _alive(pid: int) -> bool:

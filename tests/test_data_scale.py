@@ -333,3 +333,31 @@ def test_a_streamed_run_trains(tiny_llama, tmp_path, packing):
     assert losses[-1] < losses[0]
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").exists()
     assert data_cache.data_cache_dir() == Path(os.environ["LORAFIT_DATA_CACHE"])
+
+
+def test_stale_build_cleanup_removes_only_this_hosts_dead_builds(own_cache):
+    """Reaping half-built entries touches only lorafit's own build folders of this host whose process is gone: a
+    user folder with a similar name and another node's build (shared cache) are left alone."""
+    import socket
+
+    dead = _a_dead_pid()
+    host = socket.gethostname()
+    own_dead = own_cache / f"{'a' * 24}.tmp-{host}-{dead}"
+    own_live = own_cache / f"{'b' * 24}.tmp-{host}-{os.getpid()}"
+    other_node = own_cache / f"{'c' * 24}.tmp-another-node-{dead}"
+    user_folder = own_cache / f"notes.tmp-{dead}"
+    for folder in (own_dead, own_live, other_node, user_folder):
+        folder.mkdir(parents=True)
+        (folder / "keep.txt").write_text("x")
+    data_cache.remove_stale_builds()
+    assert not own_dead.exists()
+    assert (own_live / "keep.txt").exists() and (other_node / "keep.txt").exists()
+    assert (user_folder / "keep.txt").exists()
+
+
+def _a_dead_pid() -> int:
+    import subprocess
+
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
