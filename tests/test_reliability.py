@@ -840,14 +840,7 @@ def test_a_second_train_on_the_same_folder_exits_naming_the_holder(make_recipe, 
     holder is gone (even killed: the lock file stays behind) the folder is free again."""
     run = tmp_path / "run"
     recipe = write_recipe(tmp_path / "r.yaml", make_recipe(tiny_llama, toy_data, run, QUICK))
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-        import sys, time
-        from pathlib import Path
-        from lorafit.run_folder import folder_lock
-        with folder_lock(Path({str(run)!r}), where="test"):
-            print("locked", flush=True)
-            time.sleep(60)
-        """)], stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    holder = _hold_folder_lock(run)
     try:
         assert holder.stdout.readline().strip() == "locked"
         assert_one_line_error(*cli("train", str(recipe)), f"pid {holder.pid}", "another lorafit process")
@@ -1237,17 +1230,22 @@ def test_merge_into_a_folder_another_lorafit_writes_is_refused_before_any_work(t
     adapter = save_untrained_adapter(tiny_llama, tmp_path / "adapter")
     out = tmp_path / "merged"
     monkeypatch.setattr(merge_module, "_load_full", lambda *a, **k: pytest.fail("the base model was loaded"))
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-        import time
-        from pathlib import Path
-        from lorafit.run_folder import folder_lock
-        with folder_lock(Path({str(out)!r}), where="test"):
-            print("locked", flush=True)
-            time.sleep(60)
-        """)], stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    holder = _hold_folder_lock(out)
     try:
         assert holder.stdout.readline().strip() == "locked"
         assert_one_line_error(*cli("merge", str(adapter), "--out", str(out)), f"pid {holder.pid}")
     finally:
         holder.kill()
         holder.wait()
+
+
+def _hold_folder_lock(folder: Path) -> subprocess.Popen:
+    """Another process holding lorafit's lock on `folder` for up to 60 s; it prints "locked" once it holds it."""
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import time
+        from pathlib import Path
+        from lorafit.run_folder import folder_lock
+        with folder_lock(Path({str(folder)!r}), where="test"):
+            print("locked", flush=True)
+            time.sleep(60)
+        """)], stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
