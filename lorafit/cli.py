@@ -650,7 +650,8 @@ def _render_merge(console: Console, result, *, quiet: bool = False) -> None:
     elif result.gguf is not None:
         report = result.gguf
         table.add_row("GGUF", f"{report.file}: {report.quant}, {report.size_bytes / 2**20:,.1f} MiB, "
-                      f"{report.architecture}, pre-tokenizer {report.tokenizer_pre}, stops on {', '.join(report.stop)}")
+                      f"{report.architecture}, tokenizer {report.tokenizer_model}/{report.tokenizer_pre}, stops on "
+                      f"{', '.join(report.stop)}")
         table.add_row("GGUF check", f"read back with {' and '.join(report.verified_with)}: {report.texts_checked} "
                       f"texts tokenized identically; max logit diff {report.max_logit_diff:.3g} (tolerance "
                       f"{report.tolerance:.3g}), top-1 agreement {100 * report.top1_agreement:.1f}%  [green]ok[/green]")

@@ -2,9 +2,9 @@
 behave like the model that was trained before it is called done.
 
 `export_gguf` is the one entry point. It writes `model.gguf` the way llama.cpp's own convert_hf_to_gguf.py writes
-the Llama family (Llama 2/3, SmolLM, Mistral) and Qwen2/Qwen3 -- hyperparameters, RoPE, the byte-level BPE vocabulary
-with token types, merges, special token ids, the llama.cpp pre-tokenizer name and the training chat template -- plus an
-Ollama `Modelfile` that stops on the trained end-of-turn token. Then it loads the file back:
+the Llama family (Llama 2/3, SmolLM, Mistral) and Qwen2/Qwen3 -- hyperparameters, RoPE, the vocabulary (byte-level or
+SentencePiece-style BPE: lorafit.gguf_vocabulary), special token ids and the training chat template -- plus an Ollama
+`Modelfile` that stops on the trained end-of-turn token. Then it loads the file back:
 
 1. with transformers' GGUF reader: the token ids of sample texts must be identical, and the logits on the
    verification prompts must stay within a tolerance set per quant type (top-1 agreement reported);
@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lorafit.errors import LorafitError, RunFailed
+from lorafit.gguf_vocabulary import Vocabulary, as_llama_cpp_splits, describe_vocabulary, write_vocabulary
 
 if TYPE_CHECKING:
     import numpy as np
@@ -44,6 +45,14 @@ ARCHITECTURES = {
     "Qwen2ForCausalLM": ("qwen2", False),
     "Qwen3ForCausalLM": ("qwen3", False),
 }
+# Architectures llama.cpp runs but whose GGUF this exporter refuses, and why.
+REFUSED = {
+    # llama.cpp's gemma graph exists (convert_hf_to_gguf.py adds 1 to the RMSNorm weights, as Gemma's norm is
+    # x * (1 + w)), but transformers' GGUF reader has no `gemma` architecture (only gemma2/3/4), so the file could not
+    # be loaded back and verified.
+    "GemmaForCausalLM": "transformers' GGUF reader cannot load llama.cpp's `gemma` architecture back, so the file "
+                        "could not be verified",
+}
 # Max |logit difference| between the reloaded GGUF model and the merged model, relative to the largest logit, and
 # the share of positions whose top-1 token must agree. f32 is exact up to summation order; 16-bit rounds each weight
 # once; the block quantizers round to 8/5/4 bits per weight. The check is there to catch a wrong file (permuted
@@ -52,16 +61,6 @@ ARCHITECTURES = {
 # case: trained adapters move them far less): f16 0.3% and 100% top-1, q8_0 10.3% and 91.2%.
 TOLERANCE = {"f32": 1e-3, "f16": 0.03, "bf16": 0.1, "q8_0": 0.25, "q5_1": 0.4, "q5_0": 0.4, "q4_1": 0.5, "q4_0": 0.5}
 MIN_TOP1 = {"f32": 0.99, "f16": 0.95, "bf16": 0.9, "q8_0": 0.8, "q5_1": 0.7, "q5_0": 0.7, "q4_1": 0.6, "q4_0": 0.6}
-# llama.cpp picks its pre-tokenizer (the regex that splits text before BPE) by name. These are the split patterns
-# the tokenizer.json files of the supported families carry, and the names llama.cpp gives them (llama-vocab.cpp).
-_SPLIT_PATTERNS = {
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)"
-    r"|\s+": "llama-bpe",
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)"
-    r"|\s+": "qwen2",
-    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}"
-    r"\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+": "tekken",
-}
 # Texts whose token ids must come back identical: spaces, newlines, digits, punctuation, non-Latin scripts, emoji.
 _SAMPLE_TEXTS = ("Hello world! How are you today?", "  two  spaces, a\ttab and\nnew\n\nlines  ",
                  "3 33 333 3333 3.14159 -42 1,000,000", "I've been 'told' he's there; we'd (maybe) go.",
@@ -77,6 +76,7 @@ class GgufReport:
     quant: str
     size_bytes: int
     architecture: str  # llama.cpp's name (general.architecture)
+    tokenizer_model: str  # tokenizer.ggml.model: "gpt2" (byte-level BPE) or "llama" (SentencePiece-style)
     tokenizer_pre: str
     stop: list[str]  # the end-of-turn token(s) the Modelfile stops on
     max_logit_diff: float
@@ -100,13 +100,17 @@ def check_exportable(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBas
         raise LorafitError(f"unknown quant type {quant!r}", where="--quant", hint=f"one of: {', '.join(QUANTS)}")
     architecture = llama_cpp_architecture(config, "gguf")
     _rope(config)  # raises on RoPE scaling llama.cpp would read differently
-    _pre_tokenizer(tokenizer)  # raises on tokenizers that are not byte-level BPE
+    describe_vocabulary(tokenizer)  # raises on tokenizers llama.cpp has no faithful equivalent for
     return architecture
 
 
 def llama_cpp_architecture(config: PretrainedConfig, fmt: str) -> str:
     """llama.cpp's name for the model's architecture; refuses the ones this exporter does not write."""
     architecture = (getattr(config, "architectures", None) or [None])[0]
+    if architecture in REFUSED:
+        raise LorafitError(f"GGUF export of {architecture} is refused: {REFUSED[architecture]}; supported: "
+                           f"{', '.join(ARCHITECTURES)}", where=f"--format {fmt}",
+                           hint="export with --format safetensors (the default) instead")
     if architecture not in ARCHITECTURES:
         raise LorafitError(
             f"GGUF export supports {', '.join(ARCHITECTURES)}; this model is {architecture or config.model_type}",
@@ -124,11 +128,13 @@ def export_gguf(model, tokenizer: PreTrainedTokenizerBase, folder: Path, *, quan
     started = time.perf_counter()
     notes: list[str] = []
     path = folder / GGUF_FILE
-    architecture, pre = write_model_gguf(model, tokenizer, path, quant=quant, name=name, notes=notes)
+    architecture, vocabulary = write_model_gguf(model, tokenizer, path, quant=quant, name=name, notes=notes)
     stop = end_of_turn_tokens(model, tokenizer)
     (folder / MODELFILE).write_text(modelfile(tokenizer, stop, notes), encoding="utf-8")
     texts = _sample_texts(tokenizer, prompts)
-    checked = _check_tokenizer_transformers(path, tokenizer, texts, pre, notes)
+    splits = as_llama_cpp_splits(tokenizer, vocabulary)  # token ids are compared with the training tokenizer's
+    checked = _check_tokenizer_transformers(path, splits, texts, vocabulary, notes)
+    _note_split_differences(tokenizer, splits, texts, vocabulary, notes)
     max_diff, scale, top1 = _check_logits_transformers(path, model.config, prompts, reference, notes)
     tolerance = TOLERANCE[quant] * max(1.0, scale)
     if not (max_diff <= tolerance and top1 >= MIN_TOP1[quant]):  # written so that NaN fails too
@@ -138,14 +144,14 @@ def export_gguf(model, tokenizer: PreTrainedTokenizerBase, folder: Path, *, quan
             f"{100 * MIN_TOP1[quant]:.0f}%); nothing was written", where=str(path.parent),
             hint="try a less lossy --quant (q8_0, f16), or report this with --debug output")
     verified_with = ["transformers"]
-    llama_cpp = _check_llama_cpp(path, model, tokenizer, texts, _generation_prompts(tokenizer, prompts))
+    llama_cpp = _check_llama_cpp(path, model, splits, texts, _generation_prompts(tokenizer, prompts))
     if llama_cpp is not None:
         verified_with.append("llama.cpp")
     else:
         notes.append('llama.cpp check skipped: llama-cpp-python is not installed (pip install "lorafit[gguf]")')
     return GgufReport(
-        file=GGUF_FILE, quant=quant, size_bytes=path.stat().st_size, architecture=architecture, tokenizer_pre=pre,
-        stop=stop, max_logit_diff=max_diff, tolerance=tolerance, top1_agreement=top1, min_top1=MIN_TOP1[quant],
+        file=GGUF_FILE, quant=quant, size_bytes=path.stat().st_size, architecture=architecture,
+        tokenizer_model=vocabulary.model, tokenizer_pre=vocabulary.pre, stop=stop, max_logit_diff=max_diff, tolerance=tolerance, top1_agreement=top1, min_top1=MIN_TOP1[quant],
         texts_checked=checked, verified_with=verified_with, llama_cpp=llama_cpp,
         seconds=time.perf_counter() - started, notes=notes)
 
@@ -155,8 +161,8 @@ def export_gguf(model, tokenizer: PreTrainedTokenizerBase, folder: Path, *, quan
 
 
 def write_model_gguf(model, tokenizer: PreTrainedTokenizerBase, path: Path, *, quant: str, name: str,
-                     notes: list[str]) -> tuple[str, str]:
-    """Write the model, its tokenizer and chat template as one GGUF file; returns (architecture, pre-tokenizer)."""
+                     notes: list[str]) -> tuple[str, Vocabulary]:
+    """Write the model, its tokenizer and chat template as one GGUF file; returns (architecture, vocabulary)."""
     import gguf
 
     config = model.config
@@ -165,7 +171,7 @@ def write_model_gguf(model, tokenizer: PreTrainedTokenizerBase, path: Path, *, q
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(name)
     _write_hyperparameters(writer, config, quant)
-    pre = _write_vocabulary(writer, tokenizer, config.vocab_size)
+    vocabulary = write_vocabulary(writer, tokenizer, config.vocab_size)
     fallback = _write_tensors(writer, model, architecture, quant)
     if fallback:
         notes.append(f"{len(fallback)} tensor(s) kept in f16: their rows are not a multiple of the {quant} block "
@@ -174,7 +180,7 @@ def write_model_gguf(model, tokenizer: PreTrainedTokenizerBase, path: Path, *, q
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return architecture, pre
+    return architecture, vocabulary
 
 
 def _write_hyperparameters(writer, config: PretrainedConfig, quant: str) -> None:
@@ -300,83 +306,6 @@ def to_llama_cpp_rows(rows: torch.Tensor, module: str, config: PretrainedConfig,
         heads = getattr(config, "num_key_value_heads", None) or heads
     split = (heads, rows.shape[0] // heads // 2, 2) if inverse else (heads, 2, rows.shape[0] // heads // 2)
     return rows.reshape(*split, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
-
-
-def _write_vocabulary(writer, tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> str:
-    """Tokens, token types, merges, special ids, BOS/EOS flags and the chat template; returns the pre-tokenizer."""
-    import gguf
-
-    pre = _pre_tokenizer(tokenizer)
-    backend = json.loads(tokenizer.backend_tokenizer.to_str())
-    reverse = {index: token for token, index in tokenizer.get_vocab().items()}
-    added = tokenizer.added_tokens_decoder
-    if max(reverse) >= vocab_size:
-        raise LorafitError(f"the tokenizer has {max(reverse) + 1} tokens but the model's vocabulary only "
-                           f"{vocab_size}", where="tokenizer", hint="resize the model's embeddings to the tokenizer")
-    tokens, types = [], []
-    for index in range(vocab_size):
-        if index not in reverse:  # the embedding matrix is padded past the tokenizer
-            tokens.append(f"[PAD{index}]")
-            types.append(gguf.TokenType.UNUSED)
-        elif index in added:
-            token = added[index]
-            tokens.append(token.content)  # llama.cpp matches added tokens as raw text
-            looks_special = token.content.startswith("<|") and token.content.endswith("|>")
-            types.append(gguf.TokenType.CONTROL if token.special or looks_special else gguf.TokenType.USER_DEFINED)
-        else:
-            tokens.append(reverse[index])
-            types.append(gguf.TokenType.NORMAL)
-    writer.add_tokenizer_model("gpt2")  # llama.cpp's name for byte-level BPE
-    writer.add_tokenizer_pre(pre)
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(_merges(backend["model"]["merges"]))
-    for kind in ("bos", "eos", "unk", "pad"):
-        token_id = getattr(tokenizer, f"{kind}_token_id", None)
-        if token_id is not None:
-            getattr(writer, f"add_{kind}_token_id")(token_id)
-    probe = tokenizer("a")["input_ids"]
-    writer.add_add_bos_token(tokenizer.bos_token_id is not None and probe[:1] == [tokenizer.bos_token_id])
-    writer.add_add_eos_token(tokenizer.eos_token_id is not None and probe[-1:] == [tokenizer.eos_token_id])
-    if tokenizer.chat_template:
-        writer.add_chat_template(tokenizer.chat_template)
-    return pre
-
-
-def _merges(merges: list) -> list[str]:
-    """tokenizer.json merges ("a b" strings, or [a, b] pairs since tokenizers 0.20) as llama.cpp reads them."""
-    if merges and isinstance(merges[0], list):
-        # A pair may contain spaces; llama.cpp splits on the first space, so spaces are shifted as gguf-py does.
-        return [" ".join("".join(chr(ord(c) + 256) if c == " " else c for c in part) for part in pair)
-                for pair in merges]
-    return list(merges)
-
-
-def _pre_tokenizer(tokenizer: PreTrainedTokenizerBase) -> str:
-    """llama.cpp's name for how this tokenizer splits text before BPE; refuses tokenizers that are not byte-level."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    spec = json.loads(backend.to_str()) if backend is not None else {}
-    model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
-    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
-    kinds = [step.get("type") for step in steps]
-    if model.get("type") != "BPE" or "ByteLevel" not in kinds:
-        what = "a SentencePiece-style tokenizer" if model.get("byte_fallback") or "Metaspace" in kinds else (
-            f"a {model.get('type') or 'slow (Python)'} tokenizer")
-        raise LorafitError(f"GGUF export supports byte-level BPE tokenizers (Llama 3, SmolLM, Qwen, Mistral Nemo); "
-                           f"this model has {what}", where="--format gguf",
-                           hint="export with --format safetensors and convert with llama.cpp's convert_hf_to_gguf.py")
-    byte_level = steps[kinds.index("ByteLevel")]
-    if kinds == ["ByteLevel"] and byte_level.get("use_regex", True):
-        return "gpt-2"
-    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and byte_level.get("use_regex", True):
-        return "smollm"
-    if kinds == ["Split", "ByteLevel"] and not byte_level.get("use_regex", True):
-        pattern = (steps[0].get("pattern") or {}).get("Regex")
-        if pattern in _SPLIT_PATTERNS:
-            return _SPLIT_PATTERNS[pattern]
-    raise LorafitError(f"the tokenizer splits text in a way llama.cpp has no name for ({' + '.join(map(str, kinds))})",
-                       where="--format gguf",
-                       hint="export with --format safetensors and convert with llama.cpp's convert_hf_to_gguf.py")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -506,14 +435,22 @@ def _sample_texts(tokenizer: PreTrainedTokenizerBase, prompts: list[list[int]]) 
     return [t for t in texts if "\ufffd" not in t] + list(_SAMPLE_TEXTS)  # a cut mid-character is not a text
 
 
-def _check_tokenizer_transformers(path: Path, tokenizer: PreTrainedTokenizerBase, texts: list[str], pre: str,
-                                  notes: list[str]) -> int:
-    """transformers' GGUF tokenizer must give the same ids as the training tokenizer; returns the texts checked."""
+def _check_tokenizer_transformers(path: Path, tokenizer: PreTrainedTokenizerBase, texts: list[str],
+                                  vocabulary: Vocabulary, notes: list[str]) -> int:
+    """transformers' GGUF tokenizer must give the same ids as `tokenizer` (the training one, splitting text as
+    llama.cpp does); returns the texts checked."""
     from transformers import AutoTokenizer
     from transformers.integrations.gguf import gguf_tokenizer_mapping
 
     loaded = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    if pre != "gpt-2" and pre not in gguf_tokenizer_mapping.GGUF_PRE_TOKENIZER_SPLITS:
+    pre = vocabulary.pre
+    if vocabulary.model == "llama":
+        # transformers rebuilds a SentencePiece vocabulary with its own Metaspace rule and ignores add_space_prefix;
+        # the tokens, scores (the merge order), byte tokens and special tokens are checked here under llama.cpp's
+        # rule, which llama.cpp itself checks when it is installed.
+        loaded.backend_tokenizer.normalizer = tokenizer.backend_tokenizer.normalizer
+        loaded.backend_tokenizer.pre_tokenizer = tokenizer.backend_tokenizer.pre_tokenizer
+    elif pre != "gpt-2" and pre not in gguf_tokenizer_mapping.GGUF_PRE_TOKENIZER_SPLITS:
         # transformers rebuilds only some of llama.cpp's pre-tokenizers; the vocabulary, merges and special tokens
         # are still checked here with the training one, and llama.cpp checks the name when it is installed.
         loaded.backend_tokenizer.pre_tokenizer = tokenizer.backend_tokenizer.pre_tokenizer
@@ -526,6 +463,21 @@ def _check_tokenizer_transformers(path: Path, tokenizer: PreTrainedTokenizerBase
         raise RunFailed(f"GGUF verification failed: the chat template read back from {GGUF_FILE} differs from the "
                         "training one; nothing was written", where=str(path.parent))
     return len(texts)
+
+
+def _note_split_differences(tokenizer: PreTrainedTokenizerBase, splits: PreTrainedTokenizerBase, texts: list[str],
+                            vocabulary: Vocabulary, notes: list[str]) -> None:
+    """Say which sample texts llama.cpp splits differently from the training tokenizer when their rules for the "▁"
+    word marker differ (transformers' Metaspace tokenizers: llama.cpp only has SentencePiece's own rule)."""
+    if splits is tokenizer:
+        return
+    differ = [text for text in texts if splits(text)["input_ids"] != tokenizer(text)["input_ids"]]
+    if differ:
+        where = "before text that already begins with a space" + (
+            " and after a special token" if vocabulary.prefix_rule == "metaspace-first" else "")
+        notes.append(f"{len(differ)} of {len(texts)} sample texts tokenize differently in llama.cpp than in training "
+                     f"(e.g. {differ[0][:40]!r}): the training tokenizer ({vocabulary.prefix_rule}) leaves out the "
+                     f"'\u2581' that SentencePiece and llama.cpp put {where}; every other token is the same")
 
 
 def _check_logits_transformers(path: Path, config: PretrainedConfig, prompts: list[list[int]],

@@ -718,7 +718,7 @@ def _gguf_rows(result: MergeResult) -> list[str]:
                  "; llama.cpp not installed, not checked with it")
     return [
         f"| GGUF file | `{report.file}`: {report.quant}, {report.size_bytes / 2**20:.1f} MiB, llama.cpp architecture "
-        f"`{report.architecture}`, pre-tokenizer `{report.tokenizer_pre}` |",
+        f"`{report.architecture}`, tokenizer `{report.tokenizer_model}`, pre-tokenizer `{report.tokenizer_pre}` |",
         f"| GGUF verification | loaded back with {' and '.join(report.verified_with)}: {report.texts_checked} sample "
         f"texts give the same token ids{llama_cpp}; max logit difference {report.max_logit_diff:.3g} vs the merged "
         f"model (tolerance {report.tolerance:.3g} for {report.quant}), top-1 agreement "

@@ -15,7 +15,7 @@ from peft import PeftModel
 from tiny_models import build_tiny_model, write_lora_run
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lorafit import gguf_export
+from lorafit import gguf_export, gguf_vocabulary
 from lorafit.errors import LorafitError, RunFailed
 from lorafit.merge import AdapterSpec, run_merge
 
@@ -148,23 +148,22 @@ def test_failed_verification_exits_2_and_leaves_nothing_finished(runs, tmp_path,
 
 def test_pre_tokenizer_names_follow_the_split_rules(tiny_model_factory):
     """Byte-level GPT-2 splitting is llama.cpp's 'gpt-2', a Llama-3 split regex 'llama-bpe'; a SentencePiece-style
-    tokenizer (Llama 2, Mistral 7B) is refused with the way out."""
-    from tokenizers import Regex, pre_tokenizers
+    tokenizer (Llama 2, Mistral 7B: BPE with byte fallback and a Metaspace) is llama.cpp's 'llama' vocabulary."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_factory("llama"))
-    assert gguf_export._pre_tokenizer(tokenizer) == "gpt-2"
-    llama3 = next(p for p, name in gguf_export._SPLIT_PATTERNS.items() if name == "llama-bpe")
+    assert gguf_vocabulary.describe_vocabulary(tokenizer).pre == "gpt-2"
+    llama3 = next(p for p, name in gguf_vocabulary.SPLIT_PATTERNS.items() if name == "llama-bpe")
     tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Split(Regex(llama3), behavior="isolated"),
          pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    assert gguf_export._pre_tokenizer(tokenizer) == "llama-bpe"
-    from tokenizers import Tokenizer, models
+    assert gguf_vocabulary.describe_vocabulary(tokenizer).pre == "llama-bpe"
 
     spm = Tokenizer(models.BPE(vocab={"<unk>": 0, "▁a": 1}, merges=[], byte_fallback=True, unk_token="<unk>"))
     spm.pre_tokenizer = pre_tokenizers.Metaspace()
-    with pytest.raises(LorafitError, match="SentencePiece-style"):
-        gguf_export._pre_tokenizer(PreTrainedTokenizerFast(tokenizer_object=spm))
+    vocabulary = gguf_vocabulary.describe_vocabulary(PreTrainedTokenizerFast(tokenizer_object=spm))
+    assert (vocabulary.model, vocabulary.pre, vocabulary.space_prefix) == ("llama", "default", True)
 
 
 def test_cli_refuses_quant_without_gguf_and_unknown_quant(runs, tmp_path):

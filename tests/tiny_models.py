@@ -9,8 +9,9 @@ Public API::
 
     build_tokenizer(path, *, with_chat_template=True, generation_markers=False)
         -> PreTrainedTokenizerFast
+    build_sentencepiece_tokenizer(path, *, space_rule="sentencepiece") -> PreTrainedTokenizerFast
     build_tiny_model(path, arch="llama", *, with_chat_template=True, seed=0,
-                     generation_markers=False, **config_overrides) -> Path
+                     generation_markers=False, tokenizer="byte-level", **config_overrides) -> Path
     build_config_only(path, arch, size="tiny") -> Path
     write_toy_dataset(path, n=64, fmt="messages", seed=0) -> Path
     write_classification_dataset(path, n=64, seed=0, **columns) -> Path
@@ -44,7 +45,10 @@ __all__ = [
     "TINY_VOCAB_SIZE",
     "TOY_FORMATS",
     "TOY_PAIRS",
+    "SPM_CHAT_TEMPLATE",
+    "SPM_SPECIAL_TOKENS",
     "build_config_only",
+    "build_sentencepiece_tokenizer",
     "build_tiny_model",
     "build_tokenizer",
     "write_classification_dataset",
@@ -213,6 +217,73 @@ def build_tokenizer(
     return tok
 
 
+# SentencePiece-style tokenizer (Llama 2, Mistral 7B v0.x): BPE over "▁"-marked words with byte fallback.
+SPM_SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]  # ids 0, 1, 2; then <0x00>..<0xFF> at ids 3..258, as in Llama 2
+SPM_VOCAB_SIZE = 768
+# Mistral-7B-Instruct-v0.1's shape: BOS written by the template, no generation prompt, EOS after each answer.
+SPM_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] + '\n\n' }}"
+    "{% elif message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% else %}{{ ' ' + message['content'] + eos_token }}{% endif %}"
+    "{% endfor %}"
+)
+_SPACE_RULES = ("sentencepiece", "metaspace-first")
+
+
+@functools.lru_cache(maxsize=2)
+def _sentencepiece_tokenizer_json(space_rule: str) -> str:
+    """A Llama-2-shaped tokenizer.json: the vocabulary trained here, merges for every pair of tokens whose
+    concatenation is a token, ordered by that token's id (what transformers' SentencePiece converter writes for
+    Llama 2), byte fallback to <0xNN> tokens, and BOS added to every text."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers.tokenization_utils_base import generate_merges
+
+    byte_tokens = [f"<0x{byte:02X}>" for byte in range(256)]
+    trainer_tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    trainer_tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always", split=True)
+    trainer = trainers.BpeTrainer(vocab_size=SPM_VOCAB_SIZE, min_frequency=2, show_progress=False,
+                                  special_tokens=SPM_SPECIAL_TOKENS + byte_tokens)
+    trainer_tok.train_from_iterator(_corpus_lines(), trainer=trainer)
+    vocab = json.loads(trainer_tok.to_str())["model"]["vocab"]
+    merges = generate_merges(vocab, {token: -index for token, index in vocab.items()})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.add_special_tokens(SPM_SPECIAL_TOKENS)  # the byte tokens stay plain vocabulary, as in Llama 2
+    if space_rule == "sentencepiece":  # Llama 2's and Mistral v0.1's tokenizer.json
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    else:  # what transformers 5's LlamaTokenizer builds (legacy=False)
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", 1)])
+    return tok.to_str()
+
+
+def build_sentencepiece_tokenizer(path: Path | str, *, space_rule: str = "sentencepiece",
+                                  with_chat_template: bool = True):
+    """Build a tiny Llama-2-style SentencePiece BPE tokenizer (vocab 768), save it to ``path`` and return it.
+
+    ``<unk>`` 0, ``<s>`` 1 (added to every text), ``</s>`` 2 (eos), ``<0x00>``..``<0xFF>`` 3..258; characters the
+    ASCII training corpus never saw fall back to byte tokens. ``space_rule`` "sentencepiece": "▁" before every text
+    segment (Llama 2's tokenizer.json normalizer); "metaspace-first": only at the start of the text (transformers 5's
+    Metaspace). Chat template: :data:`SPM_CHAT_TEMPLATE`.
+    """
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    if space_rule not in _SPACE_RULES:
+        raise ValueError(f"unknown space_rule {space_rule!r}; expected one of {_SPACE_RULES}")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_sentencepiece_tokenizer_json(space_rule)), bos_token="<s>",
+        eos_token="</s>", unk_token="<unk>", pad_token=None, model_max_length=512, clean_up_tokenization_spaces=False,
+        **({"chat_template": SPM_CHAT_TEMPLATE} if with_chat_template else {}))
+    tok.save_pretrained(str(path))
+    return tok
+
+
 # --------------------------------------------------------------------------------------
 # Models
 # --------------------------------------------------------------------------------------
@@ -284,6 +355,7 @@ def build_tiny_model(
     with_chat_template: bool = True,
     seed: int = 0,
     generation_markers: bool = False,
+    tokenizer: str = "byte-level",
     **config_overrides: Any,
 ) -> Path:
     """Build a random tiny model + tokenizer and save both (safetensors) into ``path``.
@@ -292,7 +364,9 @@ def build_tiny_model(
     ``"bert"`` -> ``BertForSequenceClassification`` (num_labels=2).
     2 layers, hidden 64, 4 heads (2 KV heads where supported), intermediate 128,
     512 positions, vocab = tokenizer size (512). ``config_overrides`` are set on the config
-    before the model is instantiated (e.g. ``tie_word_embeddings=True``). Returns ``path``.
+    before the model is instantiated (e.g. ``tie_word_embeddings=True``). ``tokenizer``: "byte-level"
+    (:func:`build_tokenizer`), or "sentencepiece" / "metaspace-first" (:func:`build_sentencepiece_tokenizer`, vocab
+    768, BOS ``<s>``). Returns ``path``.
     """
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
@@ -301,8 +375,11 @@ def build_tiny_model(
     from transformers import GenerationConfig
 
     path = Path(path)
-    tok = build_tokenizer(path, with_chat_template=with_chat_template, generation_markers=generation_markers)
-    config = _tiny_config(arch, len(tok), pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, bos_id=None)
+    if tokenizer == "byte-level":
+        tok = build_tokenizer(path, with_chat_template=with_chat_template, generation_markers=generation_markers)
+    else:
+        tok = build_sentencepiece_tokenizer(path, space_rule=tokenizer, with_chat_template=with_chat_template)
+    config = _tiny_config(arch, len(tok), pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, bos_id=tok.bos_token_id)
     for k, v in config_overrides.items():
         setattr(config, k, v)
 
@@ -318,7 +395,7 @@ def build_tiny_model(
     model.eval()
     if arch != "bert":
         model.generation_config = GenerationConfig(
-            bos_token_id=None,
+            bos_token_id=tok.bos_token_id,
             eos_token_id=tok.eos_token_id,
             pad_token_id=tok.pad_token_id,
             do_sample=False,
