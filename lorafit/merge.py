@@ -546,8 +546,7 @@ def _qlora_base(sources: _Adapters, adapter: TrainedAdapter, prompts: list[list[
     precision, _ = models.choose_precision(recipe.training.precision)
     pad = sources.classifier.get("pad_token_id") if sources.classifier else None
     quantized_base = models.load_base_model(recipe, sources.source, precision, pad_token_id=pad)
-    qlora = sources.attached_to(quantized_base)
-    models.keep_4bit_layers_as_trained(qlora)
+    qlora = sources.attached_to(quantized_base)  # 4-bit layers as trained: see models.keep_4bit_layers_as_trained
     qlora_logits = _logits(qlora, prompts)
     quantized_base = qlora.unload()  # back to the bare 4-bit base, kept for de-quantizing
     del qlora

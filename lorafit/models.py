@@ -326,6 +326,8 @@ def load_base_model(recipe: Recipe, source: str, precision: Precision, *,
     except (OSError, ValueError) as exc:
         raise LorafitError(first_line(exc), where=f"model.path: {section.path}") from None
     model.config.use_cache = False  # the KV cache is useless in training and costs memory
+    if quant is not None and quant.bits == 4:
+        keep_4bit_layers_as_trained(model)
     return model
 
 
@@ -417,14 +419,15 @@ def build_meta_model(config, *, trust_remote_code: bool = False,
 
 
 def keep_4bit_layers_as_trained(model) -> None:
-    """Run bitsandbytes' 4-bit layers as they ran in training, so the reference and the de-quantized base are right.
+    """Keep bitsandbytes' 4-bit layers in the layout training uses, also in eval mode without grad.
 
-    bitsandbytes 0.50, on a CPU with AVX512-BF16, repacks a `Linear4bit` weight in place (absmax cast to bf16)
-    the first time the layer runs in eval mode without grad. Its `dequantize` then reads that packed layout as
-    the plain one: on a tiny Llama the de-quantized weights were off by up to 1.16 (weights <= 0.81) instead of
-    0.09, so the QLoRA merge picked the wrong base. Training never takes that path (the layers are in train
-    mode); a 4-bit layer has no other train/eval difference, and LoRA dropout stays off in its own module.
+    bitsandbytes 0.50, on a CPU with AVX512-BF16, repacks a `Linear4bit` weight in place (absmax cast to bf16) the
+    first time the layer runs in eval mode without grad, and from then on multiplies with a kernel that has no
+    backward. Two things broke on such CPUs: after the first mid-training evaluation, no gradient reached the
+    layers below a 4-bit layer (the LoRA matrices of layer 0 got none at all), and `dequantize` read the packed
+    layout as the plain one (off by up to 1.16 for weights <= 0.81), so the QLoRA merge picked the wrong base.
+    Turning the repacking off per layer is the switch bitsandbytes itself reads (`support_avx512bf16_for_cpu`).
     """
     for module in model.modules():
-        if type(module).__name__ == "Linear4bit":
-            module.train()
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False

@@ -174,6 +174,37 @@ def test_qlora_4bit_trains_on_cpu(make_recipe, tiny_llama, toy_data, tmp_path):
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in model.state_dict().items())
 
 
+def test_qlora_gradients_survive_an_evaluation_pass(make_recipe, tiny_llama, toy_data, tmp_path):
+    """A mid-training evaluation (eval mode, no grad) leaves every 4-bit layer trainable: the next backward gives
+    each LoRA matrix the same gradient as before it. (bitsandbytes repacks 4-bit weights for a gradient-free kernel
+    on AVX512-BF16 CPUs unless told not to; layer 0's LoRA matrices then got no gradient at all.)"""
+    from lorafit import adapters
+
+    recipe = validate_recipe(make_recipe(tiny_llama, toy_data, tmp_path / "run", quantization={"bits": 4},
+                                         adapter={"init": "gaussian"}, training={"precision": "fp32"}))
+    precision, _ = models.choose_precision("fp32")
+    base = models.load_base_model(recipe, str(tiny_llama), precision)
+    model = adapters.wrap_model(recipe, base, gradient_checkpointing=False)
+    ids = torch.randint(3, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+
+    def lora_gradients():
+        model.train()
+        model.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        return {n: p.grad.clone() if p.grad is not None else None
+                for n, p in model.named_parameters() if p.requires_grad}
+
+    before = lora_gradients()
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+    after = lora_gradients()
+    assert all(g is not None for g in before.values())
+    missing = [n for n, g in after.items() if g is None]
+    assert not missing, missing
+    assert all(torch.allclose(before[n], after[n], atol=1e-6) for n in before)
+
+
 def test_target_modules_that_match_nothing_list_what_the_model_has(make_recipe, tiny_llama, toy_data, tmp_path):
     """target_modules matching nothing stop before any folder is made, listing the model's modules."""
     recipe = validate_recipe(make_recipe(tiny_llama, toy_data, tmp_path / "run", FORTY_STEPS,
