@@ -110,9 +110,14 @@ def _describe_leaf_names(modules: dict[str, str]) -> str:
     return ", ".join(f"{leaf} x{n}" for leaf, n in counts.items())
 
 
-def build_peft_config(section: AdapterSection, model: nn.Module, task_type: str = "CAUSAL_LM") -> PeftConfig:
-    """The PEFT config (LoRA, IA3 or prefix tuning) for this model."""
-    from peft import IA3Config, LoraConfig, PrefixTuningConfig
+def build_peft_config(section: AdapterSection, model: nn.Module, task_type: str = "CAUSAL_LM",
+                      total_step: int | None = None) -> PeftConfig:
+    """The PEFT config (LoRA, AdaLoRA, IA3 or prefix tuning) for this model.
+
+    `total_step` is the run's optimizer step count, which AdaLoRA's budget schedule spans; without one (counting
+    parameters, which it does not change) the shortest schedule the config accepts is used.
+    """
+    from peft import AdaLoraConfig, IA3Config, LoraConfig, PrefixTuningConfig
 
     modules = eligible_modules(model)
     for name in section.modules_to_save:
@@ -134,6 +139,19 @@ def build_peft_config(section: AdapterSection, model: nn.Module, task_type: str 
                                          for n in modules if n == t or n.endswith("." + t))]
         return IA3Config(task_type=task_type, target_modules=targets, feedforward_modules=mlp,
                          modules_to_save=modules_to_save)
+    if section.method == "adalora":
+        embeddings = sorted({n.split(".")[-1] for n, kind in modules.items() if kind.endswith("Embedding")
+                             and any(n == t or n.endswith("." + t) for t in targets)})
+        if embeddings:
+            raise LorafitError(f"{', '.join(embeddings)}: method adalora adapts linear layers only, not embeddings",
+                               where="adapter.target_modules", hint="remove them, or use method: lora")
+        return AdaLoraConfig(
+            task_type=task_type, init_r=section.init_r, target_r=section.target_r, tinit=section.tinit,
+            tfinal=section.tfinal, deltaT=section.deltaT, beta1=section.beta1, beta2=section.beta2,
+            orth_reg_weight=section.orth_reg_weight, total_step=total_step or section.tinit + section.tfinal + 1,
+            lora_alpha=section.alpha, lora_dropout=section.dropout, target_modules=targets, bias=section.bias,
+            modules_to_save=modules_to_save, layers_to_transform=section.layers_to_transform,
+        )
     return LoraConfig(
         task_type=task_type,
         r=section.r,
@@ -176,7 +194,7 @@ def gradient_checkpointing_on(recipe: Recipe, *, on_gpu: bool, quantized: bool) 
 
 
 def wrap_model(recipe: Recipe, model: nn.Module, *, gradient_checkpointing: bool, precision: str = "fp32",
-               zero3: bool = False) -> PeftModel:
+               zero3: bool = False, total_steps: int | None = None) -> PeftModel:
     """The base model frozen and wrapped with the recipe's adapter (prepared for k-bit training under QLoRA).
 
     For sequence classification PEFT's SEQ_CLS task adds the classifier head (`classifier`, or `score` on decoders)
@@ -191,11 +209,13 @@ def wrap_model(recipe: Recipe, model: nn.Module, *, gradient_checkpointing: bool
     - fp16 (not ZeRO-3, which keeps its own fp32 master weights): every trainable parameter is fp32. PEFT upcasts
       the LoRA matrices only; a classifier head, modules_to_save copies and trained biases would stay fp16, and the
       fp16 gradient scaler refuses them ("Attempting to unscale FP16 gradients").
+
+    `total_steps` is the run's optimizer step count: the span of AdaLoRA's rank budget schedule.
     """
     import torch
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    config = build_peft_config(recipe.adapter, model, task_type=peft_task_type(recipe.task))
+    config = build_peft_config(recipe.adapter, model, task_type=peft_task_type(recipe.task), total_step=total_steps)
     start = read_trained_adapter(recipe.adapter.init_from) if recipe.adapter.init_from else None
     if start is not None:
         _check_same_adapter(start, config)
@@ -216,11 +236,24 @@ def wrap_model(recipe: Recipe, model: nn.Module, *, gradient_checkpointing: bool
                                             autocast_adapter_dtype=autocast)
     else:
         wrapped = get_peft_model(model, config, autocast_adapter_dtype=autocast)
+    freeze_adalora_ranknum(wrapped)
     if precision == "fp16" and not zero3:
         for parameter in wrapped.parameters():
             if parameter.requires_grad and parameter.dtype != torch.float32:
                 parameter.data = parameter.data.float()
     return wrapped
+
+
+def freeze_adalora_ranknum(model: PeftModel) -> None:
+    """Keep AdaLoRA's ranknum (the fixed rank each delta is divided by) out of training; no-op for other methods.
+
+    PEFT's upcast of an adapter on a 16-bit base (autocast_adapter_dtype) re-creates it as a trainable Parameter: it
+    would drift with training, yet it is never saved (PEFT resets it to init_r on load), so the saved adapter and a
+    resumed run would not be the model that was trained.
+    """
+    for name, parameter in model.named_parameters():
+        if ".ranknum." in name:
+            parameter.requires_grad_(False)
 
 
 def _check_same_adapter(start: TrainedAdapter, config: PeftConfig) -> None:
@@ -367,7 +400,7 @@ def _shape_mismatch(adapter: TrainedAdapter, model: nn.Module) -> str | None:
                     if module is None:
                         return f"it adapts {module_name}, which this model does not have"
                     expected = check(module)
-                    got = shape[1] if marker in (".lora_A.", ".lora_embedding_A") else shape[0]
+                    got = shape[1] if marker.startswith((".lora_A", ".lora_embedding_A")) else shape[0]
                     if expected is not None and got != expected:
                         return f"{module_name} is {expected} wide here, {got} in the adapter"
                     break
@@ -400,5 +433,9 @@ _ADAPTER_TENSORS = {
     ".lora_embedding_A": _in_features,
     ".lora_embedding_B": _out_features,
     ".lora_magnitude_vector": lambda module: None,
+    # AdaLoRA's triplets (PEFT saves them without the adapter name): A is (r, in), B is (out, r), E is (r, 1).
+    ".lora_A": _in_features,
+    ".lora_B": _out_features,
+    ".lora_E": lambda module: None,
     ".ia3_l": lambda module: None,
 }

@@ -593,7 +593,8 @@ def _render_inspect(console: Console, result, *, quiet: bool = False) -> None:
         matched = ", ".join(names) or "[yellow](matches nothing here)[/yellow]"
         console.print(f"  preset [bold]{preset}[/bold] -> {matched}")
     a = result.adapter
-    console.print(f"adapter ({result.adapter_source}): {a['method']} r={a['r']} alpha={a['alpha']:g} "
+    rank = f"init_r={a['init_r']} target_r={a['target_r']}" if a["method"] == "adalora" else f"r={a['r']}"
+    console.print(f"adapter ({result.adapter_source}): {a['method']} {rank} alpha={a['alpha']:g} "
                   f"target_modules={a['target_modules']} -> {', '.join(result.target_modules) or '-'}")
     if result.modules_to_save:
         console.print(f"modules_to_save (trained fully, saved with the adapter): {', '.join(result.modules_to_save)}")

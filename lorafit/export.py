@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lorafit import run_folder
-from lorafit.recipe import Recipe, dump_recipe
+from lorafit.recipe import AdapterSection, Recipe, dump_recipe
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -103,6 +103,17 @@ def git_commit_of(path: Path) -> str | None:
         return None
 
 
+def _method_row(method: str, adapter: AdapterSection, metrics: TrainMetrics) -> str:
+    """The model card's method cell: the rank(s), alpha and dropout as the method uses them."""
+    if adapter.method != "adalora":
+        return f"{method}, r={adapter.r}, alpha={adapter.alpha:g}, dropout={adapter.dropout}"
+    ranks = metrics.adapter_ranks
+    pruned = (f"ranks pruned from init_r {adapter.init_r} to {sum(ranks.values())} in all (target_r "
+              f"{adapter.target_r} x {len(ranks)} modules; per module {min(ranks.values())}-{max(ranks.values())})"
+              if ranks else f"init_r={adapter.init_r} (not pruned yet)")
+    return f"AdaLoRA, {pruned}, alpha={adapter.alpha:g}, dropout={adapter.dropout}"
+
+
 def model_card(recipe: Recipe, metrics: TrainMetrics, adapter_dir: Path, *,
                pad_token_id: int | None = None, loss_chart: str | None = None) -> str:
     """A README.md saying what was trained, on what, how well, and how to load it.
@@ -129,7 +140,7 @@ def model_card(recipe: Recipe, metrics: TrainMetrics, adapter_dir: Path, *,
         "",
         "| | |", "|---|---|",
         f"| base model | `{recipe.model.path}` (loaded from `{base}`) |",
-        f"| method | {method}, r={adapter.r}, alpha={adapter.alpha:g}, dropout={adapter.dropout} |",
+        f"| method | {_method_row(method, adapter, metrics)} |",
         f"| target modules | {', '.join(metrics.target_modules) or adapter.target_modules} |",
         f"| quantization | {quant} |",
         f"| trainable parameters | {metrics.trainable_params:,} of {metrics.total_params:,} |",

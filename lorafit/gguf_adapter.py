@@ -60,7 +60,7 @@ def check_adapter_exportable(config: PretrainedConfig, adapter_config: dict[str,
         raise LorafitError(f"{quant!r} is not a type for LoRA adapters", where="--quant",
                            hint=f"one of: {', '.join(QUANTS)}")
     architecture = gguf_export.llama_cpp_architecture(config, "gguf-adapter")
-    if adapter_config.get("peft_type", "LORA") != "LORA":
+    if adapter_config.get("peft_type", "LORA") not in ("LORA", "ADALORA"):
         raise LorafitError(f"a {adapter_config.get('peft_type')} adapter is not a LoRA adapter", where="--format "
                            "gguf-adapter", hint="use --format gguf to merge it into the model instead")
     if adapter_config.get("use_dora"):
@@ -135,7 +135,12 @@ def export_gguf_adapter(model: PeftModel, tokenizer: PreTrainedTokenizerBase, fo
 
 
 def _lora_pairs(model: PeftModel, config: PretrainedConfig, architecture: str) -> list[tuple]:
-    """(llama.cpp tensor name, module name, A, B with Llama's Q/K permutation, PEFT scale) per adapted weight."""
+    """(llama.cpp tensor name, module name, A, B with Llama's Q/K permutation, PEFT scale) per adapted weight.
+
+    An AdaLoRA module's delta B (A * E) * alpha / ranknum is a LoRA pair with the singular values E folded into A;
+    a module pruned to rank 0 adds nothing and has no pair.
+    """
+    from peft.tuners.adalora import AdaLoraLayer
     from peft.tuners.lora import LoraLayer
 
     names = gguf_export.tensor_names(config, architecture)
@@ -149,10 +154,17 @@ def _lora_pairs(model: PeftModel, config: PretrainedConfig, architecture: str) -
             raise LorafitError(f"the adapter adapts {module_name}, which llama.cpp's {architecture} graph does not "
                                "take a LoRA for", where="--format gguf-adapter",
                                hint="use --format gguf to merge it into the model instead")
-        lora_a = module.lora_A["default"].weight
-        lora_b = gguf_export.to_llama_cpp_rows(module.lora_B["default"].weight.float(), module_name, config)
-        pairs.append((gguf_name, module_name, lora_a, lora_b,
-                      float(module.scaling["default"])))
+        if isinstance(module, AdaLoraLayer):
+            if module.r["default"] == 0:
+                continue
+            lora_a = module.lora_A["default"] * module.lora_E["default"]
+            lora_b = module.lora_B["default"]
+            scale = float(module.scaling["default"]) / (float(module.ranknum["default"]) + 1e-5)
+        else:
+            lora_a, lora_b = module.lora_A["default"].weight, module.lora_B["default"].weight
+            scale = float(module.scaling["default"])
+        pairs.append((gguf_name, module_name, lora_a,
+                      gguf_export.to_llama_cpp_rows(lora_b.float(), module_name, config), scale))
     if not pairs:
         raise LorafitError("the adapter has no LoRA weights", where="--format gguf-adapter")
     return pairs

@@ -117,6 +117,7 @@ def run_inspect(target: str | Path, overrides: list[str] | tuple[str, ...] = ())
     # PEFT counts on the very config training would build; low_cpu_mem_usage keeps the adapter on meta too.
     peft_config = adapters.build_peft_config(recipe.adapter, model, task_type=task_type)
     peft_model = get_peft_model(model, peft_config, low_cpu_mem_usage=True)
+    adapters.freeze_adalora_ranknum(peft_model)  # as training holds it
     trainable, total = peft_model.get_nb_trainable_parameters()
     targeted = _targeted_modules(peft_model)
     saved = _saved_modules(peft_model)
@@ -131,6 +132,10 @@ def run_inspect(target: str | Path, overrides: list[str] | tuple[str, ...] = ())
     elif not from_recipe:
         notes.append("adapter figures use the default adapter section (lora, r=16, all-linear); "
                      "pass a recipe or --set adapter.r=... to change it")
+    if recipe.adapter.method == "adalora":
+        notes.append(f"adalora: counted at init_r {recipe.adapter.init_r}, the size trained; the saved adapter keeps "
+                     f"about target_r / init_r ({recipe.adapter.target_r}/{recipe.adapter.init_r}) of the rank "
+                     "triplets once they are pruned")
     memory = _memory_estimates(recipe, config, base_params, quantizable, trainable, adapted_inputs, head_width)
     notes.append(LOAD_PEAK_NOTE)
     return InspectResult(
@@ -186,10 +191,13 @@ def _config_summary(config) -> dict[str, Any]:
 
 
 def _adapter_summary(section: AdapterSection) -> dict[str, Any]:
-    return {"method": section.method, "r": section.r, "alpha": section.alpha, "dropout": section.dropout,
-            "target_modules": section.target_modules, "use_dora": section.use_dora,
-            "use_rslora": section.use_rslora, "modules_to_save": list(section.modules_to_save),
-            "layers_to_transform": section.layers_to_transform}
+    summary = {"method": section.method, "r": section.r, "alpha": section.alpha, "dropout": section.dropout,
+               "target_modules": section.target_modules, "use_dora": section.use_dora,
+               "use_rslora": section.use_rslora, "modules_to_save": list(section.modules_to_save),
+               "layers_to_transform": section.layers_to_transform}
+    if section.method == "adalora":  # r is not used: each module starts at init_r and is pruned toward target_r
+        summary.update(r=None, init_r=section.init_r, target_r=section.target_r)
+    return summary
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -331,7 +331,7 @@ def _check_mergeable(trained: list[TrainedAdapter], specs: list[AdapterSpec], me
     """Refuse, before any weights load, what PEFT cannot merge or combine, with the reason."""
     kinds = [str(t.config.get("peft_type", "")).upper() for t in trained]
     for adapter, kind in zip(trained, kinds, strict=True):
-        if kind not in ("LORA", "IA3"):
+        if kind not in ("LORA", "ADALORA", "IA3"):
             raise LorafitError(
                 f"a {kind.lower().replace('_', '-')} adapter cannot be merged: it adds learned virtual tokens to every "
                 "forward pass instead of changing weights, so there is nothing to fold into the base model",
@@ -342,6 +342,11 @@ def _check_mergeable(trained: list[TrainedAdapter], specs: list[AdapterSpec], me
     if combine and len(set(kinds)) > 1:
         raise LorafitError(f"cannot combine adapters of different methods ({' and '.join(sorted(set(kinds)))}): PEFT "
                            "combines adapters of one method only", where="--adapter",
+                           hint="merge them one after the other: merge the first, then pass the merged folder as "
+                                "--base when merging the next")
+    if combine and kinds[0] == "ADALORA":
+        raise LorafitError("AdaLoRA adapters cannot be combined: each module keeps its own pruned rank, and PEFT's "
+                           "add_weighted_adapter does not support them", where="--adapter",
                            hint="merge them one after the other: merge the first, then pass the merged folder as "
                                 "--base when merging the next")
     if combine and kinds[0] == "IA3" and method != "linear":

@@ -59,9 +59,12 @@ class QuantizationSection(_Section):
 
 
 class AdapterSection(_Section):
-    method: Literal["lora", "ia3", "prefix"] = Field("lora", description="PEFT method.")
-    r: int = Field(16, gt=0, description="LoRA rank.")
-    alpha: float = Field(None, gt=0, description="LoRA scaling numerator (scale = alpha / r); default 2 * r.")  # type: ignore[assignment]
+    method: Literal["lora", "adalora", "ia3", "prefix"] = Field(
+        "lora", description="PEFT method: lora; adalora (LoRA whose ranks are pruned during training from init_r to "
+        "an average of target_r, keeping rank where it matters most); ia3; prefix (tuning).")
+    r: int = Field(16, gt=0, description="LoRA rank (adalora: init_r and target_r instead).")
+    alpha: float = Field(None, gt=0, description="LoRA scaling numerator (scale = alpha / r); default 2 * r "  # type: ignore[assignment]
+                         "(adalora: scale = alpha / init_r, default 2 * init_r).")
     dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input, in [0, 1).")
     target_modules: str | list[str] = Field(
         "all-linear",
@@ -83,12 +86,23 @@ class AdapterSection(_Section):
         None, description="Start from a trained adapter folder (e.g. runs/quickstart/adapter, an SFT run before "
         "task: dpo) instead of a new one; its own rank, alpha and target modules apply, and the recipe's must match.",
     )
+    # AdaLoRA's budget schedule, under PEFT's names and defaults (peft.AdaLoraConfig). Steps are optimizer steps.
+    init_r: int = Field(12, gt=0, description="adalora: the rank every adapted module starts with.")
+    target_r: int = Field(8, gt=0, description="adalora: the average rank per module after pruning; the total budget "
+                          "(target_r x the adapted modules) is shared out by importance, so some modules keep more.")
+    tinit: int = Field(0, ge=0, description="adalora: optimizer steps trained at init_r before pruning starts.")
+    tfinal: int = Field(0, ge=0, description="adalora: last optimizer steps trained at the final ranks, after pruning.")
+    deltaT: int = Field(1, gt=0, description="adalora: prune every deltaT optimizer steps while the budget shrinks.")
+    beta1: float = Field(0.85, gt=0, lt=1, description="adalora: smoothing (EMA) of each weight's importance score.")
+    beta2: float = Field(0.85, gt=0, lt=1, description="adalora: smoothing (EMA) of the importance's uncertainty.")
+    orth_reg_weight: float = Field(0.5, ge=0, description="adalora: weight of the loss term that keeps each module's "
+                                   "singular vectors orthogonal.")
 
     @model_validator(mode="before")
     @classmethod
     def _alpha_defaults_to_twice_r(cls, data: Any) -> Any:
         if isinstance(data, dict) and data.get("alpha") is None:
-            r = data.get("r", 16)
+            r = data.get("init_r", 12) if data.get("method") == "adalora" else data.get("r", 16)
             if isinstance(r, int) and not isinstance(r, bool):
                 data = {**data, "alpha": 2 * r}
         return data
@@ -112,6 +126,9 @@ class AdapterSection(_Section):
         # A setting the chosen method cannot use is refused, never ignored. Defaults are fine: a run's recipe.yaml
         # lists every key with its default, and must load again.
         unused = [key for key in _NOT_USED_BY[self.method] if getattr(self, key) != _default_of(self, key)]
+        if self.method == "adalora" and "r" in unused:
+            raise ValueError(f"r: not used by method: adalora, whose modules start at init_r and are pruned to an "
+                             f"average of target_r; replace r: {self.r} with init_r (and target_r)")
         if unused:
             raise ValueError(f"{', '.join(unused)}: not used by method: {self.method} (only by "
                              f"{_USED_BY_WHOM[unused[0]]}); remove {'it' if len(unused) == 1 else 'them'} or change "
@@ -119,23 +136,34 @@ class AdapterSection(_Section):
         if self.method == "lora" and self.init == "orthogonal" and self.r % 2:
             raise ValueError(f"init: orthogonal builds A and B from the two halves of an r x r orthogonal matrix, so "
                              f"it needs an even r (got r: {self.r})")
+        if self.method == "adalora" and self.target_r >= self.init_r:
+            raise ValueError(f"target_r: adalora prunes each module from init_r down to an average of target_r, so "
+                             f"target_r must be below init_r (got {self.target_r} and {self.init_r}); for one fixed rank "
+                             "use method: lora")
         return self
 
 
 # Settings of one PEFT method that the others do not have (prefix tuning learns virtual tokens, not weight deltas).
+# AdaLoRA is LoRA with singular-value triplets: it takes alpha, dropout, bias and layers_to_transform, but sets each
+# rank itself (init_r, target_r) and initialises them its own way (PEFT's SVD layers ignore init_lora_weights,
+# use_rslora, and refuse DoRA).
 _LORA_ONLY = ("r", "alpha", "dropout", "bias", "layers_to_transform", "use_rslora", "use_dora", "init")
+_ADALORA_ONLY = ("init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight")
 _NOT_USED_BY = {
-    "lora": ("num_virtual_tokens",),
-    "ia3": (*_LORA_ONLY, "num_virtual_tokens"),
-    "prefix": (*_LORA_ONLY, "target_modules"),
+    "lora": ("num_virtual_tokens", *_ADALORA_ONLY),
+    "adalora": ("r", "use_rslora", "use_dora", "init", "num_virtual_tokens"),
+    "ia3": (*_LORA_ONLY, "num_virtual_tokens", *_ADALORA_ONLY),
+    "prefix": (*_LORA_ONLY, "target_modules", *_ADALORA_ONLY),
 }
-_USED_BY_WHOM = {**{key: "method: lora" for key in _LORA_ONLY}, "num_virtual_tokens": "method: prefix",
-                 "target_modules": "methods lora and ia3"}
+_USED_BY_WHOM = {**{key: "methods lora and adalora" for key in _LORA_ONLY},
+                 **{key: "method: lora" for key in ("r", "use_rslora", "use_dora", "init")},
+                 **{key: "method: adalora" for key in _ADALORA_ONLY},
+                 "num_virtual_tokens": "method: prefix", "target_modules": "methods lora, adalora and ia3"}
 
 
 def _default_of(section: AdapterSection, key: str) -> Any:
-    if key == "alpha":  # default: twice r
-        return 2 * section.r
+    if key == "alpha":  # default: twice r (adalora: twice init_r)
+        return 2 * (section.init_r if section.method == "adalora" else section.r)
     return AdapterSection.model_fields[key].get_default(call_default_factory=True)
 
 
@@ -387,7 +415,25 @@ class Recipe(_Section):
             raise ValueError("preference: only applies to task: dpo or kto")
         if self.adapter.init_from is not None and self.adapter.method == "prefix":
             raise ValueError("adapter.init_from: continuing a prefix-tuning adapter is not supported; use method: lora")
+        if self.adapter.method == "adalora":
+            self._check_adalora()
         return self
+
+    def _check_adalora(self) -> None:
+        adapter, steps = self.adapter, self.training.max_steps
+        if adapter.init_from is not None:
+            # A saved AdaLoRA adapter is already pruned (its rank pattern), and a LoRA adapter has no singular values:
+            # neither is a start the rank budget can be scheduled from.
+            raise ValueError("adapter.init_from: method adalora starts every module at init_r and prunes from there, "
+                             "so it cannot continue a saved adapter; remove init_from, or use method: lora to continue "
+                             "a LoRA adapter")
+        if self.task in PREFERENCE_TASKS:
+            raise ValueError(f"adapter.method: adalora is not supported with task: {self.task} (TRL's {self.task} "
+                             "trainer copies the adapter as its reference and AdaLoRA allows one trainable adapter "
+                             "only); use method: lora")
+        problem = adalora_schedule_problem(adapter, steps, f"training.max_steps: {steps}") if steps else None
+        if problem:
+            raise ValueError(problem)
 
     def _check_streaming(self) -> None:
         if self.training.max_steps is None:
@@ -458,6 +504,19 @@ class Recipe(_Section):
     def run_dir(self) -> Path:
         """The run folder this recipe writes to."""
         return Path(self.output.dir or f"runs/{self.name}").expanduser()
+
+
+def adalora_schedule_problem(adapter: AdapterSection, total_steps: int, source: str) -> str | None:
+    """Why an AdaLoRA schedule cannot run in `total_steps` optimizer steps (None when it can).
+
+    PEFT needs tinit < total steps - tfinal: some steps must be left to prune ranks in. `source` says where the
+    step count comes from (e.g. "training.max_steps: 6").
+    """
+    if adapter.tinit + adapter.tfinal < total_steps:
+        return None
+    return (f"adapter.tinit / adapter.tfinal: the run has {total_steps} optimizer steps ({source}), but tinit "
+            f"{adapter.tinit} + tfinal {adapter.tfinal} leave no step for adalora to prune ranks in; lower tinit or "
+            "tfinal, or train for more steps")
 
 
 SECTIONS: dict[str, type[BaseModel]] = {

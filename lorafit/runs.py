@@ -163,6 +163,8 @@ def _from_recipe(info: RunInfo, recipe: dict[str, Any]) -> None:
     info.method = f"q{method}" if recipe.get("quantization") and method else method
     if adapter.get("method") == "lora":
         info.r, info.alpha = adapter.get("r"), adapter.get("alpha")
+    elif adapter.get("method") == "adalora":  # its rank per module once pruned, on average
+        info.r, info.alpha = adapter.get("target_r"), adapter.get("alpha")
     info.lr = training.get("learning_rate")
     info.max_steps = training.get("max_steps")
 

@@ -72,15 +72,19 @@ class TrainMetrics:
     eval_f1: float | None = None
     # dpo / kto only: the last logged train and eval rewards, under TRL's names (PREFERENCE_METRICS, eval_...)
     preference: dict[str, float | None] | None = None
+    # adapter.method adalora only: each adapted module's rank after pruning (the adapter's rank pattern)
+    adapter_ranks: dict[str, int] | None = None
 
     def as_json(self) -> dict[str, Any]:
-        """metrics.json's content: every field, the classification / preference ones only for those tasks."""
+        """metrics.json's content: every field, the classification / preference / AdaLoRA ones only for those."""
         values = asdict(self)
         if self.labels is None:
             for key in ("labels", "label_counts", "eval_accuracy", "eval_f1"):
                 del values[key]
         if self.preference is None:
             del values["preference"]
+        if self.adapter_ranks is None:
+            del values["adapter_ranks"]
         return values
 
 
@@ -248,6 +252,7 @@ def _prepare(recipe: Recipe, *, resume: bool, dry_run: bool) -> _PreparedRun:
         layout = distributed.read_layout(args)
         if layout.strategy != "none":
             notes.append(f"distributed: {layout.strategy} over {layout.world_size} processes")
+    total_steps = _adalora_steps(recipe, prepared, layout, notes) if recipe.adapter.method == "adalora" else None
     # The adapter's random init (LoRA A) and a new classifier head (sequence classification, created as the model
     # loads) must follow the recipe's seed too, not only the data order: the Trainer seeds only when it is built.
     from transformers import set_seed
@@ -256,7 +261,7 @@ def _prepare(recipe: Recipe, *, resume: bool, dry_run: bool) -> _PreparedRun:
     base = models.load_base_model(recipe, source, precision, pad_token_id=tokenizer.pad_token_id,
                                   sharded=layout.shards_weights)
     model = adapters.wrap_model(recipe, base, gradient_checkpointing=gradient_checkpointing, precision=precision.name,
-                                zero3=layout.zero3)
+                                zero3=layout.zero3, total_steps=total_steps)
     trainable, total = model.get_nb_trainable_parameters()
     targets = sorted(getattr(model.peft_config["default"], "target_modules", None) or [])
     if _one_packed_row_per_forward(recipe):
@@ -379,6 +384,43 @@ def _prepare_run_dir(run_dir: Path, *, replace: bool) -> None:
     run_folder.write_marker(run_dir, "run", files=[run_folder.RECIPE, run_folder.CHECKPOINTS], status="running")
 
 
+def _adalora_steps(recipe: Recipe, prepared, layout: Layout, notes: list[str]) -> int:
+    """The optimizer steps AdaLoRA's budget schedule spans, checked against tinit / tfinal before the model loads.
+
+    max_steps, or epochs x the steps of one epoch, counted as the Trainer counts them (set_initial_training_values):
+    the batches of one process, then one step per grad_accum of them, the last one short. The Trainer's own count
+    still decides once training begins (adalora.RankBudget).
+    """
+    import math
+
+    from lorafit.recipe import adalora_schedule_problem
+
+    if layout.shards_weights:
+        # PEFT's rank allocator scores every weight of every A, E and B from its gradient: each process must hold
+        # them whole.
+        raise LorafitError(f"method adalora cannot run under {layout.strategy}, which shards the weights its rank "
+                           "allocator scores", where="adapter.method",
+                           hint="launch it with DDP (accelerate launch or torchrun without FSDP / ZeRO-3), or use "
+                                "method: lora")
+    t = recipe.training
+    if t.max_steps:
+        steps, source = t.max_steps, f"training.max_steps: {t.max_steps}"
+    else:
+        row_per_forward = _one_packed_row_per_forward(recipe)
+        rows_per_forward = 1 if row_per_forward else t.batch_size
+        accumulation = t.grad_accum * t.batch_size if row_per_forward else t.grad_accum
+        batches = math.ceil(math.ceil(len(prepared.train) / rows_per_forward) / layout.world_size)
+        steps = math.ceil(t.epochs * max(math.ceil(batches / accumulation), 1))
+        source = (f"training.epochs {t.epochs:g} x {len(prepared.train)} rows / (batch_size {t.batch_size} x "
+                  f"grad_accum {t.grad_accum}{f' x {layout.world_size} processes' if layout.world_size > 1 else ''})")
+    problem = adalora_schedule_problem(recipe.adapter, steps, source)
+    if problem:
+        raise LorafitError(problem, where="adapter")
+    notes.append(f"adalora: ranks pruned from init_r {recipe.adapter.init_r} to an average of target_r "
+                 f"{recipe.adapter.target_r} over {steps} optimizer steps")
+    return steps
+
+
 def _one_packed_row_per_forward(recipe: Recipe) -> bool:
     """Packing without a variable-length attention kernel: each forward pass takes one packed row.
 
@@ -468,6 +510,8 @@ def _build_trainer(recipe: Recipe, model, tokenizer, prepared, args, console: Co
                        "compute_metrics": _classification_metrics} if classify else {}
     if recipe.task in PREFERENCE_TASKS:  # the reference model: the adapter switched off, or its frozen start
         trainer_options = {"reference": (recipe.preference or PreferenceSection()).reference}
+    else:  # AdaLoRA's schedule (lorafit/adalora.py; inert for the other methods)
+        trainer_options["adapter"] = recipe.adapter
     trainer = trainer_class(
         max_nonfinite_steps=t.max_nonfinite_steps,
         model=model,
@@ -555,7 +599,7 @@ def _tensorboard_callbacks(recipe: Recipe) -> list:
 def _measured(result: TrainResult, recipe: Recipe, source: str, trainer, output, throughput, layout: Layout, *,
               train_seconds: float, wall_seconds: float) -> TrainMetrics:
     """The finished run's TrainMetrics, from the trainer's log history and state."""
-    from lorafit import distributed, export
+    from lorafit import adalora, distributed, export
 
     history, state, report = trainer.state.log_history, trainer.state, result.report
     history_keys = ("loss", "eval_loss", "eval_accuracy", "eval_f1", "learning_rate", "grad_norm",
@@ -600,6 +644,7 @@ def _measured(result: TrainResult, recipe: Recipe, source: str, trainer, output,
            if classify else {}),
         preference={key: _last_logged(history, key) for key in
                     (*PREFERENCE_METRICS, *(f"eval_{key}" for key in PREFERENCE_METRICS))} if preference else None,
+        adapter_ranks=adalora.final_ranks(trainer.model) if adalora.is_adalora(trainer.model) else None,
     )
 
 

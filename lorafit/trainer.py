@@ -4,7 +4,8 @@
   (preference tuning, reference model = the adapter switched off: `AdapterReference`) are TRL's and transformers'
   trainers with behaviours added at `compute_loss`, the documented extension point: `NonFiniteGuard`
   skips NaN/inf losses and stops after `training.max_nonfinite_steps` in a row; `TrainedPositionsLoss`
-  (lorafit/loss.py) projects only trained positions through the LM head where TRL's fused head has no kernel.
+  (lorafit/loss.py) projects only trained positions through the LM head where TRL's fused head has no kernel;
+  `AdaLoraTraining` (lorafit/adalora.py) runs AdaLoRA's rank budget schedule and regulariser.
 - `fit` runs `trainer.train()` so that checkpoints are published atomically and rotated among lorafit's own
   (lorafit/checkpoints.py does both), Ctrl-C / SIGTERM finish the step, save and stop with the resume command
   (a second signal stops at once), and no checkpoint is saved during a NaN/inf streak or with non-finite weights.
@@ -33,7 +34,8 @@ from typing import TYPE_CHECKING, Any
 import transformers
 import trl
 
-from lorafit import checkpoints
+from lorafit import adalora, checkpoints
+from lorafit.adalora import AdaLoraTraining
 from lorafit.errors import Interrupted, LorafitError, RunFailed, first_line
 from lorafit.loss import TrainedPositionsLoss
 from lorafit.recipe import Recipe
@@ -80,12 +82,15 @@ class NonFiniteGuard:
         return (zero, *result[1:]) if return_outputs else zero
 
 
-class SFTTrainer(NonFiniteGuard, TrainedPositionsLoss, trl.SFTTrainer):
-    """TRL's SFTTrainer with the NaN/inf guard and, off CUDA, the trained-positions loss."""
+class SFTTrainer(NonFiniteGuard, AdaLoraTraining, TrainedPositionsLoss, trl.SFTTrainer):
+    """TRL's SFTTrainer with the NaN/inf guard, AdaLoRA's schedule and, off CUDA, the trained-positions loss."""
 
 
-class ClassifierTrainer(NonFiniteGuard, transformers.Trainer):
-    """The transformers Trainer (sequence classification) with the NaN/inf guard."""
+class ClassifierTrainer(NonFiniteGuard, AdaLoraTraining, transformers.Trainer):
+    """The transformers Trainer (sequence classification) with the NaN/inf guard and AdaLoRA's schedule."""
+
+    # Its loss is the model's own (from `labels`), to which AdaLoraModel.forward adds the regulariser.
+    model_adds_orthogonal_regularisation = True
 
 
 class AdapterReference:
@@ -179,6 +184,8 @@ def _completed_training(trainer: transformers.Trainer, checkpoint: Path):
     model = trainer.model
     # As the Trainer itself loads a PEFT checkpoint on resume: into the active adapter, kept trainable.
     model.load_adapter(str(checkpoint), adapter_name=model.active_adapter, is_trainable=True)
+    if adalora.is_adalora(model):  # the final rank pattern, which the exported adapter is cut to
+        adalora.restore_state(model, checkpoint)
     trainer.state = state
     return transformers.trainer_utils.TrainOutput(state.global_step, None, {})
 
