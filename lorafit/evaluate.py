@@ -100,6 +100,11 @@ def run_eval(recipe: Recipe, adapter_dirs: list[str | Path], *, data_file: str |
         if value is not None and value <= 0:
             raise LorafitError(f"must be a positive number, got {value}", where=option)
     trained = [adapters.read_trained_adapter(path) for path in adapter_dirs]
+    kinds = sorted({str(t.config.get("peft_type")).lower().replace("_", "-") for t in trained})
+    if len(kinds) > 1:  # all adapters sit beside one base in one PeftModel, which holds one method only
+        raise LorafitError(f"the adapters are of different methods ({' and '.join(kinds)}), which PEFT cannot load "
+                           "beside one base", where="--adapter",
+                           hint="run lorafit eval once per method; each report scores the base beside its adapters")
     names = _adapter_names(trained)
     out_dir = Path(out_dir).expanduser() if out_dir else recipe.run_dir / run_folder.EVAL
     data_file = Path(data_file).expanduser() if data_file is not None else None

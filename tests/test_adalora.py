@@ -375,3 +375,60 @@ def test_inspect_modules_counts_an_adalora_recipe(make_recipe, tiny_llama, toy_d
     assert result.trainable_params == 2 * (4 * hidden + 4 + hidden * 4)
     assert (result.adapter["init_r"], result.adapter["target_r"], result.adapter["r"]) == (4, 2, None)
     assert any("adalora: counted at init_r 4" in note for note in result.notes)
+
+
+def test_qlora_adalora_trains_and_merges(make_recipe, adalora_run, tmp_path):
+    """On a 4-bit base (PEFT's SVDLinear4bit) AdaLoRA trains and prunes, and merge folds it into 16/32-bit weights,
+    verified against the trained QLoRA model."""
+    from lorafit.merge import AdapterSpec, run_merge
+
+    raw = make_recipe(adalora_run["model"], adalora_run["data"], tmp_path / "run", ADALORA, quantization={"bits": 4},
+                      adapter={"tinit": 1, "tfinal": 2}, training={"max_steps": 6, "batch_size": 4})
+    result = run_train(validate_recipe(raw), QUIET)
+    assert sum(result.metrics.adapter_ranks.values()) == 2 * MODULES
+    merged = run_merge([AdapterSpec(tmp_path / "run" / "adapter")], tmp_path / "merged")
+    assert merged.max_logit_diff <= merged.tolerance and merged.adapter_effect > 0
+
+
+@pytest.mark.slow  # ~90 s on 2 shared cores: three processes each import torch, transformers, peft and datasets
+@pytest.mark.skipif(__import__("shutil").which("torchrun") is None, reason="torchrun not installed")
+def test_two_process_ddp_prunes_like_one_process(make_recipe, tiny_llama, toy_data_factory, tmp_path):
+    """Under DDP (torchrun, 2 CPU processes x batch 4) every rank scores the same synchronised gradients, so the run
+    ends with the rank pattern and adapter of 1 process x batch 8."""
+    import subprocess
+    import sys
+
+    data = toy_data_factory(n=32)
+    steps = {"training": {"max_steps": 6, "save_steps": 200, "precision": "fp32"}}
+    adapter = {"method": "adalora", "r": 16, "init_r": 4, "target_r": 2, "tinit": 1, "tfinal": 2}
+    one, two = tmp_path / "one.yaml", tmp_path / "two.yaml"
+    one.write_text(json.dumps(make_recipe(tiny_llama, data, tmp_path / "run-one", steps, adapter=adapter,
+                                          training={"batch_size": 8})))
+    two.write_text(json.dumps(make_recipe(tiny_llama, data, tmp_path / "run-two", steps, adapter=adapter,
+                                          training={"batch_size": 4})))
+    env = {**os.environ, "NO_COLOR": "1", "OMP_NUM_THREADS": "1"}
+    single = subprocess.run([sys.executable, "-m", "lorafit", "train", str(one), "--quiet"], env=env,
+                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert single.returncode == 0, single.stderr[-3000:]
+    ddp = subprocess.run(["torchrun", "--nproc_per_node", "2", "-m", "lorafit", "train", str(two), "--quiet"],
+                         env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    patterns = [json.loads((tmp_path / run / "adapter" / "adapter_config.json").read_text())["rank_pattern"]
+                for run in ("run-one", "run-two")]
+    assert patterns[0] == patterns[1]
+    a, b = _adapter_weights(tmp_path / "run-one" / "adapter"), _adapter_weights(tmp_path / "run-two" / "adapter")
+    assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max() < 1e-4 for k in a)
+
+
+def test_eval_of_a_lora_and_an_adalora_adapter_together_is_refused(adalora_run, tmp_path):
+    """PEFT cannot hold a LoRA and an AdaLoRA adapter beside one base: eval refuses the pair with one line (before,
+    a traceback from deep inside PEFT) and says to run it once per method."""
+    from tiny_models import write_lora_run
+
+    from lorafit.evaluate import run_eval
+    from lorafit.recipe import load_recipe
+
+    lora = write_lora_run(tmp_path / "lora", adalora_run["model"], r=4, seed=7)
+    recipe = load_recipe(adalora_run["run"] / "recipe.yaml")
+    with pytest.raises(LorafitError, match=r"--adapter: the adapters are of different methods \(adalora and lora\)"):
+        run_eval(recipe, [adalora_run["run"] / "adapter", lora], out_dir=tmp_path / "eval")
