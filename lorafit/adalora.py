@@ -89,7 +89,6 @@ class RankBudget(transformers.TrainerCallback):
         self.model = model
         self.adapter = adapter
         self.resume_from: Path | None = None
-        self.updates = 0  # update_and_allocate calls in this process (tests count them)
 
     def on_train_begin(self, args, state, control, **kwargs):
         tuner = self.model.base_model
@@ -108,7 +107,6 @@ class RankBudget(transformers.TrainerCallback):
     def on_optimizer_step(self, args, state, control, **kwargs):
         # After optimizer.step(), before zero_grad(); state.global_step still counts the steps before this one.
         self.model.base_model.update_and_allocate(state.global_step + 1)
-        self.updates += 1
 
 
 class AdaLoraTraining:

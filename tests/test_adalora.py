@@ -249,10 +249,6 @@ def test_the_regulariser_is_added_to_lorafits_own_loss(make_recipe, tiny_llama, 
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
     base = AutoModelForCausalLM.from_pretrained(tiny_llama)
     model = get_peft_model(base, build_peft_config(recipe.adapter, base, total_step=14))
-    with torch.no_grad():  # E starts at zero; any values make the regulariser's gradient path visible
-        for name, weight in model.named_parameters():
-            if "lora_E" in name:
-                weight.normal_()
     args = SFTConfig(output_dir=str(tmp_path / "out"), max_length=64, use_cpu=True, bf16=False, report_to="none",
                      per_device_train_batch_size=4, gradient_accumulation_steps=2)
     trainer = SFTTrainer(model=model, args=args, train_dataset=prepare_data(recipe, tokenizer).train,
@@ -260,12 +256,15 @@ def test_the_regulariser_is_added_to_lorafits_own_loss(make_recipe, tiny_llama, 
     batch = next(iter(trainer.get_train_dataloader()))
     model.train()
     trainer.current_gradient_accumulation_steps = 2
-    loss = trainer.compute_loss(model, dict(batch))
     regulariser = orthogonal_regularisation(model)
-    plain = trained_positions_loss(model, dict(batch))
     assert regulariser > 0.1
-    assert torch.allclose(loss, plain + 0.5 * regulariser, atol=1e-5) or torch.allclose(
-        loss, plain + 0.5 * regulariser / 2, atol=1e-5)  # halved when the loss is normalised over the whole step
+    # A micro-batch loss the Trainer divides by the 2 accumulation steps itself: the term is added whole.
+    loss = trainer.compute_loss(model, dict(batch))
+    assert torch.allclose(loss, trained_positions_loss(model, dict(batch)) + 0.5 * regulariser, atol=1e-5)
+    # A loss already normalised over the whole step (num_items_in_batch): the term is halved, once per step in all.
+    trainer.model_accepts_loss_kwargs, tokens = True, int((batch["labels"] != -100).sum()) * 2
+    loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=tokens)
+    assert torch.allclose(loss, trained_positions_loss(model, dict(batch), tokens) + 0.5 * regulariser / 2, atol=1e-5)
     # The value PEFT adds when the model computes its loss from labels itself:
     with_labels = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                         labels=batch["input_ids"]).loss
