@@ -331,6 +331,11 @@ def modelfile(tokenizer: PreTrainedTokenizerBase, stop: list[str], notes: list[s
     """An Ollama Modelfile: the GGUF next to it, the chat template as a Go template, and the stop tokens."""
     lines = [f"FROM ./{GGUF_FILE}", ""]
     pieces = chat_pieces(tokenizer)
+    bos = tokenizer.bos_token
+    if pieces is not None and bos and _adds_bos(tokenizer) and pieces["start"].startswith(bos):
+        # Llama 2 / Mistral templates write BOS themselves; llama.cpp (so Ollama) puts it before every prompt already
+        # (tokenizer.ggml.add_bos_token), and the template's own would make it two.
+        pieces = {**pieces, "start": pieces["start"][len(bos):]}
     if pieces is not None:
         lines += [f'TEMPLATE """{_go_template(pieces)}"""', ""]
         if pieces["default_system"]:

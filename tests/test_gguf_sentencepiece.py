@@ -92,7 +92,9 @@ def test_sentencepiece_vocabulary_round_trips_with_the_merged_logits(runs, tmp_p
         got = loaded(input_ids=torch.tensor([ids])).logits[0]
     assert (got - merged_logits(runs[name], runs[f"{name}-adapter"], ids)).abs().max() < atol
     modelfile = (out / "Modelfile").read_text()
-    assert 'PARAMETER stop "</s>"' in modelfile and "[INST] " in modelfile
+    assert 'PARAMETER stop "</s>"' in modelfile and "[INST] {{ .Content }} [/INST]" in modelfile
+    # The template writes <s> itself; llama.cpp adds BOS to every prompt (add_bos_token), so Ollama's must not.
+    assert trained.chat_template.startswith("{{ bos_token }}") and 'TEMPLATE """{{ range' in modelfile
 
 
 def test_metaspace_tokenizer_is_exported_and_the_texts_llama_cpp_splits_otherwise_are_named(runs, tmp_path):
