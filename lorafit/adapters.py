@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lorafit import adapter_init
 from lorafit.errors import LorafitError
 from lorafit.recipe import AdapterSection, ModelSection, Recipe, load_recipe
 
@@ -117,7 +118,8 @@ def build_peft_config(section: AdapterSection, model: nn.Module, task_type: str 
     `total_step` is the run's optimizer step count, which AdaLoRA's budget schedule spans; without one (counting
     parameters, which it does not change) the shortest schedule the config accepts is used.
     """
-    from peft import AdaLoraConfig, IA3Config, LoraConfig, PrefixTuningConfig
+    from peft import AdaLoraConfig, EvaConfig, IA3Config, LoraConfig, PrefixTuningConfig
+    from peft.tuners.lora.config import CordaConfig
 
     modules = eligible_modules(model)
     for name in section.modules_to_save:
@@ -163,7 +165,11 @@ def build_peft_config(section: AdapterSection, model: nn.Module, task_type: str 
         layers_to_transform=section.layers_to_transform,
         use_rslora=section.use_rslora,
         use_dora=section.use_dora,
-        init_lora_weights=True if section.init == "default" else section.init,
+        # loftq starts from PEFT's default and replaces A and B afterwards (lorafit.adapter_init), so the saved
+        # adapter is a plain LoRA that loads on the 4-bit base as it is.
+        init_lora_weights=True if section.init in ("default", "loftq") else section.init,
+        eva_config=EvaConfig() if section.init == "eva" else None,
+        corda_config=CordaConfig() if section.init == "corda" else None,
     )
 
 
@@ -194,8 +200,14 @@ def gradient_checkpointing_on(recipe: Recipe, *, on_gpu: bool, quantized: bool) 
 
 
 def wrap_model(recipe: Recipe, model: nn.Module, *, gradient_checkpointing: bool, precision: str = "fp32",
-               zero3: bool = False, total_steps: int | None = None) -> PeftModel:
+               zero3: bool = False, total_steps: int | None = None,
+               init_batches: list | None = None) -> PeftModel:
     """The base model frozen and wrapped with the recipe's adapter (prepared for k-bit training under QLoRA).
+
+    adapter.init loftq, eva and corda are initialised here through lorafit.adapter_init; eva and corda read
+    `init_batches` (adapter_init.init_batches: the first training batches). What they did is recorded on the
+    returned model as `lorafit_start` (an adapter_init.AdapterStart: a line for the run's notes and, for corda, the
+    adapter as it started, which export needs to save it as a plain LoRA).
 
     For sequence classification PEFT's SEQ_CLS task adds the classifier head (`classifier`, or `score` on decoders)
     to modules_to_save: it is trained fully and saved with the adapter; presets never target it with LoRA.
@@ -229,6 +241,12 @@ def wrap_model(recipe: Recipe, model: nn.Module, *, gradient_checkpointing: bool
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
         model.enable_input_require_grads()
     autocast = not (zero3 and not quantized)
+    init = recipe.adapter.init
+    if init in adapter_init.DATA_DRIVEN and not init_batches:
+        raise LorafitError(f"init {init} reads the first training batches, and there are none", where="adapter.init",
+                           hint="check data.train, or use init: default")
+    if init == "corda":
+        adapter_init.prepare_corda(model, config, init_batches)
     if start is not None:
         from peft import PeftModel
 
@@ -237,6 +255,20 @@ def wrap_model(recipe: Recipe, model: nn.Module, *, gradient_checkpointing: bool
     else:
         wrapped = get_peft_model(model, config, autocast_adapter_dtype=autocast)
     freeze_adalora_ranknum(wrapped)
+    if init == "corda":
+        wrapped.lorafit_start = adapter_init.AdapterStart(
+            f"adapter.init corda: started from the base's main directions on {len(init_batches)} training batches; "
+            f"saved as a plain LoRA of rank {2 * recipe.adapter.r} on the original base",
+            corda_start=adapter_init.initial_corda_state(wrapped))
+    elif init == "eva":
+        adapter_init.initialize_eva(wrapped, init_batches)
+        ranks = wrapped.peft_config[wrapped.active_adapter].rank_pattern
+        wrapped.lorafit_start = adapter_init.AdapterStart(
+            f"adapter.init eva: A from the inputs of {len(init_batches)} training batches; {len(ranks)} layers got a "
+            f"rank other than {recipe.adapter.r}")
+    elif init == "loftq":
+        wrapped.lorafit_start = adapter_init.AdapterStart(
+            adapter_init.initialize_loftq(wrapped, model.config.name_or_path).summary())
     if precision == "fp16" and not zero3:
         for parameter in wrapped.parameters():
             if parameter.requires_grad and parameter.dtype != torch.float32:

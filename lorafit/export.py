@@ -20,7 +20,7 @@ import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lorafit import run_folder
+from lorafit import adapter_init, run_folder
 from lorafit.recipe import AdapterSection, Recipe, dump_recipe
 
 if TYPE_CHECKING:
@@ -49,8 +49,12 @@ def export_run(run_dir: Path, model: PeftModel, tokenizer: PreTrainedTokenizerBa
                                                  run_folder.MODEL_CARD, run_folder.METRICS, run_folder.LOSS_CHART])
     shutil.rmtree(staging, ignore_errors=True)
     # Only the trained adapter: a preference run may also hold TRL's frozen reference copy ("ref").
-    model.save_pretrained(staging, safe_serialization=True, selected_adapters=[model.active_adapter],
-                          state_dict=state_dict)
+    options = {"safe_serialization": True, "selected_adapters": [model.active_adapter], "state_dict": state_dict}
+    start = adapter_init.start_of(model)
+    if start is not None and start.corda_start is not None:  # a plain LoRA on the original base, not the residual
+        adapter_init.save_as_plain_lora(model, staging, start.corda_start, **options)
+    else:
+        model.save_pretrained(staging, **options)
     tokenizer.save_pretrained(staging)
     if adapter_dir.exists():
         shutil.rmtree(adapter_dir)

@@ -10,7 +10,8 @@ carries id2label / label2id and the pad token id, so plain `AutoModelForSequence
 
 QLoRA adapters are never merged into 4-bit weights. They are merged into a 16/32-bit base: either the
 original weights, or the weights after the same 4-bit quantize -> de-quantize round trip training saw.
-`auto` measures both against the trained QLoRA model (4-bit base + adapter) and keeps the closer one.
+`auto` measures both against the trained QLoRA model (4-bit base + adapter) and keeps the closer one. An adapter
+started with adapter.init loftq corrects the quantization error itself, so it always goes on the de-quantized weights.
 """
 
 from __future__ import annotations
@@ -161,6 +162,7 @@ def run_merge(specs: list[AdapterSpec], out_dir: str | Path, *, base: str | None
     # 1. Read the adapters and check them against the base's config, before any weights are read.
     trained = [adapters.read_trained_adapter(spec.path) for spec in specs]
     _check_mergeable(trained, specs, method)
+    _check_base_weights(trained, base_weights, as_adapter)
     section = adapters.base_model_section(trained[0], base)
     source = models.resolve_model_source(section)
     _check_out_dir(out_dir, overwrite=overwrite, inputs=[t.path for t in trained] + [Path(source)])
@@ -352,6 +354,22 @@ def _check_mergeable(trained: list[TrainedAdapter], specs: list[AdapterSpec], me
     if combine and kinds[0] == "IA3" and method != "linear":
         raise LorafitError(f"IA3 adapters are combined linearly only, not with {method}", where="--method",
                            hint="use --method linear (the default)")
+
+
+def _started_with_loftq(adapter: TrainedAdapter) -> bool:
+    """Whether its run started it with adapter.init loftq: then it holds a correction of the 4-bit quantization error."""
+    return adapter.quantized and adapter.recipe.adapter.init == "loftq"
+
+
+def _check_base_weights(trained: list[TrainedAdapter], base_weights: str, as_adapter: bool) -> None:
+    """Refuse --base-weights original for a LoftQ-started adapter: the original weights already hold what its
+    quantization correction adds, so the merged model would carry that correction twice."""
+    loftq = next((t for t in trained if _started_with_loftq(t)), None)
+    if loftq is not None and base_weights == "original" and not as_adapter:
+        raise LorafitError(
+            f"{loftq.path} was started with adapter.init loftq: it corrects the 4-bit quantization error, so on the "
+            "original weights it would add that correction a second time", where="--base-weights original",
+            hint="use --base-weights dequantized (or auto, which picks it for LoftQ adapters)")
 
 
 def _check_shard_size(text: str) -> None:
@@ -561,8 +579,10 @@ def _qlora_base(sources: _Adapters, adapter: TrainedAdapter, prompts: list[list[
         return sources.attached_to(quantized_base.dequantize(dtype=sources.dtype).to(sources.dtype))
 
     build = {"original": sources.on_full_base, "dequantized": dequantized}
-    # The de-quantized candidate goes last: it is usually the closer one, and then it needs no rebuild.
-    order = ["original", "dequantized"] if choice == "auto" else [choice]
+    # The de-quantized candidate goes last: it is usually the closer one, and then it needs no rebuild. A LoftQ
+    # adapter has one right base, the de-quantized one (_check_base_weights refused original).
+    loftq = any(_started_with_loftq(t) for t in sources.trained)
+    order = ["dequantized"] if loftq else ["original", "dequantized"] if choice == "auto" else [choice]
     fidelity: dict[str, float] = {}
     model = logits = None
     for name in order:
@@ -578,7 +598,10 @@ def _qlora_base(sources: _Adapters, adapter: TrainedAdapter, prompts: list[list[
         gc.collect()
         model = build[name]()
         logits = _logits(model, prompts)
-    if choice != "auto":
+    if loftq:
+        reason = (f"adapter.init loftq: the adapter corrects the 4-bit quantization error, so it is merged into the "
+                  f"de-quantized 4-bit weights it corrects (max diff {fidelity[name]:.4g} vs the trained QLoRA model)")
+    elif choice != "auto":
         reason = f"chosen with --base-weights {choice}"
     else:
         other = next(n for n in fidelity if n != name)

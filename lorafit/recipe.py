@@ -78,8 +78,16 @@ class AdapterSection(_Section):
     layers_to_transform: list[int] | None = Field(None, description="Only adapt these layer indices.")
     use_rslora: bool = Field(False, description="Rank-stabilised LoRA: scale = alpha / sqrt(r).")
     use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
-    init: Literal["default", "gaussian", "pissa", "olora", "orthogonal"] = Field(
-        "default", description="LoRA weight initialisation (PEFT's init_lora_weights)."
+    init: Literal["default", "gaussian", "pissa", "olora", "orthogonal", "loftq", "eva", "corda"] = Field(
+        "default", description="LoRA weight initialisation (PEFT's init_lora_weights). loftq: with 4-bit "
+        "quantization, the adapter starts by cancelling the quantization error (merge then uses the de-quantized "
+        "base). eva: A from the principal directions of each layer's inputs on the first training batches, rank moved "
+        "to the layers that need it. corda: the adapter starts from the weight directions the first training batches "
+        "use (ipm), the rest stays in the base; saved as a plain LoRA of rank 2r.",
+    )
+    init_batches: int = Field(
+        8, gt=0, description="init eva / corda: how many training batches (of training.batch_size rows, the first "
+        "rows in file order) are read to initialise the adapter.",
     )
     num_virtual_tokens: int = Field(20, gt=0, description="Prefix tuning: number of virtual tokens.")
     init_from: str | None = Field(
@@ -133,6 +141,15 @@ class AdapterSection(_Section):
             raise ValueError(f"{', '.join(unused)}: not used by method: {self.method} (only by "
                              f"{_USED_BY_WHOM[unused[0]]}); remove {'it' if len(unused) == 1 else 'them'} or change "
                              "the method")
+        if self.init_batches != _default_of(self, "init_batches") and self.init not in ("eva", "corda"):
+            raise ValueError(f"init_batches: only init eva and corda read training batches (init is {self.init}); "
+                             "remove it or change init")
+        if self.init in ("loftq", "eva", "corda") and self.use_dora:
+            raise ValueError(f"use_dora: init {self.init} sets A and B after PEFT has computed DoRA's magnitudes from "
+                             "them, which would then be wrong; use use_dora: false or init: default")
+        if self.init in ("loftq", "eva", "corda") and self.init_from is not None:
+            raise ValueError(f"init_from: the adapter starts from the trained weights in {self.init_from}, so init "
+                             f"{self.init} would have nothing to initialise; remove init or init_from")
         if self.method == "lora" and self.init == "orthogonal" and self.r % 2:
             raise ValueError(f"init: orthogonal builds A and B from the two halves of an r x r orthogonal matrix, so "
                              f"it needs an even r (got r: {self.r})")
@@ -147,16 +164,17 @@ class AdapterSection(_Section):
 # AdaLoRA is LoRA with singular-value triplets: it takes alpha, dropout, bias and layers_to_transform, but sets each
 # rank itself (init_r, target_r) and initialises them its own way (PEFT's SVD layers ignore init_lora_weights,
 # use_rslora, and refuse DoRA).
-_LORA_ONLY = ("r", "alpha", "dropout", "bias", "layers_to_transform", "use_rslora", "use_dora", "init")
+_LORA_ONLY = ("r", "alpha", "dropout", "bias", "layers_to_transform", "use_rslora", "use_dora", "init",
+              "init_batches")
 _ADALORA_ONLY = ("init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight")
 _NOT_USED_BY = {
     "lora": ("num_virtual_tokens", *_ADALORA_ONLY),
-    "adalora": ("r", "use_rslora", "use_dora", "init", "num_virtual_tokens"),
+    "adalora": ("r", "use_rslora", "use_dora", "init", "init_batches", "num_virtual_tokens"),
     "ia3": (*_LORA_ONLY, "num_virtual_tokens", *_ADALORA_ONLY),
     "prefix": (*_LORA_ONLY, "target_modules", *_ADALORA_ONLY),
 }
 _USED_BY_WHOM = {**{key: "methods lora and adalora" for key in _LORA_ONLY},
-                 **{key: "method: lora" for key in ("r", "use_rslora", "use_dora", "init")},
+                 **{key: "method: lora" for key in ("r", "use_rslora", "use_dora", "init", "init_batches")},
                  **{key: "method: adalora" for key in _ADALORA_ONLY},
                  "num_virtual_tokens": "method: prefix", "target_modules": "methods lora, adalora and ia3"}
 
@@ -396,6 +414,7 @@ class Recipe(_Section):
                 "the base layer's weight dtype, which is packed uint8 in a 4/8-bit model; use init: default or "
                 "gaussian with quantization, or remove the quantization section"
             )
+        self._check_init()
         if self.adapter.method != "lora" and (self.adapter.use_dora or self.adapter.use_rslora):
             raise ValueError("adapter.use_dora / use_rslora only apply to method: lora")
         if self.data.packing and self.adapter.method == "prefix":
@@ -434,6 +453,24 @@ class Recipe(_Section):
         problem = adalora_schedule_problem(adapter, steps, f"training.max_steps: {steps}") if steps else None
         if problem:
             raise ValueError(problem)
+
+    def _check_init(self) -> None:
+        """adapter.init loftq / eva / corda: the combinations that cannot work, each with the reason."""
+        init, quantization = self.adapter.init, self.quantization
+        if init == "loftq" and quantization is None:
+            raise ValueError("adapter.init: loftq starts the adapter by cancelling the 4-bit quantization error, and "
+                             "without a quantization section there is none; add quantization: {bits: 4} or use "
+                             "init: default")
+        if init == "loftq" and quantization.bits != 4:
+            raise ValueError("adapter.init: loftq compensates 4-bit weights (PEFT's LoftQ for bitsandbytes); set "
+                             "quantization.bits: 4 or use init: default")
+        if init == "corda" and quantization is not None:
+            raise ValueError("adapter.init: corda decomposes full-precision weights and cannot start from a quantized "
+                             "model; use init: eva or loftq with quantization, or remove the quantization section")
+        if init in ("eva", "corda") and self.task != "causal-lm":
+            raise ValueError(f"adapter.init: {init} reads the first training batches as SFT rows (task causal-lm); "
+                             f"for task {self.task} use init: default, or start from an SFT adapter trained with "
+                             f"init {init} (adapter.init_from)")
 
     def _check_streaming(self) -> None:
         if self.training.max_steps is None:

@@ -210,7 +210,7 @@ class _PreparedRun:
 
 def _prepare(recipe: Recipe, *, resume: bool, dry_run: bool) -> _PreparedRun:
     """Everything a dry run checks and shows: precision, tokenizer, data, the resume check, the wrapped model."""
-    from lorafit import adapters, checkpoints, data, distributed
+    from lorafit import adapter_init, adapters, checkpoints, data, distributed
 
     notes: list[str] = []
     # 1. Everything that can be checked without loading weights.
@@ -260,8 +260,14 @@ def _prepare(recipe: Recipe, *, resume: bool, dry_run: bool) -> _PreparedRun:
     set_seed(recipe.training.seed)
     base = models.load_base_model(recipe, source, precision, pad_token_id=tokenizer.pad_token_id,
                                   sharded=layout.shards_weights)
+    # adapter.init eva / corda start the adapter from the first training batches (lorafit/adapter_init.py).
+    batches = adapter_init.init_batches(recipe, tokenizer, prepared.train) if (
+        recipe.adapter.init in adapter_init.DATA_DRIVEN) else None
     model = adapters.wrap_model(recipe, base, gradient_checkpointing=gradient_checkpointing, precision=precision.name,
-                                zero3=layout.zero3, total_steps=total_steps)
+                                zero3=layout.zero3, total_steps=total_steps, init_batches=batches)
+    start = adapter_init.start_of(model)
+    if start is not None:
+        notes.append(start.note)
     trainable, total = model.get_nb_trainable_parameters()
     targets = sorted(getattr(model.peft_config["default"], "target_modules", None) or [])
     if _one_packed_row_per_forward(recipe):
