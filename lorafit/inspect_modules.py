@@ -115,7 +115,15 @@ def run_inspect(target: str | Path, overrides: list[str] | tuple[str, ...] = ())
     groups = _module_groups(model, eligible, preset_members)
 
     # PEFT counts on the very config training would build; low_cpu_mem_usage keeps the adapter on meta too.
-    peft_config = adapters.build_peft_config(recipe.adapter, model, task_type=task_type)
+    # eva and corda shape the adapter from training batches, which a meta-device count has not got: counted as the
+    # default start (corda trains the same shapes; eva moves rank between layers, so its count is close, not equal).
+    section = recipe.adapter
+    if section.init in ("eva", "corda"):
+        section = section.model_copy(update={"init": "default"})
+        if recipe.adapter.init == "eva":
+            notes.append("adapter.init eva moves rank between layers at the start of training: the trainable "
+                         "parameters it reports can differ a little from these")
+    peft_config = adapters.build_peft_config(section, model, task_type=task_type)
     peft_model = get_peft_model(model, peft_config, low_cpu_mem_usage=True)
     adapters.freeze_adalora_ranknum(peft_model)  # as training holds it
     trainable, total = peft_model.get_nb_trainable_parameters()

@@ -162,7 +162,7 @@ def run_merge(specs: list[AdapterSpec], out_dir: str | Path, *, base: str | None
     # 1. Read the adapters and check them against the base's config, before any weights are read.
     trained = [adapters.read_trained_adapter(spec.path) for spec in specs]
     _check_mergeable(trained, specs, method)
-    _check_base_weights(trained, base_weights, as_adapter)
+    _check_base_weights(trained, base_weights, as_adapter, fmt)
     section = adapters.base_model_section(trained[0], base)
     source = models.resolve_model_source(section)
     _check_out_dir(out_dir, overwrite=overwrite, inputs=[t.path for t in trained] + [Path(source)])
@@ -361,10 +361,15 @@ def _started_with_loftq(adapter: TrainedAdapter) -> bool:
     return adapter.quantized and adapter.recipe.adapter.init == "loftq"
 
 
-def _check_base_weights(trained: list[TrainedAdapter], base_weights: str, as_adapter: bool) -> None:
-    """Refuse --base-weights original for a LoftQ-started adapter: the original weights already hold what its
-    quantization correction adds, so the merged model would carry that correction twice."""
+def _check_base_weights(trained: list[TrainedAdapter], base_weights: str, as_adapter: bool, fmt: str) -> None:
+    """Refuse to put a LoftQ-started adapter on any base but the 4-bit weights it corrects: the original weights
+    already hold what its correction adds (--base-weights original), and a llama.cpp base has another error."""
     loftq = next((t for t in trained if _started_with_loftq(t)), None)
+    if loftq is not None and fmt == "gguf-adapter":
+        raise LorafitError(
+            f"{loftq.path} was started with adapter.init loftq: it corrects bitsandbytes' 4-bit error of its base, "
+            "which a llama.cpp base does not have", where="--format gguf-adapter",
+            hint="use --format gguf: the adapter merged into the de-quantized weights it corrects")
     if loftq is not None and base_weights == "original" and not as_adapter:
         raise LorafitError(
             f"{loftq.path} was started with adapter.init loftq: it corrects the 4-bit quantization error, so on the "

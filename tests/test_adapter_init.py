@@ -129,10 +129,13 @@ def test_loftq_adapter_merges_into_the_dequantized_base_and_matches_the_trained_
 
 
 def test_loftq_adapter_is_never_merged_into_the_original_weights(loftq_run, tmp_path):
-    """--base-weights original with a LoftQ adapter is refused before anything loads; nothing is written."""
+    """A LoftQ adapter on any base but the de-quantized 4-bit weights it corrects (--base-weights original, a GGUF
+    adapter for llama.cpp's own quantization) is refused before anything loads; nothing is written."""
     with pytest.raises(LorafitError, match="started with adapter.init loftq") as caught:
         run_merge([AdapterSpec(loftq_run)], tmp_path / "out", base_weights="original")
     assert "--base-weights dequantized" in str(caught.value)
+    with pytest.raises(LorafitError, match="a llama.cpp base does not have"):
+        run_merge([AdapterSpec(loftq_run)], tmp_path / "out", fmt="gguf-adapter")
     assert not (tmp_path / "out").exists()
 
 
@@ -250,3 +253,51 @@ def test_corda_run_trains_exports_plain_lora_and_merges(tiny_llama, toy_data, ma
     merged = run_merge([AdapterSpec(adapter)], tmp_path / "merged")
     assert merged.base_weights == "original" and merged.max_logit_diff <= merged.tolerance
     assert AutoTokenizer.from_pretrained(tmp_path / "merged").chat_template
+
+
+def test_inspect_modules_counts_data_driven_inits_without_data(tiny_llama):
+    """inspect-modules (meta device, no data) counts an init corda / eva adapter as the default start would be, and
+    says that eva may move the count a little."""
+    from lorafit.inspect_modules import run_inspect
+
+    default = run_inspect(str(tiny_llama), ["adapter.r=4"])
+    for init in ("corda", "eva"):
+        result = run_inspect(str(tiny_llama), ["adapter.r=4", f"adapter.init={init}"])
+        assert result.trainable_params == default.trainable_params
+        assert any("adapter.init eva" in note for note in result.notes) == (init == "eva")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("init", ["eva", "corda"])
+def test_resume_of_a_data_driven_start_equals_an_uninterrupted_run(tiny_llama, toy_data, make_recipe, tmp_path,
+                                                                   monkeypatch, init):
+    """Interrupted at step 3 (SIGTERM) and resumed, an eva / corda run (whose start is recomputed from the same
+    first rows on resume) exports the adapter an uninterrupted run exports."""
+    import os
+    import signal
+
+    from lorafit.errors import Interrupted
+    from lorafit.progress import ProgressCallback
+
+    def recipe(out):
+        return validate_recipe(make_recipe(tiny_llama, toy_data, out, FP32, adapter={"init": init}))
+
+    run_train(recipe(tmp_path / "whole"), Console(quiet=True), quiet=True)
+    original = ProgressCallback.on_step_end
+
+    def on_step_end(self, args, state, control, **kwargs):
+        result = original(self, args, state, control, **kwargs)
+        if state.global_step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return result
+
+    monkeypatch.setattr(ProgressCallback, "on_step_end", on_step_end)
+    with pytest.raises(Interrupted):
+        run_train(recipe(tmp_path / "resumed"), Console(quiet=True), quiet=True)
+    monkeypatch.undo()
+    assert run_train(recipe(tmp_path / "resumed"), Console(quiet=True), quiet=True, resume=True).metrics.global_step == 6
+    whole = load_file(tmp_path / "whole" / "adapter" / "adapter_model.safetensors")
+    resumed = load_file(tmp_path / "resumed" / "adapter" / "adapter_model.safetensors")
+    assert whole.keys() == resumed.keys()
+    for name in whole:
+        assert torch.allclose(whole[name], resumed[name], atol=1e-5), name
