@@ -242,6 +242,10 @@ def wrap_model(recipe: Recipe, model: nn.Module, *, gradient_checkpointing: bool
         model.enable_input_require_grads()
     autocast = not (zero3 and not quantized)
     init = recipe.adapter.init
+    if zero3 and init in ("loftq", "eva", "corda"):
+        # They read or resize whole weight matrices, which ZeRO-3 has already split across the processes.
+        raise LorafitError(f"init {init} needs each process to hold whole weights, which DeepSpeed ZeRO-3 partitions",
+                           where="adapter.init", hint="use ZeRO-2 or FSDP for this run, or init: default")
     if init in adapter_init.DATA_DRIVEN and not init_batches:
         raise LorafitError(f"init {init} reads the first training batches, and there are none", where="adapter.init",
                            hint="check data.train, or use init: default")

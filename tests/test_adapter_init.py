@@ -301,3 +301,11 @@ def test_resume_of_a_data_driven_start_equals_an_uninterrupted_run(tiny_llama, t
     assert whole.keys() == resumed.keys()
     for name in whole:
         assert torch.allclose(whole[name], resumed[name], atol=1e-5), name
+
+
+def test_inits_that_need_whole_weights_are_refused_under_zero3(tiny_llama, toy_data, make_recipe):
+    """loftq / eva / corda under DeepSpeed ZeRO-3 (weights split across processes) stop with the alternatives."""
+    recipe = validate_recipe(make_recipe(tiny_llama, toy_data, None, FP32, adapter={"init": "eva"}))
+    base = models.load_base_model(recipe, str(tiny_llama), models.Precision("fp32", "cpu", "test"))
+    with pytest.raises(LorafitError, match="DeepSpeed ZeRO-3 partitions.*use ZeRO-2 or FSDP"):
+        adapters.wrap_model(recipe, base, gradient_checkpointing=False, zero3=True, init_batches=[{}])
