@@ -118,6 +118,18 @@ def _method_row(method: str, adapter: AdapterSection, metrics: TrainMetrics) -> 
     return f"AdaLoRA, {pruned}, alpha={adapter.alpha:g}, dropout={adapter.dropout}"
 
 
+# What the adapter folder means for the inits that change it (lorafit/adapter_init.py).
+_INIT_NOTES = {
+    "loftq": "LoftQ: the adapter started as a correction of the 4-bit quantization error, so it belongs on the 4-bit "
+             "base (load the base with the recipe's quantization); `lorafit merge` folds it into the de-quantized "
+             "4-bit weights, never the original ones",
+    "eva": "EVA: A started from the principal directions of the first training batches' activations; the per-layer "
+           "ranks it chose are in adapter_config.json (rank_pattern)",
+    "corda": "CorDA (ipm) from the first training batches; trained on a residual base, saved converted to a plain "
+             "LoRA of rank {r2} (recipe r {r}) on the original base",
+}
+
+
 def model_card(recipe: Recipe, metrics: TrainMetrics, adapter_dir: Path, *,
                pad_token_id: int | None = None, loss_chart: str | None = None) -> str:
     """A README.md saying what was trained, on what, how well, and how to load it.
@@ -147,6 +159,8 @@ def model_card(recipe: Recipe, metrics: TrainMetrics, adapter_dir: Path, *,
         f"| method | {_method_row(method, adapter, metrics)} |",
         f"| target modules | {', '.join(metrics.target_modules) or adapter.target_modules} |",
         f"| quantization | {quant} |",
+        *([f"| initialisation | {_INIT_NOTES[adapter.init].format(r=adapter.r, r2=2 * adapter.r)} |"]
+          if adapter.init in _INIT_NOTES else []),
         f"| trainable parameters | {metrics.trainable_params:,} of {metrics.total_params:,} |",
         f"| data | {', '.join(metrics.data_fingerprint)} ({metrics.train_examples} examples) |",
         f"| steps | {metrics.global_step} (batch {recipe.training.batch_size} x accum "

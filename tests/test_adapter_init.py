@@ -250,6 +250,7 @@ def test_corda_run_trains_exports_plain_lora_and_merges(tiny_llama, toy_data, ma
     adapter = tmp_path / "run" / "adapter"
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["init_lora_weights"] is True and config["r"] == 16
+    assert "saved converted to a plain LoRA of rank 16 (recipe r 8)" in (tmp_path / "run" / "README.md").read_text()
     merged = run_merge([AdapterSpec(adapter)], tmp_path / "merged")
     assert merged.base_weights == "original" and merged.max_logit_diff <= merged.tolerance
     assert AutoTokenizer.from_pretrained(tmp_path / "merged").chat_template
