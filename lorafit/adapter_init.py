@@ -161,8 +161,6 @@ def initialize_eva(model: PeftModel, batches: list[dict[str, torch.Tensor]]) -> 
     """PEFT's `initialize_lora_eva_weights` over `batches` (the model is wrapped with init_lora_weights "eva")."""
     from peft import initialize_lora_eva_weights
 
-    from lorafit.models import keep_4bit_layers_as_trained
-
     config = model.peft_config[model.active_adapter]
     components = math.ceil(config.r * config.eva_config.rho)
     trained = min(int((batch["labels"] != -100).sum()) for batch in batches)
@@ -179,9 +177,6 @@ def initialize_eva(model: PeftModel, batches: list[dict[str, torch.Tensor]]) -> 
         if forwards["count"] > _EVA_MAX_PASSES * len(batches):
             raise LorafitError(f"eva did not converge in {_EVA_MAX_PASSES} passes over its {len(batches)} batches",
                                where="adapter.init", hint="raise adapter.init_batches, or use init: default")
-        # EVA runs the model in eval mode; bitsandbytes would then repack 4-bit weights on some CPUs (see
-        # keep_4bit_layers_as_trained), and training and merging read them in the layout training saw.
-        keep_4bit_layers_as_trained(peft_model)
         return peft_model(**inputs)
 
     # Every process reads the same first batches, so nothing is gathered across processes.
