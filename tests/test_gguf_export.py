@@ -221,6 +221,25 @@ def test_gguf_adapter_holds_the_lora_pairs_llama_cpp_expects(runs, tmp_path):
     assert str(runs["llama"]) in card and "--lora" in card and "ADAPTER" in card
 
 
+def test_llama_cpp_applies_the_gguf_adapter_like_peft(runs, tmp_path):
+    """Where llama-cpp-python is installed: llama.cpp runs the base GGUF with the --format gguf-adapter file as its
+    LoRA (what `llama-cli --lora` and Ollama's ADAPTER do) and gets PEFT's base + adapter logits."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    base = AutoModelForCausalLM.from_pretrained(runs["llama"])
+    gguf_export.write_model_gguf(base, AutoTokenizer.from_pretrained(runs["llama"]), tmp_path / "base.gguf",
+                                 quant="f32", name="base", notes=[])
+    run_merge([AdapterSpec(runs["llama-adapter"])], tmp_path / "adapter", fmt="gguf-adapter", quant="f32")
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "base.gguf"), lora_path=str(tmp_path / "adapter" / "adapter.gguf"),
+                          n_ctx=64, logits_all=True, verbose=False)
+    llm.eval(PROMPT)
+    got = torch.tensor(llm.scores[: len(PROMPT)])
+    want = base_plus_adapter_logits(runs["llama"], runs["llama-adapter"])
+    with torch.no_grad():
+        without = base(input_ids=torch.tensor([PROMPT])).logits[0]
+    assert (want - without).abs().max() > 0.05  # the adapter moves the logits, so the check below means something
+    assert (got - want).abs().max() < 1e-3
+
+
 def test_gguf_adapter_refuses_what_a_lora_file_cannot_hold(runs, tmp_path):
     """DoRA's magnitude vectors and fully trained modules (modules_to_save) have no place in a GGUF LoRA file:
     refused with exit 1 before any weights are read, pointing to --format gguf."""
