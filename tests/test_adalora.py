@@ -416,7 +416,7 @@ def test_two_process_ddp_prunes_like_one_process(make_recipe, tiny_llama, toy_da
                 for run in ("run-one", "run-two")]
     assert patterns[0] == patterns[1]
     a, b = _adapter_weights(tmp_path / "run-one" / "adapter"), _adapter_weights(tmp_path / "run-two" / "adapter")
-    assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max() < 1e-4 for k in a)
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
 
 
 def test_eval_of_a_lora_and_an_adalora_adapter_together_is_refused(adalora_run, tmp_path):
@@ -431,3 +431,12 @@ def test_eval_of_a_lora_and_an_adalora_adapter_together_is_refused(adalora_run, 
     recipe = load_recipe(adalora_run["run"] / "recipe.yaml")
     with pytest.raises(LorafitError, match=r"--adapter: the adapters are of different methods \(adalora and lora\)"):
         run_eval(recipe, [adalora_run["run"] / "adapter", lora], out_dir=tmp_path / "eval")
+
+
+def test_lorafit_runs_shows_the_method_and_the_average_rank(adalora_run):
+    """`lorafit runs` lists an AdaLoRA run as method adalora with r = target_r (its average rank once pruned)."""
+    from lorafit.runs import run_runs
+
+    rows, _ = run_runs([adalora_run["run"].parent])
+    [row] = rows  # the base model's folder beside it is no run
+    assert (row.method, row.r, row.alpha, row.status) == ("adalora", 2, 12.0, "finished")
