@@ -440,3 +440,26 @@ def test_lorafit_runs_shows_the_method_and_the_average_rank(adalora_run):
     rows, _ = run_runs([adalora_run["run"].parent])
     [row] = rows  # the base model's folder beside it is no run
     assert (row.method, row.r, row.alpha, row.status) == ("adalora", 2, 12.0, "finished")
+
+
+def test_a_run_that_died_during_the_export_resumes_to_the_pruned_adapter(adalora_run, make_recipe, tmp_path,
+                                                                         monkeypatch):
+    """A crash after the last step's checkpoint (during the export): --resume only exports, with the final rank
+    pattern read back from the checkpoint, so the adapter equals the uninterrupted run's, pruned the same way."""
+    from lorafit import export
+
+    recipe = validate_recipe(make_recipe(adalora_run["model"], adalora_run["data"], tmp_path / "run", ADALORA))
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("the machine went away")
+
+    monkeypatch.setattr(export, "export_run", crash)
+    with pytest.raises(RuntimeError, match="went away"):
+        run_train(recipe, QUIET)
+    monkeypatch.undo()
+    assert run_train(recipe, QUIET, resume=True).metrics.global_step == 14
+    configs = [json.loads((run / "adapter" / "adapter_config.json").read_text())
+               for run in (adalora_run["run"], tmp_path / "run")]
+    assert configs[0]["rank_pattern"] == configs[1]["rank_pattern"]
+    expected, got = _adapter_weights(adalora_run["run"] / "adapter"), _adapter_weights(tmp_path / "run" / "adapter")
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
