@@ -109,6 +109,10 @@ def git_commit_of(path: Path) -> str | None:
 
 def _method_row(method: str, adapter: AdapterSection, metrics: TrainMetrics) -> str:
     """The model card's method cell: the rank(s), alpha and dropout as the method uses them."""
+    if adapter.method == "ia3":  # no rank: one learned scale per channel
+        return method
+    if adapter.method == "prefix":
+        return f"{method}, {adapter.num_virtual_tokens} virtual tokens"
     if adapter.method != "adalora":
         return f"{method}, r={adapter.r}, alpha={adapter.alpha:g}, dropout={adapter.dropout}"
     ranks = metrics.adapter_ranks
@@ -139,12 +143,12 @@ def model_card(recipe: Recipe, metrics: TrainMetrics, adapter_dir: Path, *,
     """
     base = metrics.base_model
     adapter = recipe.adapter
-    method = adapter.method if adapter.method != "lora" else (
+    method = {"adalora": "AdaLoRA", "ia3": "IA3", "prefix": "prefix-tuning"}.get(adapter.method) or (
         "DoRA" if adapter.use_dora else "rsLoRA" if adapter.use_rslora else "LoRA")
     quant = f"QLoRA ({recipe.quantization.bits}-bit {recipe.quantization.quant_type})" if recipe.quantization else "none"
     final, eval_loss = metrics.train_loss_final, metrics.eval_loss
     labels = recipe.data.labels if recipe.task == "sequence-classification" else None
-    what = f"A {method} adapter for `{recipe.model.path}`"
+    what = f"{'An' if method[0] in 'AEIOU' else 'A'} {method} adapter for `{recipe.model.path}`"
     if labels:
         what += f" with a classifier head over {len(labels)} classes ({', '.join(labels)})"
     lines = [
