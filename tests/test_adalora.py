@@ -351,14 +351,17 @@ def test_a_classifier_trains_with_adalora(make_recipe, tiny_model_factory, tmp_p
 
 def test_the_pruned_adapter_exports_to_a_gguf_lora_file(adalora_run, tmp_path):
     """--format gguf-adapter writes each surviving module's B (A * E) * alpha / ranknum as a llama.cpp LoRA pair
-    (modules pruned to rank 0 have none), verified against base + adapter by reading the file back."""
+    (modules pruned to rank 0 have none), verified against base + adapter by reading the file back (and in llama.cpp
+    when it is installed)."""
     from lorafit.merge import AdapterSpec, run_merge
 
     config = json.loads((adalora_run["run"] / "adapter" / "adapter_config.json").read_text())
     alive = sum(1 for kept in config["rank_pattern"].values() if any(kept))
-    result = run_merge([AdapterSpec(adalora_run["run"] / "adapter")], tmp_path / "gguf", fmt="gguf-adapter",
-                       quant="f32")
+    # f16, the default: llama.cpp (checked too when llama-cpp-python is installed) keeps its KV cache in f16, and on
+    # this tiny model its base alone is further from torch's logits than f32's tolerance.
+    result = run_merge([AdapterSpec(adalora_run["run"] / "adapter")], tmp_path / "gguf", fmt="gguf-adapter")
     assert result.gguf.max_logit_diff <= result.gguf.tolerance and result.gguf.tensors == alive
+    assert (result.gguf.llama_cpp_max_logit_diff or 0.0) <= result.gguf.tolerance
 
 
 def test_inspect_modules_counts_an_adalora_recipe(make_recipe, tiny_llama, toy_data, tmp_path):
