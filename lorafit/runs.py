@@ -8,7 +8,6 @@ losses so far) and `eval/report.json` (`lorafit eval`'s scores, when it was run)
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path

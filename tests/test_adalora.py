@@ -13,6 +13,8 @@ import torch
 from rich.console import Console
 from safetensors.torch import load_file
 
+from run_signals import signal_at_step
+
 from lorafit.errors import Interrupted, LorafitError
 from lorafit.recipe import validate_recipe
 from lorafit.train import run_train
@@ -280,18 +282,8 @@ def test_the_regulariser_is_added_to_lorafits_own_loss(make_recipe, tiny_llama, 
 def test_resume_equals_an_uninterrupted_run(adalora_run, make_recipe, tmp_path, monkeypatch):
     """Stopped at step 7 (mid-pruning: the importance scores and masks matter) and resumed, the run ends with the
     uninterrupted run's adapter and rank pattern; the checkpoint held the full-rank matrices and the allocator."""
-    from lorafit.progress import ProgressCallback
-
     recipe = validate_recipe(make_recipe(adalora_run["model"], adalora_run["data"], tmp_path / "run", ADALORA))
-    original = ProgressCallback.on_step_end
-
-    def on_step_end(self, args, state, control, **kwargs):
-        result = original(self, args, state, control, **kwargs)
-        if state.global_step == 7:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return result
-
-    monkeypatch.setattr(ProgressCallback, "on_step_end", on_step_end)
+    signal_at_step(monkeypatch, 7, sig=signal.SIGTERM)
     with pytest.raises(Interrupted, match="interrupted at step 7; checkpoint saved"):
         run_train(recipe, QUIET)
     monkeypatch.undo()

@@ -11,6 +11,7 @@ import torch
 from peft import PeftModel
 from rich.console import Console
 from safetensors.torch import load_file
+from run_signals import signal_at_step
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lorafit import adapter_init, adapters, models
@@ -274,25 +275,15 @@ def test_resume_of_a_data_driven_start_equals_an_uninterrupted_run(tiny_llama, t
                                                                    monkeypatch, init):
     """Interrupted at step 3 (SIGTERM) and resumed, an eva / corda run (whose start is recomputed from the same
     first rows on resume) exports the adapter an uninterrupted run exports."""
-    import os
     import signal
 
     from lorafit.errors import Interrupted
-    from lorafit.progress import ProgressCallback
 
     def recipe(out):
         return validate_recipe(make_recipe(tiny_llama, toy_data, out, FP32, adapter={"init": init}))
 
     run_train(recipe(tmp_path / "whole"), Console(quiet=True), quiet=True)
-    original = ProgressCallback.on_step_end
-
-    def on_step_end(self, args, state, control, **kwargs):
-        result = original(self, args, state, control, **kwargs)
-        if state.global_step == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return result
-
-    monkeypatch.setattr(ProgressCallback, "on_step_end", on_step_end)
+    signal_at_step(monkeypatch, 3, sig=signal.SIGTERM)
     with pytest.raises(Interrupted):
         run_train(recipe(tmp_path / "resumed"), Console(quiet=True), quiet=True)
     monkeypatch.undo()

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from rich.console import Console
+from run_signals import signal_at_step
 from safetensors.torch import load_file
 
 from lorafit.errors import Interrupted, LorafitError
@@ -179,19 +180,8 @@ def test_init_from_must_match_the_recipes_adapter(tiny_llama, tmp_path, dpo_run)
 
 def test_dpo_resume_equals_an_uninterrupted_run(dpo_run, tmp_path, monkeypatch):
     """Interrupted at step 5 (SIGTERM) and resumed, DPO ends with the adapter an uninterrupted run ends with."""
-    from lorafit.progress import ProgressCallback
-    import os
-
     recipe = validate_recipe(preference_recipe(dpo_run["model"], dpo_run["pairs"], tmp_path / "run"))
-    original = ProgressCallback.on_step_end
-
-    def on_step_end(self, args, state, control, **kwargs):
-        result = original(self, args, state, control, **kwargs)
-        if state.global_step == 5:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return result
-
-    monkeypatch.setattr(ProgressCallback, "on_step_end", on_step_end)
+    signal_at_step(monkeypatch, 5, sig=signal.SIGTERM)
     with pytest.raises(Interrupted, match="interrupted at step 5; checkpoint saved"):
         run_train(recipe, QUIET)
     monkeypatch.undo()

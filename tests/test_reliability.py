@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 from rich.console import Console
+from run_signals import signal_at_step
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -109,20 +110,6 @@ def no_model_load(monkeypatch):
         raise AssertionError("a model was loaded before the error was found")
 
     monkeypatch.setattr(models, "load_base_model", refuse)
-
-
-def signal_at_step(monkeypatch, step: int, times: int = 1, sig: int = signal.SIGINT) -> None:
-    """Deliver `sig` to this process at the end of optimizer step `step`, as a user pressing Ctrl-C would."""
-    original = ProgressCallback.on_step_end
-
-    def on_step_end(self, args, state, control, **kwargs):
-        result = original(self, args, state, control, **kwargs)
-        if state.global_step == step:
-            for _ in range(times):
-                os.kill(os.getpid(), sig)
-        return result
-
-    monkeypatch.setattr(ProgressCallback, "on_step_end", on_step_end)
 
 
 def fail_at_step(monkeypatch, step: int, exc: BaseException) -> None:

@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 from rich.console import Console
+from run_signals import signal_at_step
 from typer.testing import CliRunner
 
 from lorafit.cli import app
 from lorafit.errors import EXIT_USER_ERROR, Interrupted, RunFailed
 from lorafit.evaluate import run_eval
-from lorafit.progress import ProgressCallback
 from lorafit.recipe import validate_recipe
 from lorafit.train import run_train
 
@@ -55,20 +53,9 @@ def runs_root(tmp_path_factory):
     run_train(done, QUIET, quiet=True)
     run_eval(done, [runs / "done" / "adapter"], samples=4, max_new_tokens=4)  # -> runs/done/eval/
 
-    original = ProgressCallback.on_step_end
-
-    def ctrl_c_at_step_3(self, args, state, control, **kwargs):
-        result = original(self, args, state, control, **kwargs)
-        if state.global_step == 3:
-            os.kill(os.getpid(), signal.SIGINT)
-        return result
-
-    ProgressCallback.on_step_end = ctrl_c_at_step_3
-    try:
-        with pytest.raises(Interrupted):
-            run_train(recipe(model, data, runs / "sweep" / "lr=5e-3", learning_rate=5e-3), QUIET, quiet=True)
-    finally:
-        ProgressCallback.on_step_end = original
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(Interrupted):  # the fixture is module-scoped
+        signal_at_step(patch, 3)
+        run_train(recipe(model, data, runs / "sweep" / "lr=5e-3", learning_rate=5e-3), QUIET, quiet=True)
     with pytest.raises(RunFailed, match="NaN"):
         run_train(recipe(model, data, runs / "sweep" / "lr=1e30", learning_rate=1e30), QUIET, quiet=True)
 

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import signal
 from pathlib import Path
 
 import pytest
 import yaml
 from rich.console import Console
+from run_signals import signal_at_step
 from typer.testing import CliRunner
 
 from lorafit.cli import app
@@ -59,19 +58,6 @@ def record_starts(monkeypatch) -> dict[str, int]:
 
     monkeypatch.setattr(ProgressCallback, "on_train_begin", on_train_begin)
     return starts
-
-
-def interrupt_run_at_step(monkeypatch, run_name: str, step: int) -> None:
-    """Ctrl-C (SIGINT) at the end of `step` of the run in folder `run_name`, as a user would press it."""
-    original = ProgressCallback.on_step_end
-
-    def on_step_end(self, args, state, control, **kwargs):
-        result = original(self, args, state, control, **kwargs)
-        if state.global_step == step and Path(args.output_dir).parent.parent.name == run_name:
-            os.kill(os.getpid(), signal.SIGINT)
-        return result
-
-    monkeypatch.setattr(ProgressCallback, "on_step_end", on_step_end)
 
 
 def test_sweep_options_are_parsed_into_axes():
@@ -180,7 +166,7 @@ def test_resumed_sweep_skips_finished_runs_and_resumes_the_interrupted_one(write
     sweeps = ["training.learning_rate=1e-2,5e-3,2e-3"]
     sweep = tmp_path / "runs" / "sw"
     starts = record_starts(monkeypatch)
-    interrupt_run_at_step(monkeypatch, "lr=5e-3", step=3)
+    signal_at_step(monkeypatch, 3, run_name="lr=5e-3")
     with pytest.raises(Interrupted) as info:
         run_sweep(recipe, [], sweeps, QUIET, quiet=True, resume_command="lorafit train sw.yaml --sweep x --resume")
     assert info.value.exit_code == EXIT_INTERRUPTED
