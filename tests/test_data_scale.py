@@ -199,11 +199,14 @@ def test_any_change_to_what_shapes_the_data_is_a_cache_miss(tokenizer, tmp_path,
 
 @pytest.mark.parametrize("damage", ["truncate", "delete_manifest", "garbage_report"])
 def test_a_damaged_cache_entry_is_rebuilt_not_trusted(tokenizer, tmp_path, damage):
-    """A truncated Arrow file, a missing manifest or an unreadable report: the entry is built again."""
+    """A truncated Arrow file, a missing manifest or an unreadable report: the entry is built again. Removing the
+    damaged entry touches only that entry: a user's file beside it in the cache folder stays."""
     recipe = make_recipe(write_jsonl(tmp_path / "qa.jsonl", QA))
     first = prepare_data(recipe, tokenizer)
     expected = first.train.to_dict()
     entry = Path(first.report.cache_path)
+    beside = entry.parent / "my-notes.txt"
+    beside.write_text("keep me")
     if damage == "truncate":
         arrow = next((entry / "train").glob("*.arrow"))
         arrow.write_bytes(arrow.read_bytes()[: arrow.stat().st_size // 2])
@@ -214,6 +217,7 @@ def test_a_damaged_cache_entry_is_rebuilt_not_trusted(tokenizer, tmp_path, damag
     again = prepare_data(recipe, AutoTokenizer.from_pretrained(tokenizer.name_or_path))
     assert again.report.cache == "built"
     assert again.train.to_dict() == expected
+    assert beside.read_text() == "keep me"
 
 
 def test_cache_off_prepares_every_time_and_writes_nothing_to_the_cache(tokenizer, tmp_path, own_cache):
