@@ -299,6 +299,10 @@ class PreferenceSection(_Section):
         "adapter-disabled = the base model (the adapter switched off); init-adapter = a frozen copy of the adapter "
         "the run starts from (adapter.init_from, e.g. the SFT adapter), only the adapter's weights are duplicated.",
     )
+    sft_weight: float = Field(0.0, ge=0, description="dpo: weight of an extra loss term, the chosen answer's own "
+                              "negative log-likelihood (RPO; TRL's loss 'sft' added to the preference loss). DPO "
+                              "alone can widen the margin by pushing both answers down; 0.5-1.0 keeps the chosen "
+                              "answer likely. 0 = plain preference loss.")
     desirable_weight: float = Field(1.0, gt=0, description="kto: weight of the desirable (label true) rows' loss.")
     undesirable_weight: float = Field(1.0, gt=0, description="kto: weight of the undesirable (label false) rows' loss.")
 
@@ -509,6 +513,11 @@ class Recipe(_Section):
             raise ValueError("preference.label_smoothing: loss exo_pair needs a value above 0 (the EXO paper uses 1e-3)")
         if self.task == "dpo" and (preference.desirable_weight, preference.undesirable_weight) != (1.0, 1.0):
             raise ValueError("preference.desirable_weight / undesirable_weight only apply to task: kto")
+        if self.task == "kto" and preference.sft_weight:
+            raise ValueError("preference.sft_weight only applies to task: dpo")
+        if preference.sft_weight and preference.loss == "sft":
+            raise ValueError("preference.sft_weight: loss sft is already the chosen answers' likelihood alone; "
+                             "set sft_weight: 0 or choose a preference loss such as sigmoid")
         if self.task == "kto" and preference.label_smoothing:
             raise ValueError("preference.label_smoothing only applies to task: dpo")
         if self.task == "kto" and (preference.loss or "kto") == "kto" and self.training.batch_size < 2:

@@ -553,7 +553,10 @@ def _task_trainer(recipe: Recipe) -> tuple[type, type, dict[str, Any]]:
     common = {"max_length": recipe.data.max_length, "beta": preference.beta, "disable_dropout": False,
               "precompute_ref_log_probs": False}
     if recipe.task == "dpo":
-        return DPOConfig, trainer.DPOTrainer, {**common, "loss_type": [preference.loss or "sigmoid"],
+        losses, weights = [preference.loss or "sigmoid"], [1.0]
+        if preference.sft_weight:  # RPO: TRL sums the listed losses with these weights
+            losses, weights = [*losses, "sft"], [*weights, preference.sft_weight]
+        return DPOConfig, trainer.DPOTrainer, {**common, "loss_type": losses, "loss_weights": weights,
                                                "label_smoothing": preference.label_smoothing}
     # KTO's KL term pairs each row with its batch neighbour, so TRL requires the rows in order (shuffled once by
     # lorafit/preference_data.py).

@@ -109,6 +109,30 @@ def test_dpo_moves_the_adapter_and_the_chosen_answers_gain_on_the_rejected(dpo_r
     assert metrics["loss_history"][0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # log 2: policy == reference
 
 
+def test_sft_weight_adds_the_chosen_answers_likelihood_to_the_dpo_loss(dpo_run, tmp_path):
+    """preference.sft_weight (RPO): the first step's loss is log 2 plus the chosen answers' NLL, and after the same
+    steps the chosen answers are more likely than under plain DPO, which may push both answers down."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lorafit.preference_data import eval_examples
+    from lorafit.preference_eval import answer_logps
+
+    recipe = validate_recipe(preference_recipe(dpo_run["model"], dpo_run["pairs"], tmp_path / "run",
+                                               preference={"sft_weight": 1.0}))
+    run_train(recipe, QUIET)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["loss_history"][0]["loss"] > 0.6931 + 1.0  # a random tiny model's NLL per token is ~log(vocab)
+    tokenizer = AutoTokenizer.from_pretrained(dpo_run["run"] / "adapter")
+    rows = [json.loads(line) for line in dpo_run["pairs"].read_text().splitlines() if line.strip()]
+    pairs, _ = eval_examples(recipe, tokenizer, rows)
+    chosen = {}
+    for name, run in (("dpo", dpo_run["run"]), ("rpo", tmp_path / "run")):
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(dpo_run["model"]), run / "adapter")
+        chosen[name] = sum(c for c, _ in answer_logps(model, pairs, tokenizer, 8)) / len(pairs)
+    assert chosen["rpo"] > chosen["dpo"] + 0.5
+
+
 def test_the_reference_is_the_adapter_switched_off_not_a_second_model(tiny_llama, tmp_path):
     """The DPO trainer holds no reference model and no "ref" adapter: TRL scores the reference with the adapter
     disabled, in the same weights (no parameter outside the base model and its adapter)."""
@@ -286,6 +310,8 @@ def test_wrong_columns_name_what_is_needed(tiny_llama, toy_data, tmp_path):
     ({"task": "kto", "training": {"batch_size": 1}}, "kto estimates its KL term"),
     ({"preference": {"loss": "exo_pair"}}, "loss exo_pair needs a value above 0"),
     ({"adapter": {"init": "pissa"}}, "adapter.init pissa rewrites the base weights"),
+    ({"task": "kto", "preference": {"sft_weight": 0.5}}, "sft_weight only applies to task: dpo"),
+    ({"preference": {"loss": "sft", "sft_weight": 0.5}}, "loss sft is already"),
 ])
 def test_settings_that_cannot_apply_are_refused(tmp_path, change, message):
     """Preference settings outside dpo/kto, a loss of the other task and impossible combinations are errors."""
