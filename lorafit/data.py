@@ -124,6 +124,7 @@ class PreparedData:
     eval: Dataset | None
     report: DataReport
     labels: list[str] | None = None  # sequence-classification: the class names, in id order
+    stored: data_cache.StoredSets | None = None  # how a built train/eval is stored in the cache
 
 
 def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> PreparedData:
@@ -165,11 +166,11 @@ def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> Prepared
             labels = report.label_counts and list(report.label_counts)
             return PreparedData(cached.train, cached.eval, report, labels or None)
         folder = data_cache.new_build_folder(entry)
-        prepared = build(recipe, tokenizer, sources, evaluation, folder / "work")
+        prepared = build(recipe, tokenizer, sources, evaluation, folder / "rows")
         report = prepared.report
         report.fingerprint, report.cache, report.cache_path = fingerprint, "built", str(entry)
         report.prepare_seconds = time.perf_counter() - started
-        cached = data_cache.publish(folder, entry, prepared.train, prepared.eval, report.to_json())
+        cached = data_cache.publish(folder, entry, prepared.stored, report.to_json())
     return PreparedData(cached.train, cached.eval, report, prepared.labels)
 
 
@@ -327,7 +328,9 @@ def _build_causal(recipe: Recipe, tokenizer, sources: list[Source], evaluation: 
     formats = sorted({s.format for s in resolved})
     template = "none" if formats == ["text"] else apply_template(recipe.template, tokenizer)
     report = DataReport(format="+".join(formats), template=template, eos_token=tokenizer.eos_token)
-    train_parts, eval_parts = [], []
+    # Every map output is kept whole (held-out and dropped rows too); the sets are positions into them, so
+    # nothing is copied and the cache stores the files the map wrote.
+    parts, train_rows, eval_rows, offset = [], [], [], 0
     for index, (source_data, source) in enumerate(zip(read, resolved, strict=True)):
         encoder = _encoder(recipe, tokenizer, source, index)
         encoded = _map_encoder(source_data.rows, encoder, section, work / f"train-{index}.arrow" if work else None,
@@ -340,10 +343,11 @@ def _build_causal(recipe: Recipe, tokenizer, sources: list[Source], evaluation: 
             order, held = np.asarray(kept_order, dtype=np.int64), np.asarray(held_order, dtype=np.int64)
         drop = np.asarray(encoded.data.column("_drop").to_numpy(zero_copy_only=False)) if len(encoded) else np.array([])
         _count_drops(report, drop, source)
-        keep_train = order[drop[order] == ""] if len(order) else order
-        train_parts.append(encoded.select(keep_train))
+        parts.append(encoded)
+        train_rows.append(offset + (order[drop[order] == ""] if len(order) else order))
         if len(held):
-            eval_parts.append(encoded.select(held[drop[held] == ""]))
+            eval_rows.append(offset + held[drop[held] == ""])
+        offset += len(encoded)
     if evaluation is not None:
         eval_read = read_source(evaluation, cache_dir=_raw_cache_dir(section))
         eval_src = detect_format(eval_read.source, columns_of(eval_read.rows))
@@ -353,8 +357,12 @@ def _build_causal(recipe: Recipe, tokenizer, sources: list[Source], evaluation: 
         report.rows_read += len(encoded)
         drop = np.asarray(encoded.data.column("_drop").to_numpy(zero_copy_only=False))
         _count_drops(report, drop, eval_src)
-        eval_parts.append(encoded.select(np.flatnonzero(drop == "")))
-    train = _mix(train_parts, resolved, seed) if is_mixture(section) else _concatenate(train_parts)
+        parts.append(encoded)
+        eval_rows.append(offset + np.flatnonzero(drop == ""))
+    order = _mixed_order(train_rows, resolved, seed) if is_mixture(section) else np.concatenate(train_rows)
+    stored = data_cache.StoredSets(parts, order, np.concatenate(eval_rows) if eval_rows else None,
+                                   tuple(_LINT_COLUMNS))
+    train, evaluation_set = stored.datasets(with_build_columns=True)
     if not len(train):
         reasons = ", ".join(f"{n} {reason}" for reason, n in report.dropped.items()) or "the file has no rows"
         raise LorafitError(f"no trainable rows remain ({reasons})", where="data.train",
@@ -368,10 +376,9 @@ def _build_causal(recipe: Recipe, tokenizer, sources: list[Source], evaluation: 
     for row in train.select(range(min(2, len(train)))):
         report.samples.append([(tokenizer.decode([t]), label != -100) for t, label in zip(row["input_ids"],
                                                                                           row["labels"], strict=True)])
-    evaluation_set = _concatenate(eval_parts) if eval_parts and sum(map(len, eval_parts)) else None
     report.eval_examples = len(evaluation_set) if evaluation_set is not None else 0
-    strip = lambda ds: ds.remove_columns(_LINT_COLUMNS)  # noqa: E731
-    return PreparedData(strip(train), strip(evaluation_set) if evaluation_set is not None else None, report)
+    train, evaluation_set = stored.datasets()
+    return PreparedData(train, evaluation_set, report, stored=stored)
 
 
 def _raw_cache_dir(section: DataSection) -> Path | None:
@@ -419,6 +426,15 @@ def _mix(parts: list, sources: list[Source], seed: int):
     live = [(p, s.weight / total) for p, s in zip(parts, sources, strict=True)]
     return interleave_datasets([p for p, _ in live], probabilities=[w for _, w in live], seed=seed,
                                stopping_strategy="first_exhausted")
+
+
+def _mixed_order(rows: list, sources: list[Source], seed: int):
+    """The positions of weighted sources' rows in training order: `_mix` applied to the positions alone."""
+    import numpy as np
+    from datasets import Dataset
+
+    mixed = _mix([Dataset.from_dict({"row": np.asarray(r, dtype=np.int64)}) for r in rows], sources, seed)
+    return mixed.flatten_indices(keep_in_memory=True).data.column("row").to_numpy()
 
 
 def _source_counts(lint, sources: list[Source]) -> list[dict[str, Any]]:
@@ -642,29 +658,28 @@ def _build_classification(recipe: Recipe, tokenizer, sources: list[Source], eval
     # Labels are checked before any row is held out, so an error names the row's place in the file.
     train_all = _map_labelled(train_read.rows, labels, recipe, tokenizer, train_read.source.where,
                               work / "train.arrow" if work else None)
-    eval_all = None
+    parts, train_rows, eval_rows = [train_all], np.arange(len(train_all)), None
     if evaluation is not None:
         eval_read = read_source(evaluation, cache_dir=_raw_cache_dir(section))
-        eval_all = _map_labelled(eval_read.rows, labels, recipe, tokenizer, evaluation.where,
-                                 work / "eval.arrow" if work else None)
-        train_set = train_all
+        parts.append(_map_labelled(eval_read.rows, labels, recipe, tokenizer, evaluation.where,
+                                   work / "eval.arrow" if work else None))
+        eval_rows = len(train_all) + np.arange(len(parts[1]))
     elif isinstance(section.eval, float):
         kept, held = _hold_out(len(train_all), section.eval, recipe.training.seed)
-        train_set, eval_all = train_all.select(kept), train_all.select(held)
-    else:
-        train_set = train_all
+        train_rows, eval_rows = np.asarray(kept, dtype=np.int64), np.asarray(held, dtype=np.int64)
     report = DataReport(format=CLASSIFICATION, template="none", eos_token=tokenizer.eos_token,
-                        rows_read=len(train_all) + (len(eval_all) if evaluation is not None else 0),
-                        label_counts=dict.fromkeys(labels, 0))
+                        rows_read=sum(map(len, parts)), label_counts=dict.fromkeys(labels, 0))
+    empty = np.concatenate([np.asarray(p.data.column("_empty").to_numpy(zero_copy_only=False), dtype=bool)
+                            for p in parts])
 
-    def non_empty(ds: Dataset) -> Dataset:
-        empty = np.asarray(ds.select_columns(["_empty"]).flatten_indices(keep_in_memory=True)["_empty"], dtype=bool)
-        if empty.any():
-            report.dropped["empty or missing text"] += int(empty.sum())
-        return ds.select(np.flatnonzero(~empty)).remove_columns("_empty")
+    def non_empty(rows: np.ndarray) -> np.ndarray:
+        if empty[rows].any():
+            report.dropped["empty or missing text"] += int(empty[rows].sum())
+        return rows[~empty[rows]]
 
-    train = non_empty(train_set)
-    evaluation_set = non_empty(eval_all) if eval_all is not None else None
+    stored = data_cache.StoredSets(parts, non_empty(train_rows),
+                                   non_empty(eval_rows) if eval_rows is not None else None, ("_empty",))
+    train, evaluation_set = stored.datasets()
     if not len(train):
         raise LorafitError(f"no trainable rows remain ({report.dropped['empty or missing text']} with an empty or "
                            "missing text)", where="data.train", hint="check data.fields.text")
@@ -678,7 +693,7 @@ def _build_classification(recipe: Recipe, tokenizer, sources: list[Source], eval
                               + [(f"  -> {labels[row['labels']]}", True)])
     report.train_examples = len(train)
     report.eval_examples = len(evaluation_set) if evaluation_set is not None else 0
-    return PreparedData(train, evaluation_set if report.eval_examples else None, report, labels)
+    return PreparedData(train, evaluation_set, report, labels, stored=stored)
 
 
 def _map_labelled(rows: Dataset, labels: list[str], recipe: Recipe, tokenizer, where: str,

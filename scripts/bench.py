@@ -666,12 +666,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "file of this many rows")
     parser.add_argument("--max-length", type=int, default=1024, help="--data-scale: data.max_length / TRL max_length")
     parser.add_argument("--skip-trl", action="store_true", help="--data-scale: lorafit runs only")
+    parser.add_argument("--trl-rows", help="--data-scale: comma list of the row counts TRL also runs at (default: "
+                        "all of --rows; TRL prepares in one process, over an hour at 500k rows on 2 cores)")
     parser.add_argument("--workdir", help="--data-scale: where the data files and caches go (default .bench-data)")
     parser.add_argument("--runner", nargs=2, metavar=("KIND", "SPEC"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
     args.runs = [r.strip() for r in args.runs.split(",")] if args.runs else None
     args.rows = [int(r) for r in str(args.rows).split(",") if r.strip()]
+    args.trl_rows = args.rows if args.trl_rows is None else [int(r) for r in args.trl_rows.split(",") if r.strip()]
     if args.quick and args.data_scale:
         args.rows, args.stream_rows = [2000], args.stream_rows and 5000
     unknown = set(args.workloads) - {"fixed", "ragged"}

@@ -208,7 +208,7 @@ def test_a_damaged_cache_entry_is_rebuilt_not_trusted(tokenizer, tmp_path, damag
     beside = entry.parent / "my-notes.txt"
     beside.write_text("keep me")
     if damage == "truncate":
-        arrow = next((entry / "train").glob("*.arrow"))
+        arrow = next((entry / "rows").glob("*.arrow"))
         arrow.write_bytes(arrow.read_bytes()[: arrow.stat().st_size // 2])
     elif damage == "delete_manifest":
         (entry / "manifest.json").unlink()
