@@ -142,7 +142,9 @@ def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> Prepared
         build = _build_causal
     sources = train_sources(section)
     evaluation = eval_source(section, section.eval) if isinstance(section.eval, str) else None
-    fingerprint = {k: v for s in [*sources, *([evaluation] if evaluation else [])] for k, v in source_fingerprint(s).items()}
+    memo = data_cache.data_cache_dir() / "hashes" if section.cache else None
+    fingerprint = {k: v for s in [*sources, *([evaluation] if evaluation else [])]
+                   for k, v in source_fingerprint(s, memo).items()}
     key = data_cache.cache_key({
         "data": section.model_dump(mode="json", exclude={"packing", "group_by_length", "num_proc", "cache"}),
         "files": fingerprint, "tokenizer": data_cache.tokenizer_fingerprint(tokenizer),

@@ -13,8 +13,11 @@ numbers are text, ShareGPT roles (human/gpt) become user/assistant.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import hashlib
 import json
+import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -128,13 +131,13 @@ def read_source(source: Source, *, streaming: bool = False, cache_dir: Path | No
     return SourceData(source, rows)
 
 
-def source_fingerprint(source: Source) -> dict[str, str]:
+def source_fingerprint(source: Source, hash_memo: Path | None = None) -> dict[str, str]:
     """What identifies the source's content: each local file's sha256, or a hub data set's loaded revision."""
     fingerprint = {}
     for spec in source.paths:
         if _is_local(spec):
             path = _checked_file(Path(spec).expanduser(), source.where)
-            fingerprint[str(path)] = file_sha256(path)
+            fingerprint[str(path)] = file_sha256(path, hash_memo)
         else:
             fingerprint[spec] = f"hub:{source.split}@{_hub_revision(spec, source.where)}"
     return fingerprint
@@ -155,12 +158,33 @@ def _checked_file(path: Path, where: str) -> Path:
     return path
 
 
-def file_sha256(path: Path) -> str:
-    """The file's sha256, read in blocks (a 1 GB file is never held in memory)."""
+def file_sha256(path: Path, memo: Path | None = None) -> str:
+    """The file's sha256, read in blocks (a 1 GB file is never held in memory).
+
+    With a memo folder, a hash computed before is reused while the file's size, modification time (ns) and inode
+    are unchanged, as git's index trusts a file's stat: hashing 1.4 GB takes over a second, which is most of a
+    cached run's start. A file modified in the last 2 seconds is hashed anyway and not memoised, since a second
+    write within the same clock tick would keep its mtime.
+    """
+    stat = path.stat()
+    stamp = {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "inode": stat.st_ino}
+    settled = time.time_ns() - stat.st_mtime_ns > 2_000_000_000
+    record = memo / (hashlib.sha256(stamp["path"].encode()).hexdigest()[:24] + ".json") if memo else None
+    if record is not None and settled:
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            known = json.loads(record.read_text())
+            if {key: known[key] for key in stamp} == stamp:
+                return known["sha256"]
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
+    if record is not None and settled and path.stat().st_mtime_ns == stat.st_mtime_ns:
+        with contextlib.suppress(OSError):  # a memo that cannot be written only costs the next run the hashing
+            record.parent.mkdir(parents=True, exist_ok=True)
+            partial = record.with_name(f"{record.name}.tmp-{os.getpid()}")
+            partial.write_text(json.dumps({**stamp, "sha256": digest.hexdigest()}))
+            os.replace(partial, record)
     return digest.hexdigest()
 
 

@@ -170,8 +170,35 @@ def test_a_second_preparation_is_read_from_the_cache_and_equals_the_first(tokeni
     assert (second.report.train_examples, second.report.eval_examples) == (9, 3)
     assert second.report.samples == first.report.samples and second.report.fingerprint == first.report.fingerprint
     entries = {p.name for p in own_cache.iterdir() if not p.name.endswith(".lock")}
-    assert entries == {Path(first.report.cache_path).name, "raw"}  # one entry, and datasets' copy of the raw file
+    assert entries - {"hashes"} == {Path(first.report.cache_path).name, "raw"}  # one entry, datasets' raw copy
     assert not list(own_cache.glob("*.tmp-*"))  # nothing half-built left behind
+
+
+def test_a_files_hash_is_reused_only_while_its_size_mtime_and_inode_are_unchanged(tokenizer, tmp_path, own_cache):
+    """The data files' sha256 is memoised by stat (a 1.4 GB file takes a second to hash): a settled, unchanged file
+    is not read again; a rewrite (new mtime) is hashed again and is a cache miss; a file written in the last
+    2 seconds is never memoised."""
+    from lorafit import data_sources
+
+    path = write_jsonl(tmp_path / "qa.jsonl", QA)
+    recipe = make_recipe(path)
+    assert prepare_data(recipe, tokenizer).report.cache == "built"
+    assert not (own_cache / "hashes").exists()  # just written: its mtime could still hide another write
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns - 10**10))
+    assert prepare_data(recipe, tokenizer).report.cache == "from cache"
+    assert len(list((own_cache / "hashes").glob("*.json"))) == 1
+    reads = []
+    real_open = Path.open
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(Path, "open", lambda self, *a, **k: reads.append(self) or real_open(self, *a, **k))
+    try:
+        assert data_sources.file_sha256(path, own_cache / "hashes") == data_sources.file_sha256(path)
+    finally:
+        monkey.undo()
+    assert reads.count(path) == 1  # only the un-memoised call read the data file
+    write_jsonl(path, [{**QA[0], "completion": "changed"}, *QA[1:]])
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns - 5 * 10**9))
+    assert prepare_data(recipe, tokenizer).report.cache == "built"
 
 
 @pytest.mark.parametrize("change", ["file", "max_length", "train_on", "system_prompt", "template", "fields",
