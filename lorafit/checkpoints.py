@@ -50,7 +50,7 @@ def fingerprint(recipe: Recipe, data_sha256: dict[str, str]) -> dict[str, Any]:
                 for name in _FINGERPRINTED}
     if recipe.task != "causal-lm":  # recorded only when not the default, so runs recorded before `task` still resume
         sections["task"] = recipe.task
-    if recipe.preference is not None:  # beta, loss and reference define the weights too (dpo / kto only)
+    if recipe.preference is not None:  # beta, loss and reference define the weights too (preference tasks only)
         sections["preference"] = recipe.preference.model_dump(mode="json")
     body = {"recipe": sections, "data_sha256": dict(sorted(data_sha256.items()))}
     digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()

@@ -499,7 +499,7 @@ def _render_dry_run(console: Console, result, recipe_yaml: str) -> None:
     if report.label_counts:  # sequence classification: one label per row, no supervised tokens or end-of-turn
         table.add_row("classes", ", ".join(f"{name} ({n} rows)" for name, n in report.label_counts.items()))
         table.add_row("tokens", f"{report.total_tokens:,} in the training rows")
-    elif getattr(report, "token_lengths", None):  # dpo / kto: both answers are scored against the reference
+    elif getattr(report, "token_lengths", None):  # preference tasks: both answers are scored
         table.add_row("answer tokens scored", f"{report.trained_tokens:,} of {report.total_tokens:,}")
         table.add_row("token lengths", ", ".join(f"{side} mean {v['mean']:g} / max {v['max']}"
                                                  for side, v in report.token_lengths.items()))
@@ -534,7 +534,7 @@ def _render_train(console: Console, result, *, quiet: bool = False) -> None:
     table.add_row("eval loss", _fmt(m.eval_loss))
     if m.labels is not None:  # sequence classification
         table.add_row("eval accuracy / macro-F1", f"{_pct(m.eval_accuracy)} / {_pct(m.eval_f1)}")
-    if m.preference is not None:  # dpo / kto: the implicit rewards against the reference, train (last log) and eval
+    if m.preference is not None:  # preference tasks: the rewards TRL logs, train (last log) and eval
         p = m.preference
         for side in ("", "eval_"):
             table.add_row(f"{'eval' if side else 'train'} rewards chosen / rejected / margin",
@@ -542,6 +542,9 @@ def _render_train(console: Console, result, *, quiet: bool = False) -> None:
                           f"{_fmt(p.get(side + 'rewards/margins'))}")
         if p.get("eval_rewards/accuracies") is not None:
             table.add_row("eval reward accuracy", _pct(p["eval_rewards/accuracies"]))
+        if p.get("eval_nll_loss") is not None:  # orpo: its loss is the chosen answers' NLL + beta x odds-ratio term
+            table.add_row("eval NLL (chosen) / log odds ratio",
+                          f"{_fmt(p['eval_nll_loss'])} / {_fmt(p.get('eval_log_odds_chosen'))}")
     table.add_row("tokens/s", f"{m.tokens_per_second:,.0f}" if m.tokens_per_second else "-")
     table.add_row("train time", f"{m.train_seconds:.1f} s (wall {m.wall_seconds:.1f} s)")
     table.add_row("peak memory", f"{m.peak_memory_mb:,.0f} MiB")
@@ -680,7 +683,7 @@ def _render_eval(console: Console, result, *, quiet: bool = False) -> None:
         table.add_row(s.name, _fmt(s.loss), f"{s.perplexity:.2f}" if s.perplexity else "-", pct(s.exact_match),
                       pct(s.normalized_exact_match), pct(s.rouge_l), f"{s.seconds:.1f} s")
     console.print(table)
-    if any(s.preference for s in result.scores):  # dpo / kto: the held-out pairs
+    if any(s.preference for s in result.scores):  # preference tasks: the held-out pairs
         _render_preferences(console, result.scores)
     if quiet:
         return
@@ -695,8 +698,8 @@ def _render_eval(console: Console, result, *, quiet: bool = False) -> None:
 
 
 def _render_preferences(console: Console, scores) -> None:
-    table = Table(title=f"preferences on {scores[0].preference.pairs} held-out pairs (reward: beta x "
-                  "log-ratio to the base)", title_justify="left")
+    table = Table(title=f"preferences on {scores[0].preference.pairs} held-out pairs (reward: "
+                  f"{scores[0].preference.reward})", title_justify="left")
     for column in ("model", "prefers chosen", "log-prob margin", "reward accuracy", "reward margin"):
         table.add_column(column, justify="left" if column == "model" else "right")
     for s in scores:

@@ -44,7 +44,7 @@ from lorafit.data_sources import (
     train_sources,
 )
 from lorafit.errors import LorafitError
-from lorafit.recipe import DataSection, Recipe
+from lorafit.recipe import PREFERENCE_TASKS, DataSection, Recipe
 from lorafit.templates import apply_template, assistant_spans
 
 if TYPE_CHECKING:
@@ -527,7 +527,7 @@ class EvalRows:
     conversations: list[Messages | str] = field(default_factory=list)  # causal-lm: messages, or a text row's text
     labelled: list[tuple[dict[str, Any], int]] = field(default_factory=list)  # classification: (row, class id)
     dropped: int = 0  # rows that hold nothing usable (no answer to score, empty text)
-    raw: list[dict[str, Any]] = field(default_factory=list)  # the rows as read (dpo / kto read their own columns)
+    raw: list[dict[str, Any]] = field(default_factory=list)  # the rows as read (preference tasks read own columns)
 
 
 def eval_rows(recipe: Recipe, data_file: str | Path | None = None, *, labels: list[str] | None = None,
@@ -565,7 +565,7 @@ def eval_rows(recipe: Recipe, data_file: str | Path | None = None, *, labels: li
             result.labelled.extend(zip(rows, ids, strict=True))
             continue
         result.raw.extend(rows)
-        if recipe.task in ("dpo", "kto"):
+        if recipe.task in PREFERENCE_TASKS:
             continue
         source = detect_format(read.source, columns_of(rows))
         for row in rows:
@@ -579,7 +579,7 @@ def eval_rows(recipe: Recipe, data_file: str | Path | None = None, *, labels: li
 
 
 def split_rows(recipe: Recipe) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, str]]:
-    """Preference (dpo / kto) rows as dicts: train, eval (its file, or the held-out share) and file fingerprints."""
+    """Preference rows (dpo / kto / orpo) as dicts: train, eval (its file, or the held-out share), file fingerprints."""
     section = recipe.data
     fingerprint: dict[str, str] = {}
     train: list[dict[str, Any]] = []

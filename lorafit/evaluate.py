@@ -55,7 +55,7 @@ class Scores:
     accuracy: float | None = None  # sequence classification only, like f1 and per_class
     f1: float | None = None  # macro-F1
     per_class: dict[str, dict[str, int]] | None = None  # class -> rows, predicted, correct
-    preference: PreferenceScores | None = None  # task dpo / kto: how it prefers the chosen answers
+    preference: PreferenceScores | None = None  # task dpo / kto / orpo: how it prefers the chosen answers
 
 
 @dataclass
@@ -163,7 +163,7 @@ def run_eval(recipe: Recipe, adapter_dirs: list[str | Path], *, data_file: str |
                                     max_new_tokens=max_new_tokens, eos_ids=_eos_ids(tokenizer, model.get_base_model()))
     scores: list[Scores] = []
     outputs: dict[str, list] = {}
-    logps: dict[str, list[tuple[float, ...]]] = {}  # dpo / kto: each answer's log-probability, per model
+    logps: dict[str, list[tuple[float, ...]]] = {}  # preference tasks: each answer's log-probability, per model
     if pairs is not None:
         from lorafit import preference_eval
     for name, adapter in [("base", None), *zip(names, trained, strict=True)]:
@@ -174,11 +174,12 @@ def run_eval(recipe: Recipe, adapter_dirs: list[str | Path], *, data_file: str |
             context = contextlib.nullcontext()
         with context:
             score, outputs[name] = measure(model, name, adapter)
-            if pairs is not None:  # reward: beta x log-ratio against the base (the adapter switched off)
+            if pairs is not None:  # reward: beta x log-ratio against the base (the adapter switched off); orpo's
+                # is reference-free, beta x the mean log-prob per answer token, as its trainer logs it
                 logps[name] = preference_eval.answer_logps(model, pairs, tokenizer, batch_size)
                 score.preference = preference_eval.preference_scores(
                     pairs, logps[name], logps["base"] if adapter is not None else None,
-                    (recipe.preference or PreferenceSection()).beta)
+                    (recipe.preference or PreferenceSection()).beta, reference_free=recipe.task == "orpo")
         scores.append(score)
 
     # 4. The report, and each row with every model's answer (or predicted label).
@@ -245,7 +246,8 @@ def _causal_examples(recipe: Recipe, data_file: str | Path | None, samples: int 
                      names: list[str], saved_tokenizers: list, notes: list[str]) -> tuple[list[_Example], str, str,
                                                                                           list | None]:
     """The eval rows rendered with the recipe's template, where they came from, and the template's name ("none"
-    for format text: no prompt/reference split, so nothing is generated); dpo / kto: also the held-out pairs."""
+    for format text: no prompt/reference split, so nothing is generated); preference tasks: also the held-out
+    pairs."""
     rows = data.eval_rows(recipe, data_file, limit=samples)  # the one place that says where eval rows come from
     pairs, conversations = None, rows.conversations
     if recipe.task in PREFERENCE_TASKS:  # scored as pairs, and their chosen answers are the generation references

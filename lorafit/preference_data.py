@@ -1,4 +1,4 @@
-"""Preference data (task dpo / kto): rows -> prompt / chosen / rejected conversations, linted before any compute.
+"""Preference data (task dpo / kto / orpo): rows -> prompt / chosen / rejected conversations, linted before any compute.
 
 Accepted rows (column names can be mapped with data.fields):
 - `prompt`, `chosen`, `rejected`: each a string or a list of chat messages;
@@ -9,8 +9,9 @@ Accepted rows (column names can be mapped with data.fields):
 Every prompt becomes chat messages rendered with the recipe's template, exactly as SFT renders them, so a DPO run
 on top of an SFT adapter sees the prompts that adapter was trained on. The lint drops pairs that cannot teach
 anything (malformed, an empty side, chosen identical to rejected, a prompt that fills data.max_length, sides that
-only differ past the truncation) and reports token lengths; TRL's trainers then get the conversations and
-tokenize them the same way (prompt rendered with the generation prompt, the answer after it).
+only differ past the truncation) and reports token lengths; TRL's DPO / KTO trainers then get the conversations and
+tokenize them the same way (prompt rendered with the generation prompt, the answer after it). Task orpo reads the
+same pairs, but its trainer gets the lint's token ids themselves (`_dataset`).
 """
 
 from __future__ import annotations
@@ -100,7 +101,9 @@ def prepare_preference_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) 
         report.desirable = sum(example.desirable for example in train)
         report.undesirable = len(train) - report.desirable
     report.train_examples, report.eval_examples = len(train), len(evaluation)
-    return PreparedData(_dataset(train, Dataset), _dataset(evaluation, Dataset) if evaluation else None, report)
+    as_ids = recipe.task == "orpo"
+    return PreparedData(_dataset(train, Dataset, as_ids=as_ids),
+                        _dataset(evaluation, Dataset, as_ids=as_ids) if evaluation else None, report)
 
 
 def eval_examples(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, rows: list[dict[str, Any]],
@@ -331,8 +334,19 @@ def _finish_lengths(report: PreferenceReport) -> None:
                             if "sum" in v else v for side, v in report.token_lengths.items()}
 
 
-def _dataset(examples: list, dataset_type):
-    """The conversations TRL's DPOTrainer / KTOTrainer read (they tokenize them as `_encode` does)."""
+def _dataset(examples: list, dataset_type, *, as_ids: bool = False):
+    """The conversations TRL's DPOTrainer / KTOTrainer read (they tokenize them as `_encode` does); with `as_ids`
+    (task orpo), each pair's token ids as the lint measured and truncated them.
+
+    TRL's ORPOTrainer tokenizes rendered text its own way: it adds a BOS the template may not have and an EOS after
+    the template's end-of-turn (ChatML answers end in "<|im_end|>\n", so it would train "\n<|im_end|>" the model
+    never sees at inference). lorafit.orpo_trainer.ORPOTrainer lays these ids out instead, so ORPO trains on exactly
+    the tokens DPO and `lorafit eval` score.
+    """
+    if as_ids:
+        return dataset_type.from_dict({"prompt_ids": [e.prompt_ids for e in examples],
+                                       "chosen_ids": [e.chosen_ids for e in examples],
+                                       "rejected_ids": [e.rejected_ids for e in examples]})
     if examples and isinstance(examples[0], Judged):
         return dataset_type.from_dict({"prompt": [e.prompt for e in examples],
                                        "completion": [e.completion for e in examples],

@@ -1,13 +1,16 @@
-"""`lorafit eval` for task dpo / kto: how strongly each model prefers the chosen answers of held-out pairs.
+"""`lorafit eval` for task dpo / kto / orpo: how strongly each model prefers the chosen answers of held-out pairs.
 
 Each answer's log-probability given its prompt (summed over the answer's tokens, as DPO scores it) is measured
 for the base and for each adapter. Two views, side by side:
 
 - pair accuracy / log-prob margin: how often a model gives the chosen answer the higher log-probability, and by
   how much on average. Defined for the base too, so it shows where training started.
-- reward accuracy / reward margin: DPO's implicit reward, beta * (log p_model - log p_base), of chosen minus
-  rejected, as TRL logs it in training (rewards/accuracies, rewards/margins), measured against the base. For kto
-  rows (one answer, labelled), reward accuracy is the share whose reward has the label's sign.
+- reward accuracy / reward margin: the reward the task's trainer logs (rewards/accuracies, rewards/margins), of
+  chosen minus rejected. dpo / kto: the implicit reward beta * (log p_model - log p_base), measured against the
+  base; for kto rows (one answer, labelled), reward accuracy is the share whose reward has the label's sign.
+  orpo has no reference model: its reward is beta * the answer's mean log-probability per token (TRL's
+  ORPOTrainer), so reward accuracy is the share of pairs whose chosen answer has the higher per-token
+  log-probability, defined for the base too. It differs from pair accuracy only where the answers' lengths differ.
 """
 
 from __future__ import annotations
@@ -21,6 +24,11 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 
+# What "reward" means in the scores: dpo / kto against the base, orpo without a reference (as each trainer logs it).
+REWARD_VS_BASE = "beta x log-ratio to the base"
+REWARD_PER_TOKEN = "beta x mean log-prob per answer token, no reference (ORPO)"
+
+
 @dataclass
 class PreferenceScores:
     """One model's preference metrics on the held-out pairs (None where they do not apply)."""
@@ -28,8 +36,9 @@ class PreferenceScores:
     pairs: int
     pair_accuracy: float | None  # share of pairs with log p(chosen) > log p(rejected)
     logp_margin: float | None  # mean log p(chosen) - log p(rejected)
-    reward_accuracy: float | None  # share of pairs (kto: rows) the implicit reward vs the base gets right
+    reward_accuracy: float | None  # share of pairs (kto: rows) the reward gets right
     reward_margin: float | None  # mean reward(chosen) - reward(rejected) (kto: desirable minus undesirable)
+    reward: str = REWARD_VS_BASE  # what the reward is (shown in the eval table, kept in report.json)
 
 
 def answer_logps(model, examples: list[Pair] | list[Judged], tokenizer: PreTrainedTokenizerBase,
@@ -46,9 +55,18 @@ def answer_logps(model, examples: list[Pair] | list[Judged], tokenizer: PreTrain
 
 
 def preference_scores(examples: list[Pair] | list[Judged], logps: list[tuple[float, ...]],
-                      base_logps: list[tuple[float, ...]] | None, beta: float) -> PreferenceScores:
-    """Pair accuracy and log-prob margin of one model; reward accuracy and margin against the base's log-probs."""
+                      base_logps: list[tuple[float, ...]] | None, beta: float, *,
+                      reference_free: bool = False) -> PreferenceScores:
+    """Pair accuracy and log-prob margin of one model; reward accuracy and margin against the base's log-probs, or
+    with `reference_free` (orpo, pairs only) ORPO's own reward, each answer's mean log-prob per token."""
     n = len(examples)
+    if reference_free:
+        margins = [chosen - rejected for chosen, rejected in logps]
+        rewards = [beta * (c / len(e.chosen_ids) - r / len(e.rejected_ids))
+                   for (c, r), e in zip(logps, examples, strict=True)]
+        return PreferenceScores(
+            pairs=n, pair_accuracy=sum(m > 0 for m in margins) / n, logp_margin=sum(margins) / n,
+            reward_accuracy=sum(r > 0 for r in rewards) / n, reward_margin=sum(rewards) / n, reward=REWARD_PER_TOKEN)
     if examples and isinstance(examples[0], Pair):
         margins = [chosen - rejected for chosen, rejected in logps]
         rewards = None if base_logps is None else [

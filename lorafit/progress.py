@@ -61,7 +61,7 @@ class ProgressCallback(TrainerCallback):
             self.progress.update(self.task, completed=state.global_step, stats=self._stats(state))
             if "eval_loss" in logs:
                 accuracy = f", eval accuracy {logs['eval_accuracy']:.1%}" if "eval_accuracy" in logs else ""
-                if "eval_rewards/margins" in logs:  # dpo / kto
+                if "eval_rewards/margins" in logs:  # preference tasks
                     accuracy += f", eval reward margin {logs['eval_rewards/margins']:.3f}"
                 self.progress.console.print(f"step {state.global_step}: eval_loss {logs['eval_loss']:.4f}{accuracy}")
         elif "loss" in logs or "eval_loss" in logs:
@@ -88,9 +88,9 @@ class ProgressCallback(TrainerCallback):
             parts.append(f"eval {self.last['eval_loss']:.4f}")
         if "eval_accuracy" in self.last:  # sequence classification
             parts.append(f"acc {self.last['eval_accuracy']:.1%}")
-        if "rewards/accuracies" in self.last:  # dpo: how often the chosen answer out-scores the rejected one
+        if "rewards/accuracies" in self.last:  # dpo / orpo: how often the chosen answer out-scores the rejected one
             parts.append(f"reward acc {self.last['rewards/accuracies']:.0%}")
-        if "rewards/margins" in self.last:  # dpo / kto: chosen minus rejected implicit reward
+        if "rewards/margins" in self.last:  # preference tasks: chosen minus rejected reward
             parts.append(f"margin {self.last['rewards/margins']:.3f}")
         if "learning_rate" in self.last:
             parts.append(f"lr {self.last['learning_rate']:.2e}")

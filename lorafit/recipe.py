@@ -282,22 +282,24 @@ class DataSection(_Section):
 DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
               "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
 KTO_LOSSES = ("kto", "apo_zero_unpaired")
-PREFERENCE_TASKS = ("dpo", "kto")
+PREFERENCE_TASKS = ("dpo", "kto", "orpo")
 
 
 class PreferenceSection(_Section):
     beta: float = Field(0.1, gt=0, description="How far the adapter may move from the reference: higher beta keeps "
-                        "it closer (DPO/KTO's beta; for loss ipo, the regulariser tau).")
+                        "it closer (DPO/KTO's beta; for loss ipo, the regulariser tau). orpo: the weight of the "
+                        "odds-ratio term beside the chosen answers' NLL (the paper's lambda).")
     loss: str | None = Field(
         None, description=f"TRL's loss type. dpo: {', '.join(DPO_LOSSES)} (default sigmoid); kto: "
-        f"{', '.join(KTO_LOSSES)} (default kto).",
+        f"{', '.join(KTO_LOSSES)} (default kto); orpo has one loss and takes none.",
     )
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="dpo losses robust and exo_pair: the assumed "
                                    "share of flipped preference labels (exo_pair needs it above 0).")
     reference: Literal["adapter-disabled", "init-adapter"] = Field(
         "adapter-disabled", description="The model rewards are measured against, never a second copy in memory: "
         "adapter-disabled = the base model (the adapter switched off); init-adapter = a frozen copy of the adapter "
-        "the run starts from (adapter.init_from, e.g. the SFT adapter), only the adapter's weights are duplicated.",
+        "the run starts from (adapter.init_from, e.g. the SFT adapter), only the adapter's weights are duplicated. "
+        "orpo has no reference model: the default is unused there, init-adapter refused.",
     )
     sft_weight: float = Field(0.0, ge=0, description="dpo: weight of an extra loss term, the chosen answer's own "
                               "negative log-likelihood (RPO; TRL's loss 'sft' added to the preference loss). DPO "
@@ -372,18 +374,20 @@ class OutputSection(_Section):
 
 class Recipe(_Section):
     name: str = Field(description="Run name; names the default run folder.")
-    task: Literal["causal-lm", "sequence-classification", "dpo", "kto"] = Field(
+    task: Literal["causal-lm", "sequence-classification", "dpo", "kto", "orpo"] = Field(
         "causal-lm", description="causal-lm: learn to write the completions (SFT). sequence-classification: learn "
         "to predict a label column from a text column; the classifier head is trained fully. dpo: prefer the chosen "
         "over the rejected answer of prompt/chosen/rejected pairs (TRL's DPOTrainer). kto: learn from answers "
-        "labelled desirable or not, prompt/completion/label rows or pairs (TRL's KTOTrainer).",
+        "labelled desirable or not, prompt/completion/label rows or pairs (TRL's KTOTrainer). orpo: SFT on the chosen "
+        "answers plus an odds-ratio penalty on the rejected ones, without a reference model, from the same pairs as "
+        "dpo (TRL's experimental ORPOTrainer).",
     )
     model: ModelSection
     quantization: QuantizationSection | None = Field(None, description="Absent: plain LoRA. Present: QLoRA.")
     adapter: AdapterSection = Field(default_factory=AdapterSection)
     data: DataSection
     preference: PreferenceSection | None = Field(
-        None, description="task dpo / kto: beta, loss type and reference model; absent = the defaults.")
+        None, description="task dpo / kto / orpo: beta, loss type and reference model; absent = the defaults.")
     template: TemplateSection = Field(default_factory=TemplateSection)
     training: TrainingSection = Field(default_factory=TrainingSection)
     output: OutputSection = Field(default_factory=OutputSection)
@@ -435,7 +439,7 @@ class Recipe(_Section):
         if self.task in PREFERENCE_TASKS:
             self._check_preference()
         elif self.preference is not None:
-            raise ValueError("preference: only applies to task: dpo or kto")
+            raise ValueError("preference: only applies to task: dpo, kto or orpo")
         if self.adapter.init_from is not None and self.adapter.method == "prefix":
             raise ValueError("adapter.init_from: continuing a prefix-tuning adapter is not supported; use method: lora")
         if self.adapter.method == "adalora":
@@ -450,6 +454,12 @@ class Recipe(_Section):
             raise ValueError("adapter.init_from: method adalora starts every module at init_r and prunes from there, "
                              "so it cannot continue a saved adapter; remove init_from, or use method: lora to continue "
                              "a LoRA adapter")
+        if self.task == "orpo":
+            # No reference copy here, but ORPO's loss is computed by TRL from the logits, so AdaLoRA's orthogonal
+            # regulariser and rank schedule (lorafit/adalora.py, wired into the SFT and classifier trainers) would
+            # not run.
+            raise ValueError("adapter.method: adalora is not supported with task: orpo (lorafit runs AdaLoRA's "
+                             "rank schedule in the SFT and classifier trainers only); use method: lora")
         if self.task in PREFERENCE_TASKS:
             raise ValueError(f"adapter.method: adalora is not supported with task: {self.task} (TRL's {self.task} "
                              "trainer copies the adapter as its reference and AdaLoRA allows one trainable adapter "
@@ -505,6 +515,36 @@ class Recipe(_Section):
     def _check_preference(self) -> None:
         # Settings that mean nothing for pairs are refused rather than ignored, each naming its key.
         preference = self.preference or PreferenceSection()
+        if self.task == "orpo":
+            self._check_orpo(preference)
+        else:
+            self._check_reference_tasks(preference)
+        if self.data.packing or self.data.format != "auto":
+            key = "packing" if self.data.packing else "format"
+            raise ValueError(f"data.{key}: task {self.task} reads prompt/chosen/rejected (or prompt/completion/label) "
+                             f"rows and pads each pair; remove data.{key}")
+        unknown = sorted(set(self.data.fields) - {"prompt", "chosen", "rejected", "completion", "label"})
+        if unknown:
+            raise ValueError(f"data.fields: {', '.join(unknown)} is not a {self.task} column; map prompt, chosen, "
+                             "rejected (dpo, orpo) or prompt, completion, label (kto) to your column names")
+        if self.template.train_on != "completions":
+            raise ValueError(f"template.train_on: {self.task} scores the answers only; remove train_on")
+
+    def _check_orpo(self, preference: PreferenceSection) -> None:
+        # ORPO has one loss (the chosen answers' NLL + beta x the odds-ratio term) and no reference model.
+        if preference.loss is not None:
+            raise ValueError(f"preference.loss: orpo has one loss (the chosen answers' NLL plus beta x the "
+                             f"odds-ratio term), not {preference.loss!r}; remove preference.loss")
+        if preference.label_smoothing:
+            raise ValueError("preference.label_smoothing only applies to task: dpo")
+        if (preference.desirable_weight, preference.undesirable_weight) != (1.0, 1.0):
+            raise ValueError("preference.desirable_weight / undesirable_weight only apply to task: kto")
+        if preference.reference == "init-adapter":
+            raise ValueError("preference.reference: orpo has no reference model, so there is no adapter to copy as "
+                             "one; remove reference (adapter.init_from alone continues the SFT adapter)")
+
+    def _check_reference_tasks(self, preference: PreferenceSection) -> None:
+        """dpo / kto: the loss of the task, its own weights, and a usable reference model."""
         losses = DPO_LOSSES if self.task == "dpo" else KTO_LOSSES
         if preference.loss is not None and preference.loss not in losses:
             raise ValueError(f"preference.loss: {preference.loss!r} is not a {self.task} loss; choose one of "
@@ -529,19 +569,9 @@ class Recipe(_Section):
         if preference.reference == "adapter-disabled" and self.adapter.init in ("pissa", "olora"):
             raise ValueError(f"preference.reference: adapter.init {self.adapter.init} rewrites the base weights, so "
                              "the adapter switched off is not the original model; use init: default")
-        if self.data.packing or self.data.format != "auto":
-            key = "packing" if self.data.packing else "format"
-            raise ValueError(f"data.{key}: task {self.task} reads prompt/chosen/rejected (or prompt/completion/label) "
-                             f"rows and pads each pair; remove data.{key}")
         if self.data.group_by_length and self.task == "kto":
             raise ValueError("data.group_by_length: kto keeps the data order fixed (its KL term pairs neighbours); "
                              "set group_by_length: false")
-        unknown = sorted(set(self.data.fields) - {"prompt", "chosen", "rejected", "completion", "label"})
-        if unknown:
-            raise ValueError(f"data.fields: {', '.join(unknown)} is not a {self.task} column; map prompt, chosen, "
-                             "rejected (dpo) or prompt, completion, label (kto) to your column names")
-        if self.template.train_on != "completions":
-            raise ValueError(f"template.train_on: {self.task} scores the answers only; remove train_on")
         if self.adapter.modules_to_save and any(m in ("lm_head", "embed_out") for m in self.adapter.modules_to_save):
             raise ValueError(f"adapter.modules_to_save: TRL's {self.task} trainer reads lm_head.weight directly, so a "
                              "trained copy of it would be ignored; remove it")

@@ -130,7 +130,7 @@ def _render(name: str, path: str, values: dict[str, dict[str, Any]], *, include_
     task = values.get("", {}).get("task", "causal-lm")
     lines.append(f"task: {task}  # {Recipe.model_fields['task'].description}")
     for section, model in SECTIONS.items():
-        # preference applies to task dpo / kto only; a starter recipe is SFT (its data format was detected as such).
+        # preference applies to dpo / kto / orpo only; a starter recipe is SFT (its data format was detected as such).
         if not section or (section == "quantization" and not include_quantization) or section == "preference":
             continue
         lines.append(f"{section}:")

@@ -26,8 +26,11 @@ if TYPE_CHECKING:
     from lorafit.distributed import Layout
     from lorafit.models import Precision
 
-# What TRL's DPO / KTO trainers log about the implicit rewards (KTO has no accuracies), kept in metrics.json.
+# What TRL's DPO / KTO / ORPO trainers log about the implicit rewards (KTO has no accuracies), kept in metrics.json.
 PREFERENCE_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
+# What TRL's ORPO trainer logs besides: its two loss terms (the chosen answers' NLL, the mean log-sigmoid of the log
+# odds ratio) and the mean log odds ratio itself.
+ORPO_METRICS = ("nll_loss", "log_odds_ratio", "log_odds_chosen")
 
 
 @dataclass
@@ -70,7 +73,8 @@ class TrainMetrics:
     label_counts: dict[str, int] | None = None
     eval_accuracy: float | None = None
     eval_f1: float | None = None
-    # dpo / kto only: the last logged train and eval rewards, under TRL's names (PREFERENCE_METRICS, eval_...)
+    # preference tasks only: the last logged train and eval rewards, under TRL's names (PREFERENCE_METRICS, eval_...;
+    # orpo also ORPO_METRICS)
     preference: dict[str, float | None] | None = None
     # adapter.method adalora only: each adapted module's rank after pruning (the adapter's rank pattern)
     adapter_ranks: dict[str, int] | None = None
@@ -514,7 +518,9 @@ def _build_trainer(recipe: Recipe, model, tokenizer, prepared, args, console: Co
     # A classifier's rows are padded per batch, and each evaluation also logs eval_accuracy and eval_f1.
     trainer_options = {"data_collator": DataCollatorWithPadding(tokenizer),
                        "compute_metrics": _classification_metrics} if classify else {}
-    if recipe.task in PREFERENCE_TASKS:  # the reference model: the adapter switched off, or its frozen start
+    if recipe.task == "orpo":  # reference-free: no reference model to choose
+        trainer_options = {}
+    elif recipe.task in PREFERENCE_TASKS:  # the reference model: the adapter switched off, or its frozen start
         trainer_options = {"reference": (recipe.preference or PreferenceSection()).reference}
     else:  # AdaLoRA's schedule (lorafit/adalora.py; inert for the other methods)
         trainer_options["adapter"] = recipe.adapter
@@ -545,9 +551,16 @@ def _task_trainer(recipe: Recipe) -> tuple[type, type, dict[str, Any]]:
         from trl import SFTConfig
 
         return SFTConfig, trainer.SFTTrainer, {"max_length": recipe.data.max_length, "packing": recipe.data.packing}
+    preference = recipe.preference or PreferenceSection()
+    if recipe.task == "orpo":  # TRL keeps it under trl.experimental, imported only here (lorafit/orpo_trainer.py)
+        from lorafit import orpo_trainer
+
+        # The rows are token ids laid out by ORPOTrainer.tokenize_row; the collator needs every column it makes.
+        return orpo_trainer.ORPOConfig, orpo_trainer.ORPOTrainer, {
+            "max_length": recipe.data.max_length, "beta": preference.beta, "disable_dropout": False,
+            "remove_unused_columns": False}
     from trl import DPOConfig, KTOConfig
 
-    preference = recipe.preference or PreferenceSection()
     # Dropout stays as adapter.dropout says (TRL would switch it off); the reference is never precomputed, so a
     # resumed run scores it exactly as an uninterrupted one.
     common = {"max_length": recipe.data.max_length, "beta": preference.beta, "disable_dropout": False,
@@ -611,10 +624,11 @@ def _measured(result: TrainResult, recipe: Recipe, source: str, trainer, output,
     from lorafit import adalora, distributed, export
 
     history, state, report = trainer.state.log_history, trainer.state, result.report
-    history_keys = ("loss", "eval_loss", "eval_accuracy", "eval_f1", "learning_rate", "grad_norm",
-                    *PREFERENCE_METRICS, *(f"eval_{key}" for key in PREFERENCE_METRICS))
-    classify = recipe.task == "sequence-classification"
     preference = recipe.task in PREFERENCE_TASKS
+    logged = (*PREFERENCE_METRICS, *(ORPO_METRICS if recipe.task == "orpo" else ()))
+    logged = (*logged, *(f"eval_{key}" for key in logged)) if preference else ()
+    history_keys = ("loss", "eval_loss", "eval_accuracy", "eval_f1", "learning_rate", "grad_norm", *logged)
+    classify = recipe.task == "sequence-classification"
     return TrainMetrics(
         name=recipe.name,
         base_model=source,
@@ -651,8 +665,7 @@ def _measured(result: TrainResult, recipe: Recipe, source: str, trainer, output,
         **({"labels": list(recipe.data.labels), "label_counts": report.label_counts,
             "eval_accuracy": _last_logged(history, "eval_accuracy"), "eval_f1": _last_logged(history, "eval_f1")}
            if classify else {}),
-        preference={key: _last_logged(history, key) for key in
-                    (*PREFERENCE_METRICS, *(f"eval_{key}" for key in PREFERENCE_METRICS))} if preference else None,
+        preference={key: _last_logged(history, key) for key in logged} if preference else None,
         adapter_ranks=adalora.final_ranks(trainer.model) if adalora.is_adalora(trainer.model) else None,
     )
 
