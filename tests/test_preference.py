@@ -1,5 +1,5 @@
-"""Preference tuning (task dpo / kto) on tiny models: the data lint, the reference model, that training moves the
-adapter towards the chosen answers, resume, eval, merge and the recipe's refusals."""
+"""Preference tuning (task dpo / kto / orpo) on tiny models: the data lint, the reference model, that training moves
+the adapter towards the chosen answers, resume, eval, merge and the recipe's refusals."""
 
 from __future__ import annotations
 
@@ -77,6 +77,26 @@ def dpo_run(tmp_path_factory):
     recipe = validate_recipe(preference_recipe(model, pairs, root / "run"))
     result = run_train(recipe, QUIET)
     return {"root": root, "model": model, "pairs": pairs, "recipe": recipe, "result": result, "run": root / "run"}
+
+
+@pytest.fixture(scope="module")
+def orpo_run(dpo_run):
+    """One ORPO run from the base, on dpo_run's tiny Llama and pairs, with dpo_run's settings but in fp32 (not bf16 on
+    a CPU that has it), so `lorafit eval` can be held to what training logged."""
+    recipe = validate_recipe(preference_recipe(dpo_run["model"], dpo_run["pairs"], dpo_run["root"] / "orpo",
+                                               task="orpo", name="tiny-orpo", training={"precision": "fp32"}))
+    return {**dpo_run, "recipe": recipe, "result": run_train(recipe, QUIET), "run": dpo_run["root"] / "orpo"}
+
+
+def train_pairs(run: dict) -> list:
+    """The run's pairs as the lint encodes them (Pair: prompt, chosen and rejected token ids)."""
+    from transformers import AutoTokenizer
+
+    from lorafit.preference_data import eval_examples
+
+    tokenizer = AutoTokenizer.from_pretrained(run["run"] / "adapter")
+    rows = [json.loads(line) for line in run["pairs"].read_text().splitlines() if line.strip()]
+    return eval_examples(run["recipe"], tokenizer, rows)[0], tokenizer
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -227,6 +247,107 @@ def test_kto_trains_on_labelled_answers(tiny_llama, tmp_path):
     assert result.metrics.preference["eval_rewards/margins"] > 0
 
 
+def test_orpo_raises_the_chosen_answers_and_their_lead_over_the_rejected(orpo_run):
+    """ORPO from the base: LoRA B leaves zero; on the train pairs the chosen answers' own log-prob rises (its NLL
+    term) and so does their margin over the rejected (its odds-ratio term); metrics.json carries ORPO's metrics, and
+    the first loss is TRL's ORPO loss with the recipe's beta: NLL - beta x mean log-sigmoid(log odds ratio)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from lorafit.preference_eval import answer_logps
+
+    weights = adapter_weights(orpo_run["run"])
+    assert any(name.endswith("lora_B.weight") and value.abs().sum() > 0 for name, value in weights.items())
+    pairs, tokenizer = train_pairs(orpo_run)
+    base = AutoModelForCausalLM.from_pretrained(orpo_run["model"])
+    before = answer_logps(base, pairs, tokenizer, 8)
+    after = answer_logps(PeftModel.from_pretrained(base, orpo_run["run"] / "adapter"), pairs, tokenizer, 8)
+    mean = lambda values: sum(values) / len(values)  # noqa: E731
+    assert mean([c for c, _ in after]) > mean([c for c, _ in before]) + 1.0  # the chosen answers themselves
+    assert mean([c - r for c, r in after]) > mean([c - r for c, r in before]) + 1.0
+
+    metrics = json.loads((orpo_run["run"] / "metrics.json").read_text())
+    names = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "nll_loss",
+             "log_odds_ratio", "log_odds_chosen")
+    assert set(metrics["preference"]) == {*names, *(f"eval_{name}" for name in names)}
+    assert all(value is not None for value in metrics["preference"].values())
+    assert metrics["preference"]["eval_rewards/margins"] > 0 and metrics["preference"]["eval_rewards/accuracies"] > 0.5
+    first = metrics["loss_history"][0]
+    assert first["loss"] == pytest.approx(first["nll_loss"] - 0.1 * first["log_odds_ratio"], rel=1e-4)
+    nll = [entry["nll_loss"] for entry in metrics["loss_history"] if "nll_loss" in entry]
+    assert nll[-1] < nll[0] and any("eval_nll_loss" in entry for entry in metrics["loss_history"])
+    assert metrics["tokens_seen"] > 0  # both answers of every pair counted, as for DPO
+
+
+def test_orpo_trains_on_the_linted_token_ids_without_a_reference(orpo_run, tmp_path):
+    """The ORPO trainer holds no reference (no ref model, no "ref" adapter, nothing outside base + adapter) and its
+    rows are the lint's token ids: prompt + answer as the DPO trainer and `lorafit eval` score them, no BOS or EOS
+    added, the prompt masked out of the answer labels."""
+    from lorafit import adapters, models, preference_data
+    from lorafit.orpo_trainer import ORPOTrainer
+    from lorafit.train import _build_trainer, _training_arguments
+    from lorafit.trainer import AdapterReference, NonFiniteGuard
+
+    recipe = orpo_run["recipe"].model_copy(update={"output": orpo_run["recipe"].output.model_copy(
+        update={"dir": str(tmp_path / "run")})})
+    precision, _ = models.choose_precision("fp32")
+    tokenizer = models.load_tokenizer(recipe, str(orpo_run["model"]))
+    prepared = preference_data.prepare_preference_data(recipe, tokenizer)
+    base = models.load_base_model(recipe, str(orpo_run["model"]), precision, pad_token_id=tokenizer.pad_token_id)
+    model = adapters.wrap_model(recipe, base, gradient_checkpointing=False)
+    base_params = {id(p) for p in base.parameters()}  # the base with the adapter injected into its layers
+    trainer = _build_trainer(recipe, model, tokenizer, prepared, _training_arguments(recipe, prepared, precision),
+                             QUIET, quiet=True)
+    assert isinstance(trainer, ORPOTrainer) and isinstance(trainer, NonFiniteGuard)
+    assert not isinstance(trainer, AdapterReference) and getattr(trainer, "ref_model", None) is None
+    assert list(trainer.model.peft_config) == ["default"]
+    assert {id(p) for p in trainer.model.parameters()} == base_params
+
+    pairs, _ = train_pairs(orpo_run)
+    by_prompt = {tuple(p.prompt_ids + p.chosen_ids): p for p in pairs}
+    row = trainer.train_dataset[0]
+    pair = by_prompt[tuple(row["chosen_input_ids"])]
+    prompt = len(pair.prompt_ids)
+    assert row["rejected_input_ids"] == pair.prompt_ids + pair.rejected_ids
+    assert row["prompt_input_ids"] == pair.prompt_ids and row["chosen_input_ids"][-1] != tokenizer.eos_token_id
+    assert row["chosen_labels"] == [-100] * prompt + pair.chosen_ids
+
+
+def test_orpo_resume_equals_an_uninterrupted_run(orpo_run, tmp_path, monkeypatch):
+    """Interrupted at step 5 (SIGTERM) and resumed, ORPO ends with the adapter an uninterrupted run ends with."""
+    recipe = orpo_run["recipe"].model_copy(update={"output": orpo_run["recipe"].output.model_copy(
+        update={"dir": str(tmp_path / "run")})})
+    signal_at_step(monkeypatch, 5, sig=signal.SIGTERM)
+    with pytest.raises(Interrupted, match="interrupted at step 5; checkpoint saved"):
+        run_train(recipe, QUIET)
+    monkeypatch.undo()
+    resumed = run_train(recipe, QUIET, resume=True)
+    assert resumed.metrics.global_step == 8
+    expected, got = adapter_weights(orpo_run["run"]), adapter_weights(tmp_path / "run")
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.allclose(expected[name], got[name], atol=1e-6), name
+
+
+def test_orpo_continues_an_sft_adapter(orpo_run, tmp_path):
+    """adapter.init_from works under orpo (no reference to copy): training starts from that adapter's weights."""
+    from lorafit import adapters, models
+
+    start = orpo_run["run"] / "adapter"  # any LoRA adapter of the same shape stands in for an SFT one
+    recipe = validate_recipe(preference_recipe(orpo_run["model"], orpo_run["pairs"], tmp_path / "run", task="orpo",
+                                               adapter={"init_from": str(start)}, training={"max_steps": 1}))
+    tokenizer = models.load_tokenizer(recipe, str(orpo_run["model"]))
+    precision, _ = models.choose_precision("fp32")
+    base = models.load_base_model(recipe, str(orpo_run["model"]), precision, pad_token_id=tokenizer.pad_token_id)
+    model = adapters.wrap_model(recipe, base, gradient_checkpointing=False)
+    loaded = {n.replace(".default", ""): p for n, p in model.named_parameters() if "lora_" in n}
+    for name, value in adapter_weights(orpo_run["run"]).items():
+        assert torch.equal(loaded[name].detach(), value), name
+    run_train(recipe, QUIET)
+    trained = adapter_weights(tmp_path / "run")
+    assert set(trained) == set(adapter_weights(orpo_run["run"]))
+
+
 # ----------------------------------------------------------------------------------------------------
 # Data: formats and the lint
 
@@ -281,7 +402,7 @@ def test_bad_pairs_are_dropped_and_counted_by_reason(tiny_llama, tmp_path):
 
 
 def test_the_quickstart_preference_recipes_validate_and_their_data_is_clean():
-    """configs/quickstart-dpo*.yaml validate, and the committed pairs are all usable: chosen is the reversal, rejected
+    """configs/quickstart-dpo*.yaml and quickstart-orpo.yaml validate (orpo on dpo's pairs), and the committed pairs are all usable: chosen is the reversal, rejected
     differs from it."""
     from lorafit.recipe import load_recipe
 
@@ -289,6 +410,10 @@ def test_the_quickstart_preference_recipes_validate_and_their_data_is_clean():
     dpo, on_sft = load_recipe(configs / "quickstart-dpo.yaml"), load_recipe(configs / "quickstart-dpo-sft.yaml")
     assert dpo.task == on_sft.task == "dpo" and on_sft.adapter.init_from == "runs/quickstart/adapter"
     assert on_sft.preference.reference == "init-adapter" and on_sft.run_dir == Path("runs/quickstart-dpo-sft")
+    orpo = load_recipe(configs / "quickstart-orpo.yaml")
+    assert orpo.task == "orpo" and orpo.run_dir == Path("runs/quickstart-orpo") and orpo.adapter.init_from is None
+    assert (orpo.data.train, orpo.data.eval, orpo.data.max_length) == (dpo.data.train, dpo.data.eval, 128)
+    assert orpo.preference.beta == 0.1 and orpo.preference.loss is None
     for split in (dpo.data.train, dpo.data.eval):
         rows = [json.loads(line) for line in Path(split).read_text().splitlines()]
         words = [row["prompt"].rsplit(": ", 1)[1].split() for row in rows]
@@ -303,7 +428,7 @@ def test_wrong_columns_name_what_is_needed(tiny_llama, toy_data, tmp_path):
 
 
 @pytest.mark.parametrize(("change", "message"), [
-    ({"task": "causal-lm"}, "preference: only applies to task: dpo or kto"),
+    ({"task": "causal-lm"}, "preference: only applies to task: dpo, kto or orpo"),
     ({"preference": {"loss": "kto"}}, "preference.loss: 'kto' is not a dpo loss"),
     ({"preference": {"reference": "init-adapter"}}, "init-adapter needs adapter.init_from"),
     ({"data": {"packing": True}}, "data.packing: task dpo"),
@@ -312,9 +437,18 @@ def test_wrong_columns_name_what_is_needed(tiny_llama, toy_data, tmp_path):
     ({"adapter": {"init": "pissa"}}, "adapter.init pissa rewrites the base weights"),
     ({"task": "kto", "preference": {"sft_weight": 0.5}}, "sft_weight only applies to task: dpo"),
     ({"preference": {"loss": "sft", "sft_weight": 0.5}}, "loss sft is already"),
+    ({"task": "orpo", "preference": {"loss": "sigmoid"}}, "preference.loss: orpo has one loss"),
+    ({"task": "orpo", "preference": {"label_smoothing": 0.1}}, "label_smoothing only applies to task: dpo"),
+    ({"task": "orpo", "preference": {"reference": "init-adapter"}, "adapter": {"init_from": "a"}},
+     "preference.reference: orpo has no reference model"),
+    ({"task": "orpo", "preference": {"desirable_weight": 2.0}}, "desirable_weight / undesirable_weight only apply"),
+    ({"task": "orpo", "data": {"packing": True}}, "data.packing: task orpo"),
+    ({"task": "orpo", "template": {"train_on": "all"}}, "template.train_on: orpo scores the answers only"),
+    ({"task": "orpo", "adapter": {"method": "adalora", "r": 16}}, "adapter.method: adalora is not supported with task: orpo"),
 ])
 def test_settings_that_cannot_apply_are_refused(tmp_path, change, message):
-    """Preference settings outside dpo/kto, a loss of the other task and impossible combinations are errors."""
+    """Preference settings outside the preference tasks, a loss of another task and impossible combinations are
+    errors; orpo refuses what only a reference model or another loss would use."""
     raw = preference_recipe(Path("m"), tmp_path / "p.jsonl", tmp_path / "run", **change)
     with pytest.raises(LorafitError, match=message):
         validate_recipe(raw)
@@ -322,6 +456,15 @@ def test_settings_that_cannot_apply_are_refused(tmp_path, change, message):
 
 # ----------------------------------------------------------------------------------------------------
 # eval, merge, CLI
+
+
+def test_orpo_accepts_what_only_a_reference_would_forbid(tmp_path):
+    """Without a reference model, orpo takes adapter.init: pissa (the base may be rewritten), an explicit
+    reference: adapter-disabled (the default, unused) and init_from alone."""
+    for change in ({"adapter": {"init": "pissa"}}, {"preference": {"reference": "adapter-disabled"}},
+                   {"adapter": {"init_from": "runs/sft/adapter"}}):
+        raw = preference_recipe(Path("m"), tmp_path / "p.jsonl", tmp_path / "run", task="orpo", **change)
+        assert validate_recipe(raw).task == "orpo"
 
 
 def test_eval_reports_reward_accuracy_base_vs_adapter(dpo_run):
@@ -337,6 +480,27 @@ def test_eval_reports_reward_accuracy_base_vs_adapter(dpo_run):
     assert adapter.exact_match is not None and result.examples == 12
     report = json.loads(result.report_path.read_text())
     assert report["scores"][1]["preference"]["pairs"] == 12
+    assert report["scores"][1]["preference"]["reward"] == "beta x log-ratio to the base"
+
+
+def test_orpo_eval_reports_its_reference_free_reward_as_training_logged_it(orpo_run):
+    """eval under orpo: the reward is ORPO's own (beta x mean log-prob per answer token, no reference), so the base
+    has one too; the adapter's on the held-out pairs equals the eval_rewards/* training logged on the same pairs,
+    and beats the base's."""
+    from lorafit.evaluate import run_eval
+
+    result = run_eval(orpo_run["recipe"], [orpo_run["run"] / "adapter"])
+    base, adapter = result.scores
+    assert result.examples == 12 and adapter.preference.pairs == 12
+    assert base.preference.reward_accuracy is not None and base.preference.reward == adapter.preference.reward
+    assert "no reference" in adapter.preference.reward
+    logged = json.loads((orpo_run["run"] / "metrics.json").read_text())["preference"]
+    assert adapter.preference.reward_accuracy == pytest.approx(logged["eval_rewards/accuracies"])
+    assert adapter.preference.reward_margin == pytest.approx(logged["eval_rewards/margins"], rel=1e-3)
+    assert adapter.preference.reward_margin > base.preference.reward_margin
+    assert adapter.preference.logp_margin > base.preference.logp_margin
+    report = json.loads(result.report_path.read_text())
+    assert report["scores"][0]["preference"]["reward"] == adapter.preference.reward
 
 
 def test_merge_and_cli_json_on_a_dpo_run(dpo_run, tmp_path):
@@ -357,3 +521,41 @@ def test_merge_and_cli_json_on_a_dpo_run(dpo_run, tmp_path):
     payload = json.loads(out.stdout)
     assert payload["data"]["format"] == "prompt/chosen/rejected"
     assert payload["data"]["token_lengths"]["prompt"]["max"] > 0 and payload["data"]["truncated"] == 0
+
+
+def test_merge_inspect_runs_and_cli_json_on_an_orpo_run(orpo_run, tmp_path):
+    """An ORPO adapter merges into a model that scores like base + adapter, inspect-modules reads an orpo recipe,
+    `lorafit runs` lists the run, and `train --json` reports ORPO's metrics."""
+    import subprocess
+    import sys
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from lorafit.inspect_modules import run_inspect
+    from lorafit.merge import AdapterSpec, run_merge
+    from lorafit.preference_eval import answer_logps
+    from lorafit.runs import run_runs
+
+    merged = run_merge([AdapterSpec(orpo_run["run"] / "adapter")], tmp_path / "merged")
+    pairs, tokenizer = train_pairs(orpo_run)
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(orpo_run["model"]),
+                                        orpo_run["run"] / "adapter")
+    expected = answer_logps(adapted, pairs[:4], tokenizer, 4)
+    got = answer_logps(AutoModelForCausalLM.from_pretrained(merged.out_dir), pairs[:4], tokenizer, 4)
+    assert [x for pair in got for x in pair] == pytest.approx([x for pair in expected for x in pair], abs=1e-3)
+
+    assert run_inspect(orpo_run["run"] / "recipe.yaml").trainable_params > 0
+    rows, _ = run_runs([orpo_run["root"]])
+    row = next(r for r in rows if r.name == "orpo")  # named by its folder below the one given
+    assert row.status == "finished" and row.steps == 8 and row.train_loss is not None
+
+    recipe_yaml = tmp_path / "r.yaml"  # JSON is YAML
+    recipe_yaml.write_text(json.dumps(preference_recipe(orpo_run["model"], orpo_run["pairs"], tmp_path / "cli",
+                                                        task="orpo", training={"max_steps": 2})))
+    out = subprocess.run([sys.executable, "-m", "lorafit", "train", str(recipe_yaml), "--json"],
+                         capture_output=True, text=True, check=True)
+    payload = json.loads(out.stdout)
+    assert "You are importing from 'trl.experimental'" not in out.stderr
+    metrics = payload["metrics"]
+    assert metrics["global_step"] == 2 and metrics["preference"]["eval_nll_loss"] > 0
