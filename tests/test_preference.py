@@ -282,14 +282,16 @@ def test_orpo_raises_the_chosen_answers_and_their_lead_over_the_rejected(orpo_ru
 def test_orpo_trains_on_the_linted_token_ids_without_a_reference(orpo_run, tmp_path):
     """The ORPO trainer holds no reference (no ref model, no "ref" adapter, nothing outside base + adapter) and its
     rows are the lint's token ids: prompt + answer as the DPO trainer and `lorafit eval` score them, no BOS or EOS
-    added, the prompt masked out of the answer labels."""
+    added, the prompt masked out of the answer labels; data.group_by_length sorts by prompt + the longer answer."""
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
     from lorafit import adapters, models, preference_data
     from lorafit.orpo_trainer import ORPOTrainer
     from lorafit.train import _build_trainer, _training_arguments
     from lorafit.trainer import AdapterReference, NonFiniteGuard
 
-    recipe = orpo_run["recipe"].model_copy(update={"output": orpo_run["recipe"].output.model_copy(
-        update={"dir": str(tmp_path / "run")})})
+    recipe = validate_recipe(preference_recipe(orpo_run["model"], orpo_run["pairs"], tmp_path / "run", task="orpo",
+                                               data={"group_by_length": True}))
     precision, _ = models.choose_precision("fp32")
     tokenizer = models.load_tokenizer(recipe, str(orpo_run["model"]))
     prepared = preference_data.prepare_preference_data(recipe, tokenizer)
@@ -311,6 +313,9 @@ def test_orpo_trains_on_the_linted_token_ids_without_a_reference(orpo_run, tmp_p
     assert row["rejected_input_ids"] == pair.prompt_ids + pair.rejected_ids
     assert row["prompt_input_ids"] == pair.prompt_ids and row["chosen_input_ids"][-1] != tokenizer.eos_token_id
     assert row["chosen_labels"] == [-100] * prompt + pair.chosen_ids
+    sampler = trainer._get_train_sampler()
+    assert isinstance(sampler, LengthGroupedSampler)
+    assert sampler.lengths[0] == prompt + max(len(pair.chosen_ids), len(pair.rejected_ids))
 
 
 def test_orpo_resume_equals_an_uninterrupted_run(orpo_run, tmp_path, monkeypatch):
@@ -330,7 +335,8 @@ def test_orpo_resume_equals_an_uninterrupted_run(orpo_run, tmp_path, monkeypatch
 
 
 def test_orpo_continues_an_sft_adapter(orpo_run, tmp_path):
-    """adapter.init_from works under orpo (no reference to copy): training starts from that adapter's weights."""
+    """adapter.init_from works under orpo (no reference to copy): training starts from that adapter's weights, and
+    its first loss is far below a fresh adapter's."""
     from lorafit import adapters, models
 
     start = orpo_run["run"] / "adapter"  # any LoRA adapter of the same shape stands in for an SFT one
@@ -343,9 +349,9 @@ def test_orpo_continues_an_sft_adapter(orpo_run, tmp_path):
     loaded = {n.replace(".default", ""): p for n, p in model.named_parameters() if "lora_" in n}
     for name, value in adapter_weights(orpo_run["run"]).items():
         assert torch.equal(loaded[name].detach(), value), name
-    run_train(recipe, QUIET)
-    trained = adapter_weights(tmp_path / "run")
-    assert set(trained) == set(adapter_weights(orpo_run["run"]))
+    continued = run_train(recipe, QUIET).metrics.loss_history[0]["loss"]
+    assert continued < orpo_run["result"].metrics.loss_history[0]["loss"] - 1.0  # not from a fresh adapter
+    assert set(adapter_weights(tmp_path / "run")) == set(adapter_weights(orpo_run["run"]))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -465,6 +471,19 @@ def test_orpo_accepts_what_only_a_reference_would_forbid(tmp_path):
                    {"adapter": {"init_from": "runs/sft/adapter"}}):
         raw = preference_recipe(Path("m"), tmp_path / "p.jsonl", tmp_path / "run", task="orpo", **change)
         assert validate_recipe(raw).task == "orpo"
+
+
+def test_orpo_trains_a_saved_lm_head(orpo_run, tmp_path):
+    """lm_head in adapter.modules_to_save, refused under dpo / kto, trains under orpo: it scores with the model's
+    own logits, so the saved copy moves away from the base's head."""
+    from transformers import AutoModelForCausalLM
+
+    recipe = validate_recipe(preference_recipe(orpo_run["model"], orpo_run["pairs"], tmp_path / "run", task="orpo",
+                                               adapter={"modules_to_save": ["lm_head"]}, training={"max_steps": 2}))
+    run_train(recipe, QUIET)
+    head = adapter_weights(tmp_path / "run")["base_model.model.lm_head.weight"]
+    base = AutoModelForCausalLM.from_pretrained(orpo_run["model"]).lm_head.weight.detach()
+    assert (head - base).abs().max() > 1e-3
 
 
 def test_eval_reports_reward_accuracy_base_vs_adapter(dpo_run):
