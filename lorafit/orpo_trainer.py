@@ -25,7 +25,7 @@ from lorafit.trainer import NonFiniteGuard
 # trl.experimental warns on first import that its APIs may change without notice. lorafit bounds the TRL versions it
 # supports (pyproject.toml) and its tests cover this trainer, so the notice would only alarm `task: orpo` users about
 # something they cannot act on. TRL's own context manager silences that one warning category, for this import only
-# (TRL does the same when its DPO trainer imports trl.experimental.utils).
+# (TRL imports trl.experimental.utils the same way itself, in trl/models/utils.py).
 with suppress_experimental_warning():
     from trl.experimental.orpo import ORPOConfig
     from trl.experimental.orpo import ORPOTrainer as _TRLORPOTrainer

@@ -408,8 +408,8 @@ def test_bad_pairs_are_dropped_and_counted_by_reason(tiny_llama, tmp_path):
 
 
 def test_the_quickstart_preference_recipes_validate_and_their_data_is_clean():
-    """configs/quickstart-dpo*.yaml and quickstart-orpo.yaml validate (orpo on dpo's pairs), and the committed pairs are all usable: chosen is the reversal, rejected
-    differs from it."""
+    """configs/quickstart-dpo*.yaml and quickstart-orpo.yaml validate (orpo on dpo's pairs), and the committed pairs
+    are all usable: chosen is the reversal, rejected differs from it."""
     from lorafit.recipe import load_recipe
 
     configs = Path(__file__).resolve().parents[1] / "configs"
@@ -450,7 +450,8 @@ def test_wrong_columns_name_what_is_needed(tiny_llama, toy_data, tmp_path):
     ({"task": "orpo", "preference": {"desirable_weight": 2.0}}, "desirable_weight / undesirable_weight only apply"),
     ({"task": "orpo", "data": {"packing": True}}, "data.packing: task orpo"),
     ({"task": "orpo", "template": {"train_on": "all"}}, "template.train_on: orpo scores the answers only"),
-    ({"task": "orpo", "adapter": {"method": "adalora", "r": 16}}, "adapter.method: adalora is not supported with task: orpo"),
+    ({"task": "orpo", "adapter": {"method": "adalora", "r": 16}},
+     "adapter.method: adalora is not supported with task: orpo"),
 ])
 def test_settings_that_cannot_apply_are_refused(tmp_path, change, message):
     """Preference settings outside the preference tasks, a loss of another task and impossible combinations are
