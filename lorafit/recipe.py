@@ -535,13 +535,15 @@ class Recipe(_Section):
         if preference.loss is not None:
             raise ValueError(f"preference.loss: orpo has one loss (the chosen answers' NLL plus beta x the "
                              f"odds-ratio term), not {preference.loss!r}; remove preference.loss")
-        if preference.label_smoothing:
-            raise ValueError("preference.label_smoothing only applies to task: dpo")
-        if (preference.desirable_weight, preference.undesirable_weight) != (1.0, 1.0):
-            raise ValueError("preference.desirable_weight / undesirable_weight only apply to task: kto")
         if preference.reference == "init-adapter":
             raise ValueError("preference.reference: orpo has no reference model, so there is no adapter to copy as "
                              "one; remove reference (adapter.init_from alone continues the SFT adapter)")
+        # label_smoothing, the kto weights and any key a later dpo / kto feature adds: refused, never ignored.
+        unused = [key for key, spec in PreferenceSection.model_fields.items()
+                  if key not in ("beta", "reference") and getattr(preference, key) != spec.default]
+        if unused:
+            raise ValueError(f"preference.{unused[0]}: not used by task orpo, whose loss is the chosen answers' NLL "
+                             f"plus beta x the odds-ratio term (only beta applies); remove {unused[0]}")
 
     def _check_reference_tasks(self, preference: PreferenceSection) -> None:
         """dpo / kto: the loss of the task, its own weights, and a usable reference model."""

@@ -1,8 +1,9 @@
 """The trainers lorafit builds and the training loop that runs them (`fit`).
 
 - `SFTTrainer` (causal LM), `ClassifierTrainer` (sequence classification), `DPOTrainer` and `KTOTrainer`
-  (preference tuning, reference model = the adapter switched off: `AdapterReference`) are TRL's and transformers'
-  trainers with behaviours added at `compute_loss`, the documented extension point: `NonFiniteGuard`
+  (preference tuning, reference model = the adapter switched off: `AdapterReference`; task orpo's trainer, which
+  has no reference, is in lorafit/orpo_trainer.py, apart because TRL keeps it under `trl.experimental`) are TRL's
+  and transformers' trainers with behaviours added at `compute_loss`, the documented extension point: `NonFiniteGuard`
   skips NaN/inf losses and stops after `training.max_nonfinite_steps` in a row; `TrainedPositionsLoss`
   (lorafit/loss.py) projects only trained positions through the LM head where TRL's fused head has no kernel;
   `AdaLoraTraining` (lorafit/adalora.py) runs AdaLoRA's rank budget schedule and regulariser.
