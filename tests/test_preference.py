@@ -445,6 +445,7 @@ def test_wrong_columns_name_what_is_needed(tiny_llama, toy_data, tmp_path):
     ({"preference": {"loss": "sft", "sft_weight": 0.5}}, "loss sft is already"),
     ({"task": "orpo", "preference": {"loss": "sigmoid"}}, "preference.loss: orpo has one loss"),
     ({"task": "orpo", "preference": {"label_smoothing": 0.1}}, "preference.label_smoothing: not used by task orpo"),
+    ({"task": "orpo", "preference": {"sft_weight": 0.5}}, "preference.sft_weight: not used by task orpo"),
     ({"task": "orpo", "preference": {"reference": "init-adapter"}, "adapter": {"init_from": "a"}},
      "preference.reference: orpo has no reference model"),
     ({"task": "orpo", "preference": {"undesirable_weight": 2.0}}, "preference.undesirable_weight: not used by task"),
