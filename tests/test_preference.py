@@ -222,16 +222,19 @@ def test_init_from_must_match_the_recipes_adapter(tiny_llama, tmp_path, dpo_run)
         run_train(recipe, QUIET)
 
 
-def test_dpo_resume_equals_an_uninterrupted_run(dpo_run, tmp_path, monkeypatch):
-    """Interrupted at step 5 (SIGTERM) and resumed, DPO ends with the adapter an uninterrupted run ends with."""
-    recipe = validate_recipe(preference_recipe(dpo_run["model"], dpo_run["pairs"], tmp_path / "run"))
+@pytest.mark.parametrize("finished", ["dpo_run", "orpo_run"])
+def test_resume_equals_an_uninterrupted_run(finished, tmp_path, monkeypatch, request):
+    """Interrupted at step 5 (SIGTERM) and resumed, DPO / ORPO end with the adapter an uninterrupted run ends with."""
+    run = request.getfixturevalue(finished)
+    recipe = run["recipe"].model_copy(update={"output": run["recipe"].output.model_copy(
+        update={"dir": str(tmp_path / "run")})})
     signal_at_step(monkeypatch, 5, sig=signal.SIGTERM)
     with pytest.raises(Interrupted, match="interrupted at step 5; checkpoint saved"):
         run_train(recipe, QUIET)
     monkeypatch.undo()
     resumed = run_train(recipe, QUIET, resume=True)
     assert resumed.metrics.global_step == 8
-    expected, got = adapter_weights(dpo_run["run"]), adapter_weights(tmp_path / "run")
+    expected, got = adapter_weights(run["run"]), adapter_weights(tmp_path / "run")
     assert expected.keys() == got.keys()
     for name in expected:
         assert torch.allclose(expected[name], got[name], atol=1e-6), name
@@ -316,22 +319,6 @@ def test_orpo_trains_on_the_linted_token_ids_without_a_reference(orpo_run, tmp_p
     sampler = trainer._get_train_sampler()
     assert isinstance(sampler, LengthGroupedSampler)
     assert sampler.lengths[0] == prompt + max(len(pair.chosen_ids), len(pair.rejected_ids))
-
-
-def test_orpo_resume_equals_an_uninterrupted_run(orpo_run, tmp_path, monkeypatch):
-    """Interrupted at step 5 (SIGTERM) and resumed, ORPO ends with the adapter an uninterrupted run ends with."""
-    recipe = orpo_run["recipe"].model_copy(update={"output": orpo_run["recipe"].output.model_copy(
-        update={"dir": str(tmp_path / "run")})})
-    signal_at_step(monkeypatch, 5, sig=signal.SIGTERM)
-    with pytest.raises(Interrupted, match="interrupted at step 5; checkpoint saved"):
-        run_train(recipe, QUIET)
-    monkeypatch.undo()
-    resumed = run_train(recipe, QUIET, resume=True)
-    assert resumed.metrics.global_step == 8
-    expected, got = adapter_weights(orpo_run["run"]), adapter_weights(tmp_path / "run")
-    assert expected.keys() == got.keys()
-    for name in expected:
-        assert torch.allclose(expected[name], got[name], atol=1e-6), name
 
 
 def test_orpo_continues_an_sft_adapter(orpo_run, tmp_path):
