@@ -1,10 +1,11 @@
-"""Peak RSS of DPO vs SFT on the same model, batch and max_length (docs/performance.md, "Memory").
+"""Peak RSS of DPO and ORPO vs SFT on the same model, batch and max_length (docs/performance.md, "Memory").
 
-Runs `lorafit train` twice in fresh processes, a few steps each, on the quickstart model (SmolLM2-135M):
-configs/quickstart.yaml (SFT) and configs/quickstart-dpo.yaml (DPO, reference = the adapter switched off), with the
-same batch size and max_length and no eval, and prints each run's peak RSS (metrics.json `peak_memory_mb`, the
-process's ru_maxrss) and the ratio. A DPO step forwards every pair's chosen and rejected answers (twice the rows
-of an SFT batch) and once more through the reference without gradients.
+Runs `lorafit train` three times in fresh processes, a few steps each, on the quickstart model (SmolLM2-135M):
+configs/quickstart.yaml (SFT), configs/quickstart-dpo.yaml (DPO, reference = the adapter switched off) and
+configs/quickstart-orpo.yaml (ORPO, no reference), with the same batch size and max_length and no eval, and prints
+each run's peak RSS (metrics.json `peak_memory_mb`, the process's ru_maxrss) and the ratios. A DPO step forwards
+every pair's chosen and rejected answers (twice the rows of an SFT batch) and once more through the reference
+without gradients; an ORPO step forwards both answers once.
 
     python scripts/bench_preference_memory.py [--steps 3] [--out /tmp/bench-pref]
 """
@@ -34,13 +35,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("/tmp/bench-preference"))
     args = parser.parse_args()
-    sft = peak_rss("quickstart.yaml", args.out / "sft", args.steps)
-    dpo = peak_rss("quickstart-dpo.yaml", args.out / "dpo", args.steps)
-    result = {"steps": args.steps, "batch_size": 8, "max_length": 128,
-              "sft_peak_rss_mib": round(sft["peak_memory_mb"]), "dpo_peak_rss_mib": round(dpo["peak_memory_mb"]),
-              "dpo_over_sft": round(dpo["peak_memory_mb"] / sft["peak_memory_mb"], 2),
-              "sft_step_seconds": round(sft["train_seconds"] / args.steps, 1),
-              "dpo_step_seconds": round(dpo["train_seconds"] / args.steps, 1)}
+    runs = {name: peak_rss(recipe, args.out / name, args.steps) for name, recipe in
+            (("sft", "quickstart.yaml"), ("dpo", "quickstart-dpo.yaml"), ("orpo", "quickstart-orpo.yaml"))}
+    result: dict = {"steps": args.steps, "batch_size": 8, "max_length": 128}
+    for name, metrics in runs.items():
+        result[f"{name}_peak_rss_mib"] = round(metrics["peak_memory_mb"])
+        result[f"{name}_step_seconds"] = round(metrics["train_seconds"] / args.steps, 1)
+        if name != "sft":
+            result[f"{name}_over_sft"] = round(metrics["peak_memory_mb"] / runs["sft"]["peak_memory_mb"], 2)
     print(json.dumps(result, indent=2))
 
 
