@@ -343,15 +343,20 @@ def _dataset(examples: list, dataset_type, *, as_ids: bool = False):
     never sees at inference). lorafit.orpo_trainer.ORPOTrainer lays these ids out instead, so ORPO trains on exactly
     the tokens DPO and `lorafit eval` score.
     """
-    if as_ids:  # `length` (prompt + the longer answer) is what the Trainer's data.group_by_length sorts by
+    if as_ids:
         return dataset_type.from_dict({"prompt_ids": [e.prompt_ids for e in examples],
                                        "chosen_ids": [e.chosen_ids for e in examples],
                                        "rejected_ids": [e.rejected_ids for e in examples],
-                                       "length": [len(e.prompt_ids) + max(len(e.chosen_ids), len(e.rejected_ids))
-                                                  for e in examples]})
+                                       "length": _pair_lengths(examples)})
     if examples and isinstance(examples[0], Judged):
         return dataset_type.from_dict({"prompt": [e.prompt for e in examples],
                                        "completion": [e.completion for e in examples],
                                        "label": [e.desirable for e in examples]})
     return dataset_type.from_dict({"prompt": [e.prompt for e in examples], "chosen": [e.chosen for e in examples],
-                                   "rejected": [e.rejected for e in examples]})
+                                   "rejected": [e.rejected for e in examples], "length": _pair_lengths(examples)})
+
+
+def _pair_lengths(pairs: list) -> list[int]:
+    """Each pair's prompt + longer answer in tokens: the `length` column the Trainer's data.group_by_length sorts
+    by (TRL's pair batches have no `input_ids` to measure)."""
+    return [len(e.prompt_ids) + max(len(e.chosen_ids), len(e.rejected_ids)) for e in pairs]

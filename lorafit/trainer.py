@@ -113,6 +113,14 @@ class AdapterReference:
 class DPOTrainer(NonFiniteGuard, AdapterReference, trl.DPOTrainer):
     """TRL's DPOTrainer with the NaN/inf guard, its reference the adapter switched off (or its frozen start)."""
 
+    def _set_signature_columns_if_needed(self):
+        # The Trainer drops every column the model does not take before it builds the sampler, and with it the
+        # `length` column (lorafit/preference_data.py) that data.group_by_length sorts pairs by; TRL's rows have
+        # no input_ids to measure instead. The collator reads only the columns it knows, so `length` can stay.
+        super()._set_signature_columns_if_needed()
+        if "length" not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, "length"]
+
 
 class KTOTrainer(NonFiniteGuard, AdapterReference, trl.KTOTrainer):
     """TRL's KTOTrainer with the NaN/inf guard, its reference the adapter switched off (or its frozen start)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -238,6 +239,32 @@ def test_resume_equals_an_uninterrupted_run(finished, tmp_path, monkeypatch, req
     assert expected.keys() == got.keys()
     for name in expected:
         assert torch.allclose(expected[name], got[name], atol=1e-6), name
+
+
+def test_dpo_with_group_by_length_trains(dpo_run, tmp_path, monkeypatch):
+    """data.group_by_length under dpo: the Trainer's sampler sorts by each pair's prompt + longer answer (TRL's pair
+    rows have no input_ids to measure), and the run trains."""
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    from lorafit.trainer import DPOTrainer
+
+    seen = {}
+    real = DPOTrainer._get_train_sampler
+
+    def spy(self, *args, **kwargs):
+        seen["sampler"] = real(self, *args, **kwargs)
+        return seen["sampler"]
+
+    monkeypatch.setattr(DPOTrainer, "_get_train_sampler", spy)
+    recipe = validate_recipe(preference_recipe(dpo_run["model"], dpo_run["pairs"], tmp_path / "run",
+                                               data={"group_by_length": True}, training={"max_steps": 2}))
+    result = run_train(recipe, QUIET)
+    assert result.metrics.global_step == 2
+    assert isinstance(seen["sampler"], LengthGroupedSampler)
+    pairs, _ = train_pairs(dpo_run)  # every pair of the file; training holds a quarter out for eval
+    lengths = Counter(seen["sampler"].lengths)
+    assert lengths.total() == result.report.train_examples and len(lengths) > 1
+    assert lengths <= Counter(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs)
 
 
 def test_kto_trains_on_labelled_answers(tiny_llama, tmp_path):
