@@ -153,5 +153,7 @@ def test_fsdp2_sharded_adapter_is_gathered_and_equals_one_process(make_recipe, t
     assert a.keys() == b.keys() and len(a) > 0
     for key in a:
         assert a[key].shape == b[key].shape, key
-        assert (a[key] - b[key]).abs().max() < 1e-5, key
+        # The same tolerance as the DDP test: two ranks' reduce-scatter sums the gradients in another order than
+        # one process, and Adam amplifies that on near-zero gradients (1.8e-5 measured on an AVX512 CPU).
+        assert (a[key] - b[key]).abs().max() < 1e-4, key
     assert any(a[key].abs().max() > 0 for key in a if "lora_B" in key)  # trained, not the zero init
