@@ -94,27 +94,30 @@ def runner_lorafit_data(spec: dict) -> dict:
             "cache": prepared.report.cache, "summary": prepared.report.summary()}
 
 
-def _anon_mb(pid: int) -> float:
-    """A process's anonymous resident memory (RssAnon): its own allocations, without the pages of memory-mapped
-    files that RSS also counts (those are page cache the kernel can drop at any time)."""
+def _rss_parts_mb(pid: int) -> tuple[float, float]:
+    """A process's anonymous and file-backed resident memory (RssAnon, RssFile). Anonymous is what the process
+    itself allocates; file-backed is pages of memory-mapped files (Arrow data, the model), which RSS also counts
+    and which are page cache the kernel can drop at any time."""
+    parts = {}
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) / 1024
+            if line.startswith(("RssAnon:", "RssFile:")):
+                parts[line.split(":")[0]] = int(line.split()[1]) / 1024
     except OSError:
         pass
-    return 0.0
+    return parts.get("RssAnon", 0.0), parts.get("RssFile", 0.0)
 
 
 def _measure(command: list[str], env: dict[str, str], log: Path, timeout: float) -> dict:
-    """Wall time, the largest process's peak RSS (wait4), the peak summed RSS of the process tree, and the largest
-    process's peak anonymous RSS (sampled every 0.2 s, so a shorter spike can be missed)."""
+    """Wall time, the largest process's peak RSS (wait4), the peak summed RSS of the process tree, and each
+    process's peak anonymous and file-backed RSS (sampled every 0.2 s, so a shorter spike can be missed)."""
     import psutil
 
     with log.open("w") as out:
         started = time.perf_counter()
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-        tree_peak = anon_peak = 0.0
+        tree_peak = 0.0
+        peaks: dict[int, dict[str, float]] = {}
         while True:
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
             if pid:
@@ -127,13 +130,19 @@ def _measure(command: list[str], env: dict[str, str], log: Path, timeout: float)
                 parent = psutil.Process(proc.pid)
                 tree = [parent, *parent.children(recursive=True)]
                 tree_peak = max(tree_peak, sum(p.memory_info().rss for p in tree) / 2**20)
-                anon_peak = max([anon_peak, *(_anon_mb(p.pid) for p in tree)])
             except psutil.Error:
-                pass
+                tree = []
+            for member in tree:
+                anon, file = _rss_parts_mb(member.pid)
+                peak = peaks.setdefault(member.pid, {"anon_mb": 0.0, "file_mb": 0.0, "rss_mb": 0.0})
+                peak.update(anon_mb=max(peak["anon_mb"], anon), file_mb=max(peak["file_mb"], file),
+                            rss_mb=max(peak["rss_mb"], anon + file), main=member.pid == proc.pid)
             time.sleep(0.2)
+    processes = sorted(({k: round(v) if k != "main" else v for k, v in p.items()} for p in peaks.values()),
+                       key=lambda p: (not p["main"], -p["rss_mb"]))
     return {"returncode": os.waitstatus_to_exitcode(status), "wall_seconds": time.perf_counter() - started,
             "peak_rss_mb": usage.ru_maxrss / 1024, "tree_peak_mb": max(tree_peak, usage.ru_maxrss / 1024),
-            "peak_anon_mb": anon_peak}
+            "peak_anon_mb": max((p["anon_mb"] for p in processes), default=0.0), "processes": processes}
 
 
 def _last_json(text: str) -> dict:
@@ -263,6 +272,12 @@ def render_data_scale(results: dict) -> None:
             print(f"| {size['rows']:,} | {name} | {data:.1f} |" if data is not None else f"| {size['rows']:,} | {name} | - |",
                   f"{run['wall_seconds']:.1f} | {run['peak_rss_mb']:,.0f} | {run.get('peak_anon_mb', 0):,.0f} | "
                   f"{run['tree_peak_mb']:,.0f} |")
+    print("\nper process, peak anonymous + file-backed RSS in MiB (main first, then the largest others):")
+    for size in results["sizes"]:
+        for name, run in size["runs"].items():
+            shown = [f"{'main' if p['main'] else 'child'} {p['anon_mb']:,} + {p['file_mb']:,} = {p['rss_mb']:,}"
+                     for p in run.get("processes", [])[:3]]
+            print(f"  {size['rows']:,} {name}: " + "; ".join(shown))
     stream = results.get("stream")
     if stream:
         print(f"\nstreamed {stream['rows']:,} rows ({stream['file_mb']:,.0f} MB): {stream['global_step']} steps, "
