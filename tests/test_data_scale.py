@@ -36,7 +36,7 @@ def own_cache(tmp_path, monkeypatch) -> Path:
 def make_recipe(train, **sections):
     raw = {"name": "t", "model": {"path": "unused"}, "data": {"train": train if isinstance(train, list) else str(train)}}
     for key, value in sections.items():
-        raw[key] = {**raw.get(key, {}), **value}
+        raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
     return validate_recipe(raw)
 
 
@@ -293,6 +293,41 @@ def test_weighted_sources_mix_in_proportion_reproducibly_under_the_seed(tokenize
     assert again.train["input_ids"] == prepared.train["input_ids"]
     other = prepare_data(make_recipe(train, data={"cache": False}, training={"seed": 1}), tokenizer)
     assert other.train["input_ids"] != prepared.train["input_ids"]
+
+
+def test_a_cached_mix_with_held_out_rows_equals_the_built_one_and_holds_no_copy(tokenizer, tmp_path, own_cache):
+    """Weighted sources, a held-out share and dropped rows: the cache entry gives back the same train and eval rows
+    in the same order, and it stores the map's files once (no second copy of the selected sets)."""
+    a, b = _letters(tmp_path, "alpha", 120), _letters(tmp_path, "beta", 120)
+    empty = write_jsonl(tmp_path / "gaps.jsonl", [{"prompt": "x"}] * 5 + QA)  # 5 rows with no answer: dropped
+    train = [{"path": str(a), "weight": 3}, {"path": str(b), "weight": 1}, {"path": str(empty), "weight": 1}]
+    recipe = make_recipe(train, data={"eval": 0.2})
+    built = prepare_data(recipe, tokenizer)
+    cached = prepare_data(recipe, AutoTokenizer.from_pretrained(tokenizer.name_or_path))
+    assert (built.report.cache, cached.report.cache) == ("built", "from cache")
+    assert sum(built.report.dropped.values()) >= 5
+    assert cached.train.to_dict() == built.train.to_dict() and cached.eval.to_dict() == built.eval.to_dict()
+    entry = Path(built.report.cache_path)
+    assert sorted(p.name for p in entry.iterdir()) == ["eval-rows.npy", "layout.json", "manifest.json", "report.json",
+                                                        "rows", "train-rows.npy"]
+    layout = json.loads((entry / "layout.json").read_text())
+    assert len(layout["parts"]) == 3 and all(name.startswith("rows/") for part in layout["parts"] for name in part)
+
+
+def test_a_cached_classification_set_equals_the_built_one(tokenizer, tmp_path, own_cache):
+    """sequence-classification: rows with an empty text are dropped from train and eval alike, and the cache entry
+    gives back the same rows, labels and counts."""
+    rows = [{"text": f"{word} {i}", "label": word} for i in range(30) for word in ("yes", "no")]
+    rows[3]["text"] = rows[40]["text"] = ""
+    path = write_jsonl(tmp_path / "cls.jsonl", rows)
+    recipe = make_recipe(path, task="sequence-classification", data={"eval": 0.25})
+    built = prepare_data(recipe, tokenizer)
+    cached = prepare_data(recipe, AutoTokenizer.from_pretrained(tokenizer.name_or_path))
+    assert (built.report.cache, cached.report.cache) == ("built", "from cache")
+    assert built.report.dropped == {"empty or missing text": 2} and built.labels == cached.labels == ["no", "yes"]
+    assert built.report.train_examples + built.report.eval_examples == 58
+    assert cached.train.to_dict() == built.train.to_dict() and cached.eval.to_dict() == built.eval.to_dict()
+    assert cached.report.label_counts == built.report.label_counts
 
 
 def test_each_source_keeps_its_own_format_and_fields(tokenizer, tmp_path):
