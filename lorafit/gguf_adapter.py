@@ -190,13 +190,14 @@ def _apply_file(model, path: Path, modules: dict[str, str], config: PretrainedCo
 
 def _check_llama_cpp(model, tokenizer, path: Path, prompts: list[list[int]], reference: list[torch.Tensor],
                      notes: list[str]) -> float | None:
-    """Max |logit diff| of llama.cpp running the base (as f32 GGUF) with the adapter file; None without llama.cpp."""
+    """Max |logit diff| of llama.cpp running the base (as f32 GGUF) with the adapter file; None without llama.cpp
+    or when it crashed (said in `notes`)."""
     import numpy as np
     import torch
 
-    try:
-        import llama_cpp
-    except ImportError:
+    from lorafit.llama_cpp_run import LlamaCppCrashed, llama_cpp_installed, run_llama_cpp
+
+    if not llama_cpp_installed():
         notes.append('llama.cpp check skipped: llama-cpp-python is not installed (pip install "lorafit[gguf]")')
         return None
     try:
@@ -207,16 +208,16 @@ def _check_llama_cpp(model, tokenizer, path: Path, prompts: list[list[int]], ref
     with tempfile.TemporaryDirectory(prefix=".lorafit-base-", dir=path.parent) as scratch:
         base = Path(scratch) / "base.gguf"
         gguf_export.write_model_gguf(model, tokenizer, base, quant="f32", name="base", notes=[])
-        llm = llama_cpp.Llama(model_path=str(base), lora_path=str(path), n_ctx=max(map(len, prompts)) + 8,
-                              logits_all=True, verbose=False)
-        max_diff = 0.0
-        for ids, want in zip(prompts, reference, strict=True):
-            llm.reset()
-            llm.eval(ids)
-            got = torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
-            max_diff = max(max_diff, (got - want).abs().max().item())
-        del llm
-    return max_diff
+        try:
+            answer = run_llama_cpp(base, lora_path=path, n_ctx=max(map(len, prompts)) + 8, logits_for=prompts,
+                                   logits_dir=Path(scratch))
+        except LlamaCppCrashed as crash:
+            notes.append(f"llama.cpp check failed: the installed llama-cpp-python crashed applying {path.name} to "
+                         f"the base ({crash}); the file passed every other check, so this is likely that build on "
+                         "this CPU: try the file with your own llama.cpp / Ollama")
+            return None
+        return max((torch.from_numpy(np.load(file)) - want).abs().max().item()
+                   for file, want in zip(answer["logits"], reference, strict=True))
 
 
 def _logits(model, prompts: list[list[int]]) -> list[torch.Tensor]:

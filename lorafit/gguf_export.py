@@ -161,11 +161,9 @@ def export_gguf(model, tokenizer: PreTrainedTokenizerBase, folder: Path, *, quan
             f"{100 * MIN_TOP1[quant]:.0f}%); nothing was written", where=str(path.parent),
             hint="try a less lossy --quant (q8_0, f16), or report this with --debug output")
     verified_with = ["transformers"]
-    llama_cpp = _check_llama_cpp(path, model, splits, texts, _generation_prompts(tokenizer, prompts))
+    llama_cpp = _check_llama_cpp(path, model, splits, texts, _generation_prompts(tokenizer, prompts), notes)
     if llama_cpp is not None:
         verified_with.append("llama.cpp")
-    else:
-        notes.append('llama.cpp check skipped: llama-cpp-python is not installed (pip install "lorafit[gguf]")')
     return GgufReport(
         file=GGUF_FILE, quant=quant, size_bytes=path.stat().st_size, architecture=architecture,
         tokenizer_model=vocabulary.model, tokenizer_pre=vocabulary.pre, stop=stop, max_logit_diff=max_diff, tolerance=tolerance, top1_agreement=top1, min_top1=MIN_TOP1[quant],
@@ -559,33 +557,32 @@ def _check_transformers(path: Path, model, architecture: str, quant: str, prompt
 
 
 def _check_llama_cpp(path: Path, model, tokenizer: PreTrainedTokenizerBase, texts: list[str],
-                     prompts: list[list[int]]) -> dict[str, Any] | None:
+                     prompts: list[list[int]], notes: list[str]) -> dict[str, Any] | None:
     """llama.cpp's tokenization must equal the training tokenizer's; its greedy answers are reported next to the
-    merged model's. None without llama-cpp-python."""
-    try:
-        import llama_cpp
-    except ImportError:
+    merged model's. None without llama-cpp-python, or when llama.cpp crashed (said in `notes`)."""
+    from lorafit.llama_cpp_run import LlamaCppCrashed, llama_cpp_installed, run_llama_cpp
+
+    if not llama_cpp_installed():
+        notes.append('llama.cpp check skipped: llama-cpp-python is not installed (pip install "lorafit[gguf]")')
         return None
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=max(map(len, prompts), default=0) + _GENERATION_TOKENS + 64,
-                          n_threads=2, verbose=False, seed=0)
-    for text in texts:
-        _require_same_tokens("llama.cpp", text,
-                             llm.tokenize(text.encode("utf-8"), add_bos=_adds_bos(tokenizer), special=True),
-                             tokenizer(text)["input_ids"], path)
-    stop = set(tokenizer.convert_tokens_to_ids(end_of_turn_tokens(model, tokenizer)))
+    stop = tokenizer.convert_tokens_to_ids(end_of_turn_tokens(model, tokenizer))
+    try:
+        answer = run_llama_cpp(path, n_ctx=max(map(len, prompts), default=0) + _GENERATION_TOKENS + 64, texts=texts,
+                               add_bos=_adds_bos(tokenizer), generate=prompts, max_tokens=_GENERATION_TOKENS, stop=stop)
+    except LlamaCppCrashed as crash:
+        notes.append(f"llama.cpp check failed: the installed llama-cpp-python crashed running {path.name} ({crash}); "
+                     "the file passed every other check, so this is likely that build on this CPU: run the file "
+                     "with your own llama.cpp / Ollama, or rebuild llama-cpp-python (README, GGUF)")
+        return None
+    for text, got in zip(texts, answer["tokens"], strict=True):
+        _require_same_tokens("llama.cpp", text, got, tokenizer(text)["input_ids"], path)
     generations = []
-    for ids in prompts:
-        out: list[int] = []
-        for token in llm.generate(ids, temp=0.0, top_k=1, reset=True):
-            if token in stop or token == llm.token_eos() or len(out) >= _GENERATION_TOKENS:
-                break
-            out.append(token)
-        merged = _greedy(model, ids, stop)
+    for ids, out in zip(prompts, answer["generations"], strict=True):
+        merged = _greedy(model, ids, set(stop))
         generations.append({"prompt": tokenizer.decode(ids), "llama_cpp": tokenizer.decode(out),
                             "merged_model": tokenizer.decode(merged), "same": out == merged})
-    llm.close()
     return {"tokenization_equal": True, "texts": len(texts), "greedy": generations,
-            "greedy_same": sum(g["same"] for g in generations), "version": getattr(llama_cpp, "__version__", None)}
+            "greedy_same": sum(g["same"] for g in generations), "version": answer["version"]}
 
 
 def _generation_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[list[int]]) -> list[list[int]]:

@@ -174,6 +174,23 @@ def test_a_lossy_export_outside_its_usual_tolerance_is_written_with_a_warning(ru
     assert report.top1_agreement >= report.min_top1 / 2
 
 
+def test_a_llama_cpp_crash_is_reported_not_fatal(runs, tmp_path, monkeypatch):
+    """llama.cpp runs in a child process: when the installed build crashes (seen: a segfault on an AMX Xeon), the
+    export is still written, verified by transformers, and the note and merge.json say llama.cpp crashed."""
+    import subprocess
+
+    from lorafit import llama_cpp_run
+
+    monkeypatch.setattr(llama_cpp_run, "llama_cpp_installed", lambda: True)
+    monkeypatch.setattr(llama_cpp_run.subprocess, "run",
+                        lambda *a, **k: subprocess.CompletedProcess(a[0], -11, "", "Fatal Python error"))
+    out = tmp_path / "export"
+    report = run_merge([AdapterSpec(runs["llama-adapter"])], out, fmt="gguf", quant="q8_0").gguf
+    assert (out / "model.gguf").is_file() and report.verified_with == ["transformers"] and report.llama_cpp is None
+    assert any("llama.cpp check failed" in note and "killed by SIGSEGV" in note for note in report.notes)
+    assert "killed by SIGSEGV" in (out / "merge.json").read_text()
+
+
 def test_pre_tokenizer_names_follow_the_split_rules(tiny_model_factory):
     """Byte-level GPT-2 splitting is llama.cpp's 'gpt-2', a Llama-3 split regex 'llama-bpe'; a SentencePiece-style
     tokenizer (Llama 2, Mistral 7B: BPE with byte fallback and a Metaspace) is llama.cpp's 'llama' vocabulary."""
