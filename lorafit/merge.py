@@ -715,6 +715,7 @@ def _model_card(result: MergeResult) -> str:
         f"prompts (tolerance {result.tolerance:.3g}; the adapter moves logits by up to {result.adapter_effect:.3g}); "
         f"top-1 agreement {100 * result.top1_agreement:.1f}% |",
         *_gguf_rows(result),
+        *(f"| note | {note.replace('|', '/')} |" for note in result.notes + (result.gguf.notes if result.gguf else [])),
         "",
         "## Use it",
         "",

@@ -171,6 +171,7 @@ def test_a_lossy_export_outside_its_usual_tolerance_is_written_with_a_warning(ru
     report = run_merge([AdapterSpec(runs["llama-adapter"])], out, fmt="gguf", quant="q4_0").gguf
     assert (out / "model.gguf").is_file() and report.weights_checked > 10
     assert any("q4_0 changes this model's logits more than it usually does" in note for note in report.notes)
+    assert "q4_0 changes this model's logits" in (out / "README.md").read_text()
     assert report.top1_agreement >= report.min_top1 / 2
 
 
@@ -189,6 +190,7 @@ def test_a_llama_cpp_crash_is_reported_not_fatal(runs, tmp_path, monkeypatch):
     assert (out / "model.gguf").is_file() and report.verified_with == ["transformers"] and report.llama_cpp is None
     assert any("llama.cpp check failed" in note and "killed by SIGSEGV" in note for note in report.notes)
     assert "killed by SIGSEGV" in (out / "merge.json").read_text()
+    assert "| note | llama.cpp check failed" in (out / "README.md").read_text()  # the model card says it too
 
 
 def test_pre_tokenizer_names_follow_the_split_rules(tiny_model_factory):
