@@ -195,10 +195,10 @@ def _check_llama_cpp(model, tokenizer, path: Path, prompts: list[list[int]], ref
     import numpy as np
     import torch
 
-    from lorafit.llama_cpp_run import LlamaCppCrashed, llama_cpp_installed, run_llama_cpp
+    from lorafit.llama_cpp_run import NOT_INSTALLED, LlamaCppCrashed, crash_note, llama_cpp_installed, run_llama_cpp
 
     if not llama_cpp_installed():
-        notes.append('llama.cpp check skipped: llama-cpp-python is not installed (pip install "lorafit[gguf]")')
+        notes.append(NOT_INSTALLED)
         return None
     try:
         gguf_export.check_exportable(model.config, tokenizer, "f32")
@@ -212,9 +212,7 @@ def _check_llama_cpp(model, tokenizer, path: Path, prompts: list[list[int]], ref
             answer = run_llama_cpp(base, lora_path=path, n_ctx=max(map(len, prompts)) + 8, logits_for=prompts,
                                    logits_dir=Path(scratch))
         except LlamaCppCrashed as crash:
-            notes.append(f"llama.cpp check failed: the installed llama-cpp-python crashed applying {path.name} to "
-                         f"the base ({crash}); the file passed every other check, so this is likely that build on "
-                         "this CPU: try the file with your own llama.cpp / Ollama")
+            notes.append(crash_note(crash, f"applying {path.name} to the base"))
             return None
         return max((torch.from_numpy(np.load(file)) - want).abs().max().item()
                    for file, want in zip(answer["logits"], reference, strict=True))

@@ -532,6 +532,8 @@ def _check_transformers(path: Path, model, architecture: str, quant: str, prompt
     loaded.eval()
     weights = loaded.state_dict()
     checked = 0
+    # The tensors are quantized again rather than kept from writing: holding every packed tensor would cost the
+    # file's size in memory on top of two models; quantizing is deterministic, so this is what the writer wrote.
     for hf_name, new_name, packed, kind, _ in _gguf_tensors(model, architecture, quant):
         written = torch.from_numpy(gguf.quants.dequantize(packed, kind).astype("float32"))
         want = to_llama_cpp_rows(written.reshape(weights[hf_name].shape), hf_name.rsplit(".", 1)[0], config,
@@ -560,19 +562,17 @@ def _check_llama_cpp(path: Path, model, tokenizer: PreTrainedTokenizerBase, text
                      prompts: list[list[int]], notes: list[str]) -> dict[str, Any] | None:
     """llama.cpp's tokenization must equal the training tokenizer's; its greedy answers are reported next to the
     merged model's. None without llama-cpp-python, or when llama.cpp crashed (said in `notes`)."""
-    from lorafit.llama_cpp_run import LlamaCppCrashed, llama_cpp_installed, run_llama_cpp
+    from lorafit.llama_cpp_run import NOT_INSTALLED, LlamaCppCrashed, crash_note, llama_cpp_installed, run_llama_cpp
 
     if not llama_cpp_installed():
-        notes.append('llama.cpp check skipped: llama-cpp-python is not installed (pip install "lorafit[gguf]")')
+        notes.append(NOT_INSTALLED)
         return None
     stop = tokenizer.convert_tokens_to_ids(end_of_turn_tokens(model, tokenizer))
     try:
         answer = run_llama_cpp(path, n_ctx=max(map(len, prompts), default=0) + _GENERATION_TOKENS + 64, texts=texts,
                                add_bos=_adds_bos(tokenizer), generate=prompts, max_tokens=_GENERATION_TOKENS, stop=stop)
     except LlamaCppCrashed as crash:
-        notes.append(f"llama.cpp check failed: the installed llama-cpp-python crashed running {path.name} ({crash}); "
-                     "the file passed every other check, so this is likely that build on this CPU: run the file "
-                     "with your own llama.cpp / Ollama, or rebuild llama-cpp-python (README, GGUF)")
+        notes.append(crash_note(crash, f"running {path.name}"))
         return None
     for text, got in zip(texts, answer["tokens"], strict=True):
         _require_same_tokens("llama.cpp", text, got, tokenizer(text)["input_ids"], path)

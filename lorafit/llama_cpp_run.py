@@ -26,9 +26,19 @@ class LlamaCppCrashed(Exception):
     """The llama.cpp child died (a signal, a non-zero exit) or ran out of time; the message says how."""
 
 
+NOT_INSTALLED = 'llama.cpp check skipped: llama-cpp-python is not installed (pip install "lorafit[gguf]")'
+
+
 def llama_cpp_installed() -> bool:
     """Whether llama-cpp-python can be imported (without importing it here)."""
     return importlib.util.find_spec("llama_cpp") is not None
+
+
+def crash_note(crash: LlamaCppCrashed, doing: str) -> str:
+    """The note a GGUF check records when llama.cpp crashed while `doing` (e.g. "running model.gguf")."""
+    return (f"llama.cpp check failed: the installed llama-cpp-python crashed {doing} ({crash}); the file passed every "
+            "other check, so this is likely that build on this CPU: run the file with your own llama.cpp / Ollama, "
+            "or rebuild llama-cpp-python (README, GGUF)")
 
 
 def run_llama_cpp(model_path: Path, *, n_ctx: int, lora_path: Path | None = None, texts: list[str] = (),
