@@ -170,22 +170,43 @@ def file_sha256(path: Path, memo: Path | None = None) -> str:
     stamp = {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "inode": stat.st_ino}
     settled = time.time_ns() - stat.st_mtime_ns > 2_000_000_000
     record = memo / (hashlib.sha256(stamp["path"].encode()).hexdigest()[:24] + ".json") if memo else None
-    if record is not None and settled:
-        with contextlib.suppress(OSError, ValueError, KeyError):
-            known = json.loads(record.read_text())
-            if {key: known[key] for key in stamp} == stamp:
-                return known["sha256"]
+    known = _read_hash_memo(record) if record is not None else None
+    if settled and known and {key: known.get(key) for key in stamp} == stamp:
+        return known["sha256"]
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
-    if record is not None and settled and path.stat().st_mtime_ns == stat.st_mtime_ns:
-        with contextlib.suppress(OSError):  # a memo that cannot be written only costs the next run the hashing
-            record.parent.mkdir(parents=True, exist_ok=True)
-            partial = record.with_name(f"{record.name}.tmp-{os.getpid()}")
-            partial.write_text(json.dumps({**stamp, "sha256": digest.hexdigest()}))
-            os.replace(partial, record)
+    # Written only where nothing is, or over a memo of this same format: a file of any other kind that happens to
+    # carry the name is left alone.
+    ours = record is not None and (known is not None or not record.exists())
+    if ours and settled and path.stat().st_mtime_ns == stat.st_mtime_ns:
+        _write_hash_memo(record, {**stamp, "sha256": digest.hexdigest()})
     return digest.hexdigest()
+
+
+def _read_hash_memo(record: Path) -> dict[str, Any] | None:
+    """A memo file lorafit wrote (a JSON object with a sha256), else None (absent, unreadable or not a memo)."""
+    with contextlib.suppress(OSError, ValueError):
+        known = json.loads(record.read_text())
+        if isinstance(known, dict) and isinstance(known.get("sha256"), str):
+            return known
+    return None
+
+
+def _write_hash_memo(record: Path, memo: dict[str, Any]) -> None:
+    """Write the memo atomically: a new temporary file (never an existing one), then renamed over the record."""
+    import tempfile
+
+    with contextlib.suppress(OSError):  # a memo that cannot be written only costs the next run the hashing
+        record.parent.mkdir(parents=True, exist_ok=True)
+        handle, partial = tempfile.mkstemp(dir=record.parent, prefix=f"{record.name}.tmp-")
+        try:
+            with os.fdopen(handle, "w") as out:
+                out.write(json.dumps(memo))
+            os.replace(partial, record)
+        except OSError:
+            Path(partial).unlink(missing_ok=True)
 
 
 def _csv_text_features(paths: list[Path], where: str):

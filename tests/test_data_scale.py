@@ -201,6 +201,30 @@ def test_a_files_hash_is_reused_only_while_its_size_mtime_and_inode_are_unchange
     assert prepare_data(recipe, tokenizer).report.cache == "built"
 
 
+def test_the_hash_memo_writes_only_its_own_files(tmp_path):
+    """The memo writes `<24-hex>.json` through a fresh temporary file: a user's file beside it stays, a file of
+    another kind under the record's own name is neither trusted nor replaced, and no temporary file is left."""
+    import hashlib
+
+    from lorafit import data_sources
+
+    path = write_jsonl(tmp_path / "qa.jsonl", QA)
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns - 10**10))
+    memo = tmp_path / "hashes"
+    memo.mkdir()
+    beside = memo / "my-notes.txt"
+    beside.write_text("keep me")
+    foreign = memo / (hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:24] + ".json")
+    foreign.write_text("[1, 2, 3]")  # valid JSON, not a memo
+    truth = data_sources.file_sha256(path)
+    assert data_sources.file_sha256(path, memo) == truth
+    assert foreign.read_text() == "[1, 2, 3]" and beside.read_text() == "keep me"
+    foreign.unlink()
+    assert data_sources.file_sha256(path, memo) == truth
+    assert json.loads(foreign.read_text())["sha256"] == truth  # now written, and only that
+    assert sorted(p.name for p in memo.iterdir()) == sorted([beside.name, foreign.name])
+
+
 @pytest.mark.parametrize("change", ["file", "max_length", "train_on", "system_prompt", "template", "fields",
                                     "seed", "tokenizer"])
 def test_any_change_to_what_shapes_the_data_is_a_cache_miss(tokenizer, tmp_path, change):
