@@ -76,7 +76,7 @@ class StoredSets:
         """The train and eval sets as views of the parts (an index mapping, no copy)."""
         from datasets import concatenate_datasets
 
-        rows = self.parts[0] if len(self.parts) == 1 else concatenate_datasets(self.parts)
+        rows = concatenate_datasets(self.parts)  # a view, also of one part
         if not with_build_columns:
             rows = rows.remove_columns([c for c in self.build_columns if c in rows.column_names])
         evaluation = rows.select(self.eval_rows) if self.eval_rows is not None and len(self.eval_rows) else None

@@ -134,9 +134,8 @@ def test_sft_weight_adds_the_chosen_answers_likelihood_to_the_dpo_loss(dpo_run, 
     """preference.sft_weight (RPO): the first step's loss is log 2 plus the chosen answers' NLL, and after the same
     steps the chosen answers are more likely than under plain DPO, which may push both answers down."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    from lorafit.preference_data import eval_examples
     from lorafit.preference_eval import answer_logps
 
     recipe = validate_recipe(preference_recipe(dpo_run["model"], dpo_run["pairs"], tmp_path / "run",
@@ -144,9 +143,7 @@ def test_sft_weight_adds_the_chosen_answers_likelihood_to_the_dpo_loss(dpo_run, 
     run_train(recipe, QUIET)
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["loss_history"][0]["loss"] > 0.6931 + 1.0  # a random tiny model's NLL per token is ~log(vocab)
-    tokenizer = AutoTokenizer.from_pretrained(dpo_run["run"] / "adapter")
-    rows = [json.loads(line) for line in dpo_run["pairs"].read_text().splitlines() if line.strip()]
-    pairs, _ = eval_examples(recipe, tokenizer, rows)
+    pairs, tokenizer = train_pairs(dpo_run)  # sft_weight does not change how the pairs are encoded
     chosen = {}
     for name, run in (("dpo", dpo_run["run"]), ("rpo", tmp_path / "run")):
         model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(dpo_run["model"]), run / "adapter")
