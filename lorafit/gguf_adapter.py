@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from lorafit import gguf_export
 from lorafit.errors import LorafitError, RunFailed
+from lorafit.merge import compare_logits, prompt_logits
 
 if TYPE_CHECKING:
     import torch
@@ -118,8 +119,7 @@ def export_gguf_adapter(model: PeftModel, tokenizer: PreTrainedTokenizerBase, fo
     if llama_cpp_diff is not None:
         verified_with.append("llama.cpp")
     _apply_file(bare, path, modules, config)
-    got = _logits(bare, prompts)
-    max_diff, scale, top1 = _compare(got, reference)
+    max_diff, scale, top1 = compare_logits(prompt_logits(bare, prompts), reference)
     tolerance = gguf_export.TOLERANCE[quant] * max(1.0, scale)
     failed = llama_cpp_diff is not None and not llama_cpp_diff <= tolerance
     if failed or not (max_diff <= tolerance and top1 >= gguf_export.MIN_TOP1[quant]):
@@ -216,17 +216,3 @@ def _check_llama_cpp(model, tokenizer, path: Path, prompts: list[list[int]], ref
             return None
         return max((torch.from_numpy(np.load(file)) - want).abs().max().item()
                    for file, want in zip(answer["logits"], reference, strict=True))
-
-
-def _logits(model, prompts: list[list[int]]) -> list[torch.Tensor]:
-    import torch
-
-    with torch.no_grad():
-        return [model(input_ids=torch.tensor([ids])).logits.float()[0] for ids in prompts]
-
-
-def _compare(got: list[torch.Tensor], want: list[torch.Tensor]) -> tuple[float, float, float]:
-    max_diff = max((g - w).abs().max().item() for g, w in zip(got, want, strict=True))
-    scale = max(w.abs().max().item() for w in want)
-    agree = sum((g.argmax(-1) == w.argmax(-1)).sum().item() for g, w in zip(got, want, strict=True))
-    return max_diff, scale, agree / sum(w.shape[0] for w in want)

@@ -199,12 +199,12 @@ def run_merge(specs: list[AdapterSpec], out_dir: str | Path, *, base: str | None
         if base_weights == "dequantized":
             notes.append("--base-weights dequantized only applies to QLoRA-trained adapters; used the original base")
         model = sources.on_full_base()
-        reference = _logits(model, prompts)
+        reference = prompt_logits(model, prompts)
         chosen = _BaseWeights("original", "the adapter was trained on an unquantized base" if not quantized else
                               "a combined adapter does not contain base weights")
     combine = sources.combine
     with model.disable_adapter():
-        effect = _compare(_logits(model, prompts), reference)[0]
+        effect = compare_logits(prompt_logits(model, prompts), reference)[0]
 
     # 3. Merge (or save the combined adapter) and verify against base+adapter before anything is written.
     with run_folder.staged_output(out_dir, "merge", where=f"--out {out_dir}") as staging:
@@ -218,11 +218,11 @@ def run_merge(specs: list[AdapterSpec], out_dir: str | Path, *, base: str | None
             model.save_pretrained(str(staging), selected_adapters=["default"], safe_serialization=True)
             model.load_adapter(str(staging), adapter_name="reloaded")
             model.set_adapter("reloaded")
-            merged_logits = _logits(model, prompts)
+            merged_logits = prompt_logits(model, prompts)
         else:
             merged = _merged_in_place(model)
             del model  # the PeftModel wrapper; `merged` is the same weights, merged
-            merged_logits = _logits(merged, prompts)
+            merged_logits = prompt_logits(merged, prompts)
         if gguf is not None:
             max_diff, tolerance, top1 = gguf.max_logit_diff, gguf.tolerance, gguf.top1_agreement
         else:
@@ -575,7 +575,7 @@ def _qlora_base(sources: _Adapters, adapter: TrainedAdapter, prompts: list[list[
     pad = sources.classifier.get("pad_token_id") if sources.classifier else None
     quantized_base = models.load_base_model(recipe, sources.source, precision, pad_token_id=pad)
     qlora = sources.attached_to(quantized_base)  # 4-bit layers as trained: see models.keep_4bit_layers_as_trained
-    qlora_logits = _logits(qlora, prompts)
+    qlora_logits = prompt_logits(qlora, prompts)
     quantized_base = qlora.unload()  # back to the bare 4-bit base, kept for de-quantizing
     del qlora
 
@@ -594,15 +594,15 @@ def _qlora_base(sources: _Adapters, adapter: TrainedAdapter, prompts: list[list[
         del model
         gc.collect()
         model = build[name]()
-        logits = _logits(model, prompts)
-        fidelity[name] = _compare(logits, qlora_logits)[0]
+        logits = prompt_logits(model, prompts)
+        fidelity[name] = compare_logits(logits, qlora_logits)[0]
     name = min(fidelity, key=fidelity.__getitem__)
     if name != order[-1]:  # the kept model is the other candidate: rebuild the winner, one copy at a time
         del model
         quantized_base = None  # noqa: F841 - de-quantized in place above; frees it before the rebuild
         gc.collect()
         model = build[name]()
-        logits = _logits(model, prompts)
+        logits = prompt_logits(model, prompts)
     if loftq:
         reason = (f"adapter.init loftq: the adapter corrects the 4-bit quantization error, so it is merged into the "
                   f"de-quantized 4-bit weights it corrects (max diff {fidelity[name]:.4g} vs the trained QLoRA model)")
@@ -634,9 +634,9 @@ def _merged_in_place(model: PeftModel):
     return merged
 
 
-def _logits(model, prompts: list[list[int]]) -> list[torch.Tensor]:
+def prompt_logits(model, prompts: list[list[int]]) -> list[torch.Tensor]:
     """Per prompt, a [positions, width] matrix: every position's vocabulary logits (causal LM), or one row of class
-    logits (sequence classifier); `_compare` treats both alike."""
+    logits (sequence classifier); `compare_logits` treats both alike."""
     import torch
 
     device = next(model.parameters()).device
@@ -651,7 +651,7 @@ def _logits(model, prompts: list[list[int]]) -> list[torch.Tensor]:
 def _verify(got: list[torch.Tensor], want: list[torch.Tensor], dtype_name: str, *, effect: float, out_dir: Path,
             what: str) -> tuple[float, float, float]:
     """Fail loudly unless the merged logits match base+adapter; returns (max diff, tolerance, top-1 agreement)."""
-    max_diff, scale, top1 = _compare(got, want)
+    max_diff, scale, top1 = compare_logits(got, want)
     tolerance = _TOLERANCE[dtype_name] * max(1.0, scale)
     if not (max_diff <= tolerance and top1 >= _MIN_TOP1_AGREEMENT):  # written so that NaN fails too
         raise RunFailed(
@@ -663,8 +663,9 @@ def _verify(got: list[torch.Tensor], want: list[torch.Tensor], dtype_name: str, 
     return max_diff, tolerance, top1
 
 
-def _compare(got: list[torch.Tensor], want: list[torch.Tensor]) -> tuple[float, float, float]:
-    """Max |difference|, the largest |logit| of the reference, and the share of positions whose argmax agrees."""
+def compare_logits(got: list[torch.Tensor], want: list[torch.Tensor]) -> tuple[float, float, float]:
+    """Max |difference|, the largest |logit| of the reference, and the share of positions whose argmax agrees (1.0
+    when there are none). The one comparison of logits lists: merging, and the GGUF adapter's check, use it."""
     max_diff = max((g - w).abs().max().item() for g, w in zip(got, want, strict=True))
     scale = max(w.abs().max().item() for w in want)
     agree = sum((g.argmax(-1) == w.argmax(-1)).sum().item() for g, w in zip(got, want, strict=True))
