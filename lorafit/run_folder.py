@@ -35,9 +35,12 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from lorafit.errors import Interrupted, LorafitError
+
+if TYPE_CHECKING:
+    from lorafit.recipe import Recipe
 
 MARKER = "lorafit.json"
 LOCK = ".lorafit.lock"
@@ -391,7 +394,56 @@ def path_error(exc: OSError, where: str) -> LorafitError:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Staged outputs (merge, eval): complete or not there at all
+# May lorafit write this output folder? Checked before any work, by the same rules for every kind: no forbidden
+# place (root, home, the current folder, the model's or the data's), never inside another output, only over an
+# earlier output of the same kind, never over a file lorafit did not write.
+
+
+def check_run_folder(recipe: Recipe, *, resume: bool, overwrite: bool, dry_run: bool) -> bool:
+    """Refuse a run folder (the recipe's output.dir) that would destroy something: a finished run, files lorafit did
+    not write, home, cwd, model or data folders, paths the filesystem cannot hold. Reads, never writes.
+
+    Returns whether lorafit's own entries in the folder are to be replaced: with --overwrite, or when the folder
+    holds a run that stopped before its first checkpoint (nothing in it is worth keeping, and the corrected re-run
+    must not need a flag).
+    """
+    from lorafit import checkpoints
+
+    where = f"output.dir: {recipe.run_dir}"
+    check_output_path(recipe.run_dir, where=where)  # first: a link loop or too long a name stops resolve()
+    run_dir = recipe.run_dir.resolve()
+    _check_not_protected(run_dir, _run_protected_folders(recipe), what="a run", where=where,
+                         hint="use a dedicated folder such as runs/<name>")
+    _check_resume_or_overwrite(resume, overwrite, what="the run in output.dir", where=where)
+    check_not_inside_an_output(run_dir, "run", where=where)
+    if dry_run or not run_dir.is_dir():
+        return False
+    marker = read_marker(run_dir)
+    _check_kind(marker, "run", where=where)
+    _check_only_own_entries(run_dir, [*RUN_ENTRIES, MARKER], marker, "run", where=where)
+    if marker is None or resume:
+        return False
+    if overwrite:
+        return True
+    if marker.status == "finished":
+        raise LorafitError("this folder already holds a finished run", where=where,
+                           hint="pass --overwrite to replace it, --resume to continue, or choose another output.dir")
+    if checkpoints.complete_checkpoints(run_dir / CHECKPOINTS):
+        raise LorafitError(f"this folder holds checkpoints of an unfinished run ({marker.status or 'stopped'})",
+                           where=where, hint="pass --resume to continue it, or --overwrite to start again")
+    return True
+
+
+def check_sweep_folder(sweep_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse a sweep folder that is not new or an earlier sweep's: a run, another output, files lorafit did not
+    write. Each run folder inside it is checked with `check_run_folder`."""
+    where = f"output.dir: {sweep_dir}"
+    check_output_path(sweep_dir, where=where)
+    check_not_inside_an_output(sweep_dir, "sweep", where=where)
+    marker = read_marker(sweep_dir)
+    _check_kind(marker, "sweep", where=where)
+    _check_only_own_entries(sweep_dir, [SWEEP_SUMMARY, SWEEP_TABLE, MARKER], marker, "sweep", where=where)
+    _check_resume_or_overwrite(resume, overwrite, what="the sweep", where=where)
 
 
 def check_output_folder(out_dir: Path, kind: Kind, *, overwrite: bool, where: str, names: Iterable[str] = ()) -> None:
@@ -408,26 +460,81 @@ def check_output_folder(out_dir: Path, kind: Kind, *, overwrite: bool, where: st
         return
     marker = read_marker(out_dir)
     if marker is None:
-        taken = foreign_entries(out_dir, [*names, MARKER], None)
-        if taken:
-            raise LorafitError(f"this folder holds {', '.join(taken)}, which lorafit did not write", where=where,
-                               hint="choose a new or empty folder; lorafit never replaces or deletes files it did "
-                               "not create")
+        _check_only_own_entries(out_dir, [*names, MARKER], None, kind, where=where)
         if kind == "merge" and not overwrite:
             raise LorafitError("the output folder is not empty", where=where,
                                hint="choose an empty or new folder, or pass --overwrite to write beside what is "
                                "there (lorafit replaces only files of its own)")
         return
-    if marker.kind != kind:
-        raise LorafitError(f"this folder holds a lorafit {marker.kind} output, not a {kind}", where=where,
-                           hint="choose another folder")
+    _check_kind(marker, kind, where=where)
     if kind == "merge" and not overwrite:
         raise LorafitError("this folder holds an earlier merge", where=where,
                            hint="pass --overwrite to replace it, or choose another folder")
-    taken = foreign_entries(out_dir, names, marker)
-    if taken:
-        raise LorafitError(f"this folder holds {', '.join(taken)}, which lorafit did not write", where=where,
-                           hint="move it away or choose another folder")
+    _check_only_own_entries(out_dir, names, marker, kind, where=where)
+
+
+def _run_protected_folders(recipe: Recipe) -> dict[Path, str]:
+    """The folders a run must never be written into, each with how the refusal names it."""
+    from lorafit.data_sources import local_files
+
+    places = _protected_folders()
+    model_path = Path(recipe.model.path).expanduser()
+    if model_path.exists():
+        places[model_path.resolve()] = "the base model folder"
+    for item in local_files(recipe.data):
+        places[item.resolve().parent] = "the data folder"
+    return places
+
+
+def _protected_folders() -> dict[Path, str]:
+    """The folders no output is ever written into (callers add their inputs), each with how the refusal names it."""
+    return {Path("/").resolve(): "the filesystem root", Path.home().resolve(): "your home folder",
+            Path.cwd().resolve(): "the current folder"}
+
+
+def _check_not_protected(resolved: Path, places: dict[Path, str], *, what: str, where: str, hint: str) -> None:
+    if resolved in places:
+        raise LorafitError(f"refusing to write {what} into {places[resolved]}", where=where, hint=hint)
+
+
+def _check_resume_or_overwrite(resume: bool, overwrite: bool, *, what: str, where: str) -> None:
+    if resume and overwrite:
+        raise LorafitError(f"--resume continues {what} and --overwrite starts it again; pass one", where=where)
+
+
+def _check_kind(marker: Marker | None, kind: Kind, *, where: str) -> None:
+    """An output folder of lorafit's is written again only as the same kind of output."""
+    if marker is None or marker.kind == kind:
+        return
+    if kind == "sweep" and marker.kind == "run":
+        raise LorafitError("this folder holds a single run; a sweep puts its runs in folders inside its own",
+                           where=where,
+                           hint="give the sweep another output.dir (--set output.dir=runs/<name>-sweep) or name")
+    raise LorafitError(f"this folder holds a lorafit {marker.kind} output, not a {kind}", where=where,
+                       hint=f"choose another {_folder_setting(kind)}")
+
+
+def _check_only_own_entries(folder: Path, names: Iterable[str], marker: Marker | None, kind: Kind, *,
+                            where: str) -> None:
+    """Refuse when any of `names` is in `folder` but not lorafit's (by `marker`): lorafit would replace it."""
+    taken = foreign_entries(folder, names, marker)
+    if not taken:
+        return
+    listed = ", ".join(taken)
+    if kind in ("run", "sweep"):
+        raise LorafitError(f"this folder already holds {listed}, which lorafit did not write", where=where,
+                           hint="choose a new or empty output.dir; lorafit never replaces files it did not create")
+    if marker is None:
+        raise LorafitError(f"this folder holds {listed}, which lorafit did not write", where=where,
+                           hint="choose a new or empty folder; lorafit never replaces or deletes files it did not "
+                           "create")
+    raise LorafitError(f"this folder holds {listed}, which lorafit did not write", where=where,
+                       hint="move it away or choose another folder")
+
+
+def _folder_setting(kind: Kind) -> str:
+    """How a hint names the output folder: the recipe's output.dir for a run or a sweep, --out's folder otherwise."""
+    return "output.dir" if kind in ("run", "sweep") else "folder"
 
 
 def check_output_path(path: Path, *, where: str) -> None:
@@ -488,6 +595,10 @@ def check_not_inside_an_output(path: Path, kind: Kind, *, where: str) -> None:
             raise LorafitError(f"this is inside {parent / entry}, which lorafit wrote as part of a {marker.kind} "
                                f"output: a later --overwrite there would delete it", where=where,
                                hint=f"choose a folder outside {parent / entry}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Staged outputs (merge, eval): complete or not there at all
 
 
 @contextlib.contextmanager

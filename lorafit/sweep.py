@@ -98,19 +98,14 @@ def run_sweep(recipe_path: Path, overrides: list[str], sweeps: list[str], consol
     With dry_run, only list the grid and what would happen to each point. `resume_command` is shown when a run is
     interrupted; it re-runs the same sweep with --resume.
     """
-    from lorafit.train import check_run_dir
-
     axes = parse_sweeps(sweeps, overrides)
     base = load_recipe(recipe_path, overrides)
     sweep_dir = base.run_dir
-    _check_sweep_dir(sweep_dir)
+    run_folder.check_sweep_folder(sweep_dir, resume=resume, overwrite=overwrite)
     runs = _grid(recipe_path, overrides, axes, sweep_dir)
-    if resume and overwrite:
-        raise LorafitError("--resume continues the sweep and --overwrite starts it again; pass one",
-                           where=f"output.dir: {sweep_dir}")
     for run in runs:  # every folder checked before the first run starts: no sweep dies at its third point
         try:
-            check_run_dir(run.recipe, resume=resume, overwrite=overwrite, dry_run=False)  # reads, never writes
+            run_folder.check_run_folder(run.recipe, resume=resume, overwrite=overwrite, dry_run=False)
             if resume and run.before == "finished":
                 _check_unchanged(run)
         except LorafitError as exc:
@@ -181,7 +176,7 @@ def _run_grid(result: SweepResult, recipe_path: Path, console: Console, *, overw
 
 
 def _plan(before: str, *, resume: bool, overwrite: bool) -> str:
-    """What happens to a grid point that check_run_dir accepted."""
+    """What happens to a grid point that run_folder.check_run_folder accepted."""
     if before == "new":
         return "train"
     if resume:
@@ -292,34 +287,13 @@ def _typed_values(axis: SweepAxis, runs: list[SweepRun]) -> list[Any]:
     return values
 
 
-def _check_sweep_dir(sweep_dir: Path) -> None:
-    """The sweep folder is new, or an earlier sweep's; never a run, another output, or files lorafit did not write."""
-    where = f"output.dir: {sweep_dir}"
-    run_folder.check_output_path(sweep_dir, where=where)
-    run_folder.check_not_inside_an_output(sweep_dir, "sweep", where=where)
-    marker = run_folder.read_marker(sweep_dir)
-    if marker is not None and marker.kind == "run":
-        raise LorafitError("this folder holds a single run; a sweep puts its runs in folders inside its own",
-                           where=where,
-                           hint="give the sweep another output.dir (--set output.dir=runs/<name>-sweep) or name")
-    if marker is not None and marker.kind != "sweep":
-        raise LorafitError(f"this folder holds a lorafit {marker.kind} output, not a sweep", where=where,
-                           hint="choose another output.dir")
-    foreign = run_folder.foreign_entries(sweep_dir, [run_folder.SWEEP_SUMMARY, run_folder.SWEEP_TABLE,
-                                                     run_folder.MARKER], marker)
-    if foreign:
-        raise LorafitError(f"this folder already holds {', '.join(foreign)}, which lorafit did not write",
-                           where=where, hint="choose a new or empty output.dir; lorafit never replaces files it did "
-                           "not create")
-
-
 def _check_unchanged(run: SweepRun) -> None:
     """A finished run is only skipped when it was trained from this grid point's recipe."""
-    saved_path = run.run_dir / "recipe.yaml"
+    saved_path = run.run_dir / run_folder.RECIPE
     try:
         saved = validate_recipe(read_yaml_file(saved_path), source=str(saved_path))
     except LorafitError:
-        raise LorafitError("refusing to skip this finished run: its recipe.yaml is missing or unreadable",
+        raise LorafitError(f"refusing to skip this finished run: its {run_folder.RECIPE} is missing or unreadable",
                            where=str(run.run_dir), hint="pass --overwrite to train the grid again") from None
     old, new = _flat(saved.model_dump(mode="json")), _flat(run.recipe.model_dump(mode="json"))
     changes = [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(set(old) | set(new))

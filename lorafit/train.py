@@ -118,14 +118,14 @@ def run_train(recipe: Recipe, console: Console, *, dry_run: bool = False, resume
     interrupted or failed.
     """
     check_settings(recipe)
-    replace = check_run_dir(recipe, resume=resume, overwrite=overwrite, dry_run=dry_run)
+    replace = run_folder.check_run_folder(recipe, resume=resume, overwrite=overwrite, dry_run=dry_run)
     if dry_run or not models.is_main_process():
         return _train(recipe, console, dry_run=dry_run, resume=resume, replace=replace, quiet=quiet,
                       resume_command=resume_command)
     run_dir = recipe.run_dir
     with run_folder.folder_lock(run_dir, where=f"output.dir: {run_dir}"):
         # Again under the lock: another lorafit may have written here between the first check and the lock.
-        replace = check_run_dir(recipe, resume=resume, overwrite=overwrite, dry_run=dry_run)
+        replace = run_folder.check_run_folder(recipe, resume=resume, overwrite=overwrite, dry_run=dry_run)
         started_at = _marker_updated(run_dir)
         try:
             return _train(recipe, console, dry_run=dry_run, resume=resume, replace=replace, quiet=quiet,
@@ -326,59 +326,6 @@ def _fit_and_export(run: _PreparedRun, console: Console, *, replace: bool, quiet
         with explained():
             export.export_run(run_dir, run.model, run.tokenizer, recipe, result.metrics, notes=result.notes,
                               state_dict=adapter_state)
-
-
-def check_run_dir(recipe: Recipe, *, resume: bool, overwrite: bool, dry_run: bool) -> bool:
-    """Refuse output folders that would destroy something: finished runs, files lorafit did not write, home, cwd,
-    model or data folders, paths the filesystem cannot hold.
-
-    Returns whether lorafit's own entries in the folder are to be replaced: with --overwrite, or when the folder
-    holds a run that stopped before its first checkpoint (nothing in it is worth keeping, and the corrected re-run
-    must not need a flag).
-    """
-    from lorafit import checkpoints
-
-    where = f"output.dir: {recipe.run_dir}"
-    run_folder.check_output_path(recipe.run_dir, where=where)  # first: a link loop or too long a name stops resolve()
-    run_dir = recipe.run_dir.resolve()
-    forbidden = {Path("/").resolve(): "the filesystem root", Path.home().resolve(): "your home folder",
-                 Path.cwd().resolve(): "the current folder"}
-    model_path = Path(recipe.model.path).expanduser()
-    if model_path.exists():
-        forbidden[model_path.resolve()] = "the base model folder"
-    from lorafit.data_sources import local_files
-
-    for item in local_files(recipe.data):
-        forbidden[item.resolve().parent] = "the data folder"
-    if run_dir in forbidden:
-        raise LorafitError(f"refusing to write a run into {forbidden[run_dir]}", where=where,
-                           hint="use a dedicated folder such as runs/<name>")
-    if resume and overwrite:
-        raise LorafitError("--resume continues the run in output.dir and --overwrite starts it again; pass one",
-                           where=where)
-    run_folder.check_not_inside_an_output(run_dir, "run", where=where)
-    if dry_run or not run_dir.is_dir():
-        return False
-    marker = run_folder.read_marker(run_dir)
-    if marker is not None and marker.kind != "run":
-        raise LorafitError(f"this folder holds a lorafit {marker.kind} output, not a run", where=where,
-                           hint="choose another output.dir")
-    foreign = run_folder.foreign_entries(run_dir, [*run_folder.RUN_ENTRIES, run_folder.MARKER], marker)
-    if foreign:
-        raise LorafitError(f"this folder already holds {', '.join(foreign)}, which lorafit did not write",
-                           where=where, hint="choose a new or empty output.dir; lorafit never replaces files it did "
-                           "not create")
-    if marker is None or resume:
-        return False
-    if overwrite:
-        return True
-    if marker.status == "finished":
-        raise LorafitError("this folder already holds a finished run", where=where,
-                           hint="pass --overwrite to replace it, --resume to continue, or choose another output.dir")
-    if checkpoints.complete_checkpoints(run_dir / run_folder.CHECKPOINTS):
-        raise LorafitError(f"this folder holds checkpoints of an unfinished run ({marker.status or 'stopped'})",
-                           where=where, hint="pass --resume to continue it, or --overwrite to start again")
-    return True
 
 
 def _prepare_run_dir(run_dir: Path, *, replace: bool) -> None:
