@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lorafit import adapter_init
+from lorafit import adapter_init, run_folder
 from lorafit.errors import LorafitError
 from lorafit.recipe import AdapterSection, ModelSection, Recipe, load_recipe
 
@@ -362,7 +362,7 @@ def read_trained_adapter(path: str | Path) -> TrainedAdapter:
         raise LorafitError("no adapter_model.safetensors in the adapter folder", where=where,
                            hint="lorafit reads safetensors adapters only (pickled .bin files can run code when loaded)")
     check_weight_files(path, where=where)
-    run_recipe = path.parent / "recipe.yaml"
+    run_recipe = path.parent / run_folder.RECIPE
     recipe = load_recipe(run_recipe) if run_recipe.is_file() else None
     return TrainedAdapter(path=path, config=config, recipe=recipe)
 

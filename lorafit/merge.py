@@ -401,8 +401,8 @@ def _classifier_labels(trained: list[TrainedAdapter], specs: list[AdapterSpec]) 
                            "trained classifier head", where=f"adapter: {adapter.path}",
                            hint="merge it alone, at weight 1")
     if adapter.recipe is None or not adapter.recipe.data.labels:
-        raise LorafitError("a sequence-classification adapter needs the recipe.yaml of its run folder, which names "
-                           "its classes", where=f"adapter: {adapter.path}",
+        raise LorafitError(f"a sequence-classification adapter needs the {run_folder.RECIPE} of its run folder, "
+                           "which names its classes", where=f"adapter: {adapter.path}",
                            hint="pass the adapter/ folder inside the run folder lorafit train wrote")
     return list(adapter.recipe.data.labels)
 
