@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -102,3 +103,43 @@ def make_recipe() -> Callable[..., dict[str, Any]]:
     See `_recipe` for the defaults; pass the dict to `lorafit.recipe.validate_recipe` for a Recipe object.
     """
     return _recipe
+
+
+@pytest.fixture
+def cli_in_this_process(monkeypatch):
+    """The CLI turns library progress bars off through the environment before they are imported; in this process
+    they already are, so do what it does directly (a bar on stderr is not an error line). What the CLI changes
+    for the process (environment, library log levels) is put back afterwards, for the tests that follow.
+
+    Test files that run the CLI in-process use it for every test: `pytestmark = pytest.mark.usefixtures(...)`."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    for name in ("TRANSFORMERS_VERBOSITY", "HF_DATASETS_DISABLE_PROGRESS_BARS", "HF_HUB_DISABLE_PROGRESS_BARS"):
+        original = os.environ.get(name)
+        monkeypatch.setenv(name, original or "")  # recorded: monkeypatch puts the variable back as it was
+        if original is None:
+            monkeypatch.delenv(name)
+    loggers = {name: logging.getLogger(name).level for name in ("transformers", "peft", "trl", "datasets",
+                                                               "accelerate", "torch")}
+    was_enabled = hf_logging.is_progress_bar_enabled(), datasets.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    yield
+    if was_enabled[0]:
+        hf_logging.enable_progress_bar()
+    if was_enabled[1]:
+        datasets.enable_progress_bars()
+    for name, level in loggers.items():
+        logging.getLogger(name).setLevel(level)
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fail the test if a base model is loaded: recipe and data errors must come before that."""
+    from lorafit import models
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the error was found")
+
+    monkeypatch.setattr(models, "load_base_model", refuse)
