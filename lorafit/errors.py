@@ -7,7 +7,6 @@ keeps its traceback (shown with `--debug`).
 
 from __future__ import annotations
 
-EXIT_OK = 0
 EXIT_USER_ERROR = 1
 EXIT_RUN_FAILED = 2
 EXIT_INTERRUPTED = 130
