@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lorafit import adapter_init, run_folder
+from lorafit import adapter_init, run_folder, tasks
 from lorafit.errors import LorafitError
 from lorafit.recipe import AdapterSection, ModelSection, Recipe, load_recipe
 
@@ -184,11 +184,6 @@ def _layer_count(model: nn.Module) -> int | None:
     return None
 
 
-def peft_task_type(task: str) -> str:
-    """PEFT's name for a recipe task."""
-    return "SEQ_CLS" if task == "sequence-classification" else "CAUSAL_LM"
-
-
 def gradient_checkpointing_on(recipe: Recipe, *, on_gpu: bool, quantized: bool) -> bool:
     """training.gradient_checkpointing as train applies it; "auto" is on for GPUs and for 4/8-bit bases.
 
@@ -227,7 +222,7 @@ def wrap_model(recipe: Recipe, model: nn.Module, *, gradient_checkpointing: bool
     import torch
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    config = build_peft_config(recipe.adapter, model, task_type=peft_task_type(recipe.task), total_step=total_steps)
+    config = build_peft_config(recipe.adapter, model, task_type=tasks.task_of(recipe).peft_task_type, total_step=total_steps)
     start = read_trained_adapter(recipe.adapter.init_from) if recipe.adapter.init_from else None
     if start is not None:
         _check_same_adapter(start, config)

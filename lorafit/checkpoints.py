@@ -23,6 +23,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from lorafit import tasks
 from lorafit.errors import LorafitError, RunFailed
 from lorafit.recipe import Recipe
 from lorafit.run_folder import CHECKPOINT_MARKER as MARKER
@@ -48,7 +49,7 @@ def fingerprint(recipe: Recipe, data_sha256: dict[str, str]) -> dict[str, Any]:
     """What a checkpoint was trained from: the weight-defining recipe sections and the data files' sha256."""
     sections = {name: (None if getattr(recipe, name) is None else getattr(recipe, name).model_dump(mode="json"))
                 for name in _FINGERPRINTED}
-    if recipe.task != "causal-lm":  # recorded only when not the default, so runs recorded before `task` still resume
+    if tasks.checkpoint_task(recipe) is not None:
         sections["task"] = recipe.task
     if recipe.preference is not None:  # beta, loss and reference define the weights too (preference tasks only)
         sections["preference"] = recipe.preference.model_dump(mode="json")

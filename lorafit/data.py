@@ -44,7 +44,7 @@ from lorafit.data_sources import (
     train_sources,
 )
 from lorafit.errors import LorafitError
-from lorafit.recipe import PREFERENCE_TASKS, DataSection, Recipe
+from lorafit.recipe import DataSection, Recipe
 from lorafit.templates import apply_template, assistant_spans
 
 if TYPE_CHECKING:
@@ -128,18 +128,33 @@ class PreparedData:
 
 
 def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> PreparedData:
-    """Read, render, tokenize and lint the recipe's data: from the cache when nothing changed, else built."""
+    """Read, render, tokenize and lint the recipe's SFT rows (chat, alpaca, prompt/completion, text): from the cache
+    when nothing changed, else built; streamed when data.streaming says so."""
+    if recipe.data.streaming:
+        return _prepare_stream(recipe, tokenizer)
+    return _prepared(recipe, tokenizer, _build_causal)
+
+
+def prepare_classification_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> PreparedData:
+    """Read and tokenize the recipe's text + label rows (task sequence-classification), cached like `prepare_data`."""
+    refuse_weighted_sources(recipe)
+    return _prepared(recipe, tokenizer, _build_classification)
+
+
+def refuse_weighted_sources(recipe: Recipe) -> None:
+    """Weighted data.train entries under a task that cannot draw rows by weight: refused, never joined silently."""
+    from lorafit import tasks
+
+    if is_mixture(recipe.data) and not tasks.task_of(recipe).mixes_sources:
+        raise LorafitError(f"weighted sources are for task {tasks.names_where(lambda t: t.mixes_sources)}",
+                           where="data.train", hint="list the files as plain paths, read as one data set")
+
+
+def _prepared(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, build) -> PreparedData:
+    """`build(recipe, tokenizer, sources, evaluation, folder)`'s data: from the cache when nothing changed, else built
+    (and cached). The cache key covers everything that changes the rows, the task among them."""
     section = recipe.data
     started = time.perf_counter()
-    if recipe.task == "sequence-classification":
-        if is_mixture(section):
-            raise LorafitError("weighted sources are for task causal-lm", where="data.train",
-                               hint="list the files as plain paths, read as one data set")
-        build = _build_classification
-    elif section.streaming:
-        return _prepare_stream(recipe, tokenizer)
-    else:
-        build = _build_causal
     sources = train_sources(section)
     evaluation = eval_source(section, section.eval) if isinstance(section.eval, str) else None
     memo = data_cache.data_cache_dir() / "hashes" if section.cache else None
@@ -531,11 +546,12 @@ class EvalRows:
 
 
 def eval_rows(recipe: Recipe, data_file: str | Path | None = None, *, labels: list[str] | None = None,
-              limit: int | None = None) -> EvalRows:
+              limit: int | None = None, conversations: bool = True) -> EvalRows:
     """The eval rows: `data_file` (eval --data) if given, else data.eval's file, else the share of train held out.
 
     The held-out share is the very rows training held out (same shuffle, same seed). A recipe without eval data
-    is an error that says how to give some. Classifiers pass `labels` and get (row, class id) pairs.
+    is an error that says how to give some. Classifiers pass `labels` and get (row, class id) pairs; tasks that read
+    their own columns pass `conversations=False` and get the rows as read (`raw`).
     """
     section = recipe.data
     raw = _raw_cache_dir(section)  # datasets' Arrow copy of the files, shared with training's preparation
@@ -565,7 +581,7 @@ def eval_rows(recipe: Recipe, data_file: str | Path | None = None, *, labels: li
             result.labelled.extend(zip(rows, ids, strict=True))
             continue
         result.raw.extend(rows)
-        if recipe.task in PREFERENCE_TASKS:
+        if not conversations:
             continue
         source = detect_format(read.source, columns_of(rows))
         for row in rows:

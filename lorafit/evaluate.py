@@ -5,26 +5,27 @@ is measured under `disable_adapter()`. Every model gets the same rows, rendered 
 exactly as in training: loss / perplexity on the completion tokens, then greedy generation scored against
 the references (exact match, normalised exact match, ROUGE-L F1).
 
-For task sequence-classification the rows are the text and label columns as training read them: loss (mean
-cross-entropy over the classes), accuracy, macro-F1 and per-class counts, and each model's predicted label.
+Which rows and which scores is the task's call (`Task.eval_plan`, lorafit/tasks/): this module holds the shared
+flow and the causal-LM plan the other tasks build on (classification measures its head instead; the preference
+tasks add how strongly each model prefers the chosen answers, lorafit/preference_eval.py).
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import math
 import re
 import string
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lorafit import adapters, data, models, run_folder
+from lorafit import adapters, data, models, run_folder, tasks
 from lorafit.errors import LorafitError
-from lorafit.recipe import PREFERENCE_TASKS, PreferenceSection, Recipe
+from lorafit.recipe import Recipe
 from lorafit.templates import apply_template
 
 if TYPE_CHECKING:
@@ -74,7 +75,7 @@ class EvalResult:
     samples: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
-    task: str = "causal-lm"
+    task: str = tasks.DEFAULT
     labels: list[str] | None = None  # sequence classification: the class names, in id order
     chart_path: Path | None = None  # scores.png next to report.json: base vs adapters (None if it could not be drawn)
 
@@ -86,6 +87,34 @@ class _Example:
     reference: str
     input_ids: list[int]  # the whole conversation, for the loss
     labels: list[int]
+
+
+@dataclass
+class EvalInputs:
+    """What a task's eval plan is built from: the recipe, its tokenizer and the eval command's options."""
+
+    recipe: Recipe
+    tokenizer: PreTrainedTokenizerBase
+    data_file: Path | None  # --data, else the recipe's eval rows
+    samples: int | None  # --samples: the first N rows only
+    max_new_tokens: int | None  # --max-new-tokens, None = enough for the longest reference
+    batch_size: int
+    names: list[str]  # the adapters' labels, in --adapter order
+    saved_tokenizers: list  # the tokenizer each adapter folder holds (None where it holds none)
+    labels: list[str] | None  # a classifier's classes (Task.eval_labels)
+    notes: list[str]  # the report's notes, appended to
+
+
+@dataclass
+class EvalPlan:
+    """The eval rows and how one model is measured on them; run_eval runs `measure` for the base, then each adapter."""
+
+    examples: list
+    described: str  # where the rows came from
+    template: str  # the template they were rendered with ("none": not rendered)
+    max_new_tokens: int  # 0 when nothing is generated
+    measure: Callable[[Any, str, Any], tuple[Scores, list]]  # (model, name, adapter or None) -> scores, outputs
+    sample_rows: Callable[[dict[str, list]], list[dict[str, Any]]]  # every model's outputs -> samples.jsonl rows
 
 
 def run_eval(recipe: Recipe, adapter_dirs: list[str | Path], *, data_file: str | Path | None = None,
@@ -120,15 +149,13 @@ def run_eval(recipe: Recipe, adapter_dirs: list[str | Path], *, data_file: str |
     source = models.resolve_model_source(recipe.model)
     tokenizer = models.load_tokenizer(recipe, source)
     config = models.load_config(recipe.model, source)
-    classify = recipe.task == "sequence-classification"
-    labels = _class_labels(recipe, trained) if classify else None
-    if classify:
-        notes.append(_base_head_note(config, labels, recipe.training.seed))
+    task = tasks.task_of(recipe)
+    labels = task.eval_labels(recipe, trained, config, notes)
     meta_model, _ = models.build_meta_model(config, trust_remote_code=recipe.model.trust_remote_code, labels=labels)
     saved_tokenizers = [adapters.load_adapter_tokenizer(a, trust_remote_code=recipe.model.trust_remote_code)
                         for a in trained]
     for adapter, name, own in zip(trained, names, saved_tokenizers, strict=True):
-        _check_task(adapter, recipe)
+        tasks.check_adapter_task(adapter, recipe)
         adapters.check_adapter_fits(adapter, meta_model, config, source=source, tokenizer=own)
         if adapter.recipe is not None and adapter.recipe.model.path != recipe.model.path:
             notes.append(f"warning: {name} was trained on {adapter.recipe.model.path}, "
@@ -138,34 +165,14 @@ def run_eval(recipe: Recipe, adapter_dirs: list[str | Path], *, data_file: str |
                          f"quantization, evaluated {'with' if recipe.quantization else 'without'} it (this recipe)")
     del meta_model
 
-    # 2. The eval rows, read and encoded as training read them.
-    if labels is not None:
-        if max_new_tokens is not None:
-            notes.append("--max-new-tokens does not apply to a classifier (nothing is generated); ignored")
-        examples, described = _labelled_examples(recipe, labels, data_file, samples, tokenizer, notes)
-        template, max_new_tokens, pairs = "none", 0, None
-    else:
-        examples, described, template, pairs = _causal_examples(recipe, data_file, samples, tokenizer, names,
-                                                                saved_tokenizers, notes)
-        if template == "none":  # format text: documents, no prompt to answer, so nothing is generated
-            max_new_tokens = 0
-        elif max_new_tokens is None:  # enough for the longest reference; greedy text past it cannot raise exact match
-            max_new_tokens = max(len(tokenizer(e.reference, add_special_tokens=False)["input_ids"])
-                                 for e in examples) + 16
+    # 2. The eval rows, read and encoded as training read them, and how the task measures a model on them.
+    plan = task.eval_plan(EvalInputs(recipe, tokenizer, data_file, samples, max_new_tokens, batch_size, names,
+                                     saved_tokenizers, labels, notes))
 
-    # 3. One base, the adapters beside it; every model measured on the same rows.
+    # 3. One base, the adapters beside it; every model measured on the same rows (the base first).
     model = _base_with_adapters(recipe, labels, source, precision, tokenizer, trained, names)
-    if labels is not None:
-        measure = functools.partial(_classify, examples=examples, labels=labels, tokenizer=tokenizer,
-                                    batch_size=batch_size)
-    else:
-        measure = functools.partial(_score, examples=examples, tokenizer=tokenizer, batch_size=batch_size,
-                                    max_new_tokens=max_new_tokens, eos_ids=_eos_ids(tokenizer, model.get_base_model()))
     scores: list[Scores] = []
     outputs: dict[str, list] = {}
-    logps: dict[str, list[tuple[float, ...]]] = {}  # preference tasks: each answer's log-probability, per model
-    if pairs is not None:
-        from lorafit import preference_eval
     for name, adapter in [("base", None), *zip(names, trained, strict=True)]:
         if adapter is None:
             context = model.disable_adapter()  # the same weights in memory; a classifier's head goes back to the base's
@@ -173,20 +180,14 @@ def run_eval(recipe: Recipe, adapter_dirs: list[str | Path], *, data_file: str |
             model.set_adapter(name)
             context = contextlib.nullcontext()
         with context:
-            score, outputs[name] = measure(model, name, adapter)
-            if pairs is not None:  # reward: beta x log-ratio against the base (the adapter switched off); orpo's
-                # is reference-free, beta x the mean log-prob per answer token, as its trainer logs it
-                logps[name] = preference_eval.answer_logps(model, pairs, tokenizer, batch_size)
-                score.preference = preference_eval.preference_scores(
-                    pairs, logps[name], logps["base"] if adapter is not None else None,
-                    (recipe.preference or PreferenceSection()).beta, reference_free=recipe.task == "orpo")
+            score, outputs[name] = plan.measure(model, name, adapter)
         scores.append(score)
 
     # 4. The report, and each row with every model's answer (or predicted label).
     result = EvalResult(
-        recipe=recipe.name, base=source, data=described, template=template, examples=len(examples),
-        max_new_tokens=max_new_tokens, scores=scores, report_path=out_dir / run_folder.EVAL_REPORT,
-        samples_path=out_dir / run_folder.EVAL_SAMPLES, samples=_sample_rows(examples, outputs, labels), notes=notes,
+        recipe=recipe.name, base=source, data=plan.described, template=plan.template, examples=len(plan.examples),
+        max_new_tokens=plan.max_new_tokens, scores=scores, report_path=out_dir / run_folder.EVAL_REPORT,
+        samples_path=out_dir / run_folder.EVAL_SAMPLES, samples=plan.sample_rows(outputs), notes=notes,
         task=recipe.task, labels=labels,
     )
     result.seconds = time.perf_counter() - started
@@ -215,16 +216,6 @@ def _base_with_adapters(recipe: Recipe, labels: list[str] | None, source: str, p
     return model
 
 
-def _sample_rows(examples: list, outputs: dict[str, list], labels: list[str] | None) -> list[dict[str, Any]]:
-    """samples.jsonl: each row's input and reference, then what every model answered (or predicted)."""
-    if labels is None:
-        return [{"prompt": e.prompt, "reference": e.reference, **{n: outputs[n][i] for n in outputs if outputs[n]}}
-                for i, e in enumerate(examples)]
-    return [{"text": e.text, **({"text_pair": e.text_pair} if e.text_pair is not None else {}),
-             "reference": labels[e.label], **{n: labels[ids[i]] for n, ids in outputs.items()}}
-            for i, e in enumerate(examples)]
-
-
 # ----------------------------------------------------------------------------------------------------
 # Inputs
 
@@ -242,60 +233,45 @@ def _adapter_names(trained: list[adapters.TrainedAdapter]) -> list[str]:
     return names
 
 
-def _causal_examples(recipe: Recipe, data_file: str | Path | None, samples: int | None, tokenizer,
-                     names: list[str], saved_tokenizers: list, notes: list[str]) -> tuple[list[_Example], str, str,
-                                                                                          list | None]:
-    """The eval rows rendered with the recipe's template, where they came from, and the template's name ("none"
-    for format text: no prompt/reference split, so nothing is generated); preference tasks: also the held-out
-    pairs."""
-    rows = data.eval_rows(recipe, data_file, limit=samples)  # the one place that says where eval rows come from
-    pairs, conversations = None, rows.conversations
-    if recipe.task in PREFERENCE_TASKS:  # scored as pairs, and their chosen answers are the generation references
-        pairs, chosen = _preference_rows(recipe, tokenizer, rows.raw, notes, rows.described)
-        conversations = [row["messages"] for row in chosen]
+def causal_plan(inputs: EvalInputs) -> EvalPlan:
+    """The eval rows as conversations (or text documents) rendered with the recipe's template, scored by completion
+    loss and, where there is a prompt to answer, greedy generation against the reference answers."""
+    rows = data.eval_rows(inputs.recipe, inputs.data_file, limit=inputs.samples)  # where eval rows come from
+    return conversation_plan(inputs, rows.conversations, rows.described, dropped=rows.dropped)
+
+
+def conversation_plan(inputs: EvalInputs, conversations: list[Messages | str], described: str, *,
+                      dropped: int = 0) -> EvalPlan:
+    """`causal_plan` over conversations already read (a task that reads its own rows hands over their answers)."""
+    recipe, tokenizer, notes = inputs.recipe, inputs.tokenizer, inputs.notes
     chat = any(not isinstance(item, str) for item in conversations)
     template = apply_template(recipe.template, tokenizer) if chat else "none"
-    for name, own in zip(names, saved_tokenizers, strict=True):
+    for name, own in zip(inputs.names, inputs.saved_tokenizers, strict=True):
         if chat and own is not None and own.chat_template and own.chat_template != tokenizer.chat_template:
             notes.append(f"warning: {name} was trained with a different chat template than this recipe renders")
-    examples, dropped = _examples(conversations, recipe, tokenizer)
-    dropped += rows.dropped
+    examples, unanswered = _examples(conversations, recipe, tokenizer)
+    dropped += unanswered
     if dropped:
         notes.append(f"skipped {dropped} row(s) with no assistant answer to compare against")
     if not examples:
-        raise LorafitError("no usable eval rows", where=rows.described,
-                           hint="rows need a final assistant turn / completion")
-    if not chat:
+        raise LorafitError("no usable eval rows", where=described, hint="rows need a final assistant turn / completion")
+    max_new_tokens = inputs.max_new_tokens
+    if not chat:  # format text: documents, no prompt to answer, so nothing is generated
         notes.append("format text: no prompt/reference split, so only loss and perplexity are measured")
-    return examples, rows.described, template, pairs
+        max_new_tokens = 0
+    elif max_new_tokens is None:  # enough for the longest reference; greedy text past it cannot raise exact match
+        max_new_tokens = max(len(tokenizer(e.reference, add_special_tokens=False)["input_ids"])
+                             for e in examples) + 16
 
+    def measure(model, name: str, adapter):
+        return _score(model, name, adapter, examples, tokenizer, inputs.batch_size, max_new_tokens,
+                      _eos_ids(tokenizer, model.get_base_model()))
 
-def _preference_rows(recipe: Recipe, tokenizer, rows: list[dict[str, Any]], notes: list[str],
-                     described: str) -> tuple[list, list[dict[str, Any]]]:
-    """Held-out pairs (kto: judged answers) linted as training lints them, and their chosen (desirable) answers as
-    conversation rows for the loss and generation scores."""
-    from lorafit.preference_data import Pair, eval_examples
+    def sample_rows(outputs: dict[str, list]) -> list[dict[str, Any]]:
+        return [{"prompt": e.prompt, "reference": e.reference, **{n: outputs[n][i] for n in outputs if outputs[n]}}
+                for i, e in enumerate(examples)]
 
-    pairs, dropped = eval_examples(recipe, tokenizer, rows, described)
-    notes.extend(f"skipped {n} eval row(s): {reason}" for reason, n in dropped.items())
-    if not pairs:
-        raise LorafitError("no usable eval pairs", where=described, hint="rows need prompt, chosen and rejected "
-                           "(kto: prompt, completion, label)")
-    good = [(p.prompt, p.chosen) for p in pairs] if isinstance(pairs[0], Pair) else [
-        (p.prompt, p.completion) for p in pairs if p.desirable]
-    return pairs, [{"messages": prompt + answer} for prompt, answer in good]
-
-
-def _labelled_examples(recipe: Recipe, labels: list[str], data_file: str | Path | None, samples: int | None,
-                       tokenizer, notes: list[str]) -> tuple[list[data.LabelledText], str]:
-    """The labelled eval rows, read and tokenized as training read them, and where they came from."""
-    rows = data.eval_rows(recipe, data_file, labels=labels, limit=samples)
-    examples, empty = data.encode_labelled(rows.labelled, recipe.data, tokenizer)
-    if empty:
-        notes.append(f"skipped {empty} row(s) with an empty or missing text")
-    if not examples:
-        raise LorafitError("no usable eval rows", where=rows.described, hint="rows need a text and a label")
-    return examples, rows.described
+    return EvalPlan(examples, described, template, max_new_tokens, measure, sample_rows)
 
 
 def _examples(conversations: list[Messages | str], recipe: Recipe,
@@ -470,97 +446,8 @@ def _generation_scores(predictions: list[str], references: list[str]) -> dict[st
     }
 
 
-def classification_scores(predicted: list[int], references: list[int]) -> dict[str, float]:
-    """Accuracy and macro-F1 (the mean F1 over the classes that occur in the references or the predictions)."""
-    pairs = list(zip(predicted, references, strict=True))
-    f1 = []
-    for label in sorted(set(predicted) | set(references)):
-        true_positive = sum(p == r == label for p, r in pairs)
-        wrong = sum((p == label) != (r == label) for p, r in pairs)  # false positives + false negatives
-        f1.append(2 * true_positive / (2 * true_positive + wrong))
-    return {"accuracy": sum(p == r for p, r in pairs) / len(pairs) if pairs else 0.0,
-            "f1": sum(f1) / len(f1) if f1 else 0.0}
-
-
 # ----------------------------------------------------------------------------------------------------
-# Sequence classification
-
-
-def _class_labels(recipe: Recipe, trained: list[adapters.TrainedAdapter]) -> list[str]:
-    """The classes in head order: the recipe's data.labels, else the ones the adapters' runs recorded, else the data's.
-
-    Every adapter must have been trained on the same classes in the same order: a head's outputs mean nothing
-    under other names.
-    """
-    recorded = [(a, list(a.recipe.data.labels)) for a in trained
-                if a.recipe is not None and a.recipe.task == "sequence-classification" and a.recipe.data.labels]
-    labels = list(recipe.data.labels or (recorded[0][1] if recorded else data.class_labels(recipe)))
-    for adapter, own in recorded:
-        if own != labels:
-            raise LorafitError(f"was trained on the classes {own}, but this evaluation uses {labels}",
-                               where=f"adapter: {adapter.path}", hint="evaluate with the run's own recipe.yaml, or "
-                               "list the same classes in the same order in data.labels")
-    return labels
-
-
-def _check_task(adapter: adapters.TrainedAdapter, recipe: Recipe) -> None:
-    """Refuse a causal-LM adapter under a classification recipe and the other way round."""
-    task_type = adapter.config.get("task_type")
-    expected = adapters.peft_task_type(recipe.task)
-    if task_type in ("CAUSAL_LM", "SEQ_CLS") and task_type != expected:
-        trained_for = "sequence-classification" if task_type == "SEQ_CLS" else "causal-lm"
-        raise LorafitError(f"is a {trained_for} adapter, but the recipe's task is {recipe.task}",
-                           where=f"adapter: {adapter.path}", hint="evaluate it with the recipe it was trained with")
-
-
-def _base_head_note(config, labels: list[str], seed: int) -> str:
-    """What 'base' means for a classifier: usually a head that has never been trained."""
-    architectures = getattr(config, "architectures", None) or []
-    if any(a.endswith("ForSequenceClassification") for a in architectures) and config.num_labels == len(labels):
-        return ("base: the checkpoint's own classifier head, not trained on these classes by lorafit; adapters "
-                "replace it with the head they trained")
-    return (f"base: a newly initialised classifier head (seed {seed}, the one training started from): it was never "
-            "trained, so expect chance-level scores, give or take what a random projection happens to separate; "
-            "the adapters carry the heads they trained")
-
-
-def _classify(model, name: str, adapter: adapters.TrainedAdapter | None, examples: list[data.LabelledText],
-              labels: list[str], tokenizer, batch_size: int) -> tuple[Scores, list[int]]:
-    """One classifier's mean cross-entropy, accuracy, macro-F1 and per-class counts; also its predicted class ids."""
-    import torch
-    import torch.nn.functional as F
-
-    started = time.perf_counter()
-    device = _device(model)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    loss_sum, predicted = 0.0, []
-    for start in range(0, len(examples), batch_size):
-        batch = examples[start:start + batch_size]
-        width = max(len(e.input_ids) for e in batch)
-        # Right padding, as in training; decoder classifiers read the last token that is not padding.
-        inputs = {
-            "input_ids": torch.tensor([e.input_ids + [pad] * (width - len(e.input_ids)) for e in batch], device=device),
-            "attention_mask": torch.tensor([[1] * len(e.input_ids) + [0] * (width - len(e.input_ids)) for e in batch],
-                                           device=device),
-        }
-        if any(e.token_type_ids for e in batch):
-            inputs["token_type_ids"] = torch.tensor(
-                [(e.token_type_ids or [0] * len(e.input_ids)) + [0] * (width - len(e.input_ids)) for e in batch],
-                device=device)
-        with torch.no_grad():
-            logits = model(**inputs).logits.float()
-        target = torch.tensor([e.label for e in batch], device=device)
-        loss_sum += F.cross_entropy(logits, target, reduction="sum").item()
-        predicted += logits.argmax(-1).tolist()
-    references = [e.label for e in examples]
-    per_class = {label: {"rows": references.count(i), "predicted": predicted.count(i),
-                         "correct": sum(p == r == i for p, r in zip(predicted, references, strict=True))}
-                 for i, label in enumerate(labels)}
-    return Scores(
-        name=name, adapter=str(adapter.path) if adapter else None, loss=loss_sum / len(examples), perplexity=None,
-        exact_match=None, normalized_exact_match=None, rouge_l=None, examples=len(examples), completion_tokens=None,
-        seconds=time.perf_counter() - started, **classification_scores(predicted, references), per_class=per_class,
-    ), predicted
+# The report
 
 
 def _write(result: EvalResult) -> None:
@@ -570,7 +457,13 @@ def _write(result: EvalResult) -> None:
 
     out_dir = result.report_path.parent
     with run_folder.staged_output(out_dir, "eval", where=f"--out {out_dir}") as staging:
-        warning = write_eval_chart(result, staging / run_folder.EVAL_CHART)
+        scores = result.scores  # each task fills its own scores; the chart leaves out those no model has
+        warning = write_eval_chart(
+            {s.name: s.loss for s in scores},
+            {"exact match": [s.exact_match for s in scores],
+             "norm. exact match": [s.normalized_exact_match for s in scores], "ROUGE-L": [s.rouge_l for s in scores],
+             "accuracy": [s.accuracy for s in scores], "macro-F1": [s.f1 for s in scores]},
+            staging / run_folder.EVAL_CHART, title=result.recipe, rows=result.examples)
         if warning:
             result.notes.append(warning)
         else:

@@ -20,7 +20,7 @@ import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lorafit import adapter_init, run_folder
+from lorafit import adapter_init, run_folder, tasks
 from lorafit.recipe import AdapterSection, Recipe, dump_recipe
 
 if TYPE_CHECKING:
@@ -147,10 +147,9 @@ def model_card(recipe: Recipe, metrics: TrainMetrics, adapter_dir: Path, *,
         "DoRA" if adapter.use_dora else "rsLoRA" if adapter.use_rslora else "LoRA")
     quant = f"QLoRA ({recipe.quantization.bits}-bit {recipe.quantization.quant_type})" if recipe.quantization else "none"
     final, eval_loss = metrics.train_loss_final, metrics.eval_loss
-    labels = recipe.data.labels if recipe.task == "sequence-classification" else None
+    labels = recipe.data.labels  # a classifier's classes: the recipe allows them for such a task only
     what = f"{'An' if method[0] in 'AEIOU' else 'A'} {method} adapter for `{recipe.model.path}`"
-    if labels:
-        what += f" with a classifier head over {len(labels)} classes ({', '.join(labels)})"
+    what += tasks.task_of(recipe).card_description(recipe)
     lines = [
         f"# {recipe.name}",
         "",

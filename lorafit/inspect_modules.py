@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lorafit import adapters
+from lorafit import adapters, tasks
 from lorafit.errors import LorafitError
 from lorafit.recipe import AdapterSection, Recipe, apply_overrides, load_recipe, validate_recipe
 
@@ -101,7 +101,7 @@ def run_inspect(target: str | Path, overrides: list[str] | tuple[str, ...] = ())
     from peft import get_peft_model  # after the checks above, so a typo in a path fails instantly
     config = models.load_config(recipe.model, source)
     notes = []
-    labels = _class_names(recipe, notes) if recipe.task == "sequence-classification" else None
+    labels = _class_names(recipe, notes) if tasks.task_of(recipe).classifier else None
     model, task_type = models.build_meta_model(config, trust_remote_code=recipe.model.trust_remote_code, labels=labels)
     architecture = type(model).__name__
 

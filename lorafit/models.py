@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lorafit import tasks
 from lorafit.errors import LorafitError, first_line
 from lorafit.recipe import BUILTIN_MODELS, ModelSection, Recipe
 
@@ -294,7 +295,7 @@ def load_base_model(recipe: Recipe, source: str, precision: Precision, *,
     }
     if section.attn_implementation != "auto":
         kwargs["attn_implementation"] = section.attn_implementation
-    classify = recipe.task == "sequence-classification"
+    classify = tasks.task_of(recipe).classifier
     quant = recipe.quantization
     if quant is not None:
         compute = dtype if quant.compute_dtype == "auto" else getattr(torch, quant.compute_dtype)

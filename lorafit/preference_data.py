@@ -21,7 +21,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from lorafit import data
+from lorafit import data, tasks
 from lorafit.data import DataReport, PreparedData
 from lorafit.errors import LorafitError
 from lorafit.recipe import DataSection, Recipe
@@ -84,6 +84,8 @@ def prepare_preference_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) 
     """Read, normalise, lint and tokenize-check the recipe's preference data; TRL-ready datasets and a report."""
     from datasets import Dataset
 
+    task = tasks.task_of(recipe)
+    data.refuse_weighted_sources(recipe)
     train_rows, eval_rows, fingerprint = data.split_rows(recipe)
     template = apply_template(recipe.template, tokenizer)
     report = PreferenceReport(format=row_format(train_rows, recipe), template=template,
@@ -95,13 +97,13 @@ def prepare_preference_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) 
         reasons = ", ".join(f"{n} {reason}" for reason, n in report.dropped.items()) or "the file has no rows"
         raise LorafitError(f"no usable preference rows remain ({reasons})", where="data.train",
                            hint="rows need prompt, chosen and rejected (kto: prompt, completion, label); see data.fields")
-    if recipe.task == "kto":
+    if task.judged_rows:
         # TRL's KTO pairs each row with its neighbour for the KL term and so reads rows in order: shuffled here, once.
         random.Random(recipe.training.seed).shuffle(train)
         report.desirable = sum(example.desirable for example in train)
         report.undesirable = len(train) - report.desirable
     report.train_examples, report.eval_examples = len(train), len(evaluation)
-    as_ids = recipe.task == "orpo"
+    as_ids = task.token_id_rows  # orpo's trainer takes the lint's token ids
     return PreparedData(_dataset(train, Dataset, as_ids=as_ids),
                         _dataset(evaluation, Dataset, as_ids=as_ids) if evaluation else None, report)
 
@@ -121,9 +123,10 @@ def row_format(rows: list[dict[str, Any]], recipe: Recipe, where: str = "data.tr
     has = lambda name: _column(section, name) in columns  # noqa: E731
     if has("chosen") and has("rejected"):
         return PAIRS
-    if recipe.task == "kto" and has("prompt") and has("completion") and has("label"):
+    judged = tasks.task_of(recipe).judged_rows
+    if judged and has("prompt") and has("completion") and has("label"):
         return LABELLED
-    wanted = "prompt, chosen, rejected" + (" (or prompt, completion, label)" if recipe.task == "kto" else "")
+    wanted = "prompt, chosen, rejected" + (" (or prompt, completion, label)" if judged else "")
     raise LorafitError(f"{recipe.task} data needs the columns {wanted}; the data has "
                        f"{', '.join(sorted(columns)) or 'no columns'}", where=where,
                        hint="map your column names with data.fields, e.g. {chosen: better, rejected: worse}")
@@ -142,7 +145,7 @@ def encode_rows(rows: list[dict[str, Any]], recipe: Recipe, tokenizer: PreTraine
         pair = _pair(row, recipe, tokenizer, report)
         if pair is None:
             continue
-        if recipe.task == "kto":  # pairs are unpaired: each side is a judged answer to the same prompt
+        if tasks.task_of(recipe).judged_rows:  # pairs are unpaired: each side is a judged answer to the same prompt
             out.append(Judged(pair.prompt, pair.chosen, True, pair.prompt_ids, pair.chosen_ids))
             out.append(Judged(pair.prompt, pair.rejected, False, pair.prompt_ids, pair.rejected_ids))
         else:

@@ -16,7 +16,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from lorafit import tasks
 from lorafit.errors import LorafitError
+from lorafit.tasks import dpo, kto
 
 BUILTIN_MODELS = ("smollm2-135m-instruct",)
 _DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
@@ -278,20 +280,13 @@ class DataSection(_Section):
         return value
 
 
-# TRL 1.16's DPOConfig.loss_type values (trl/trainer/dpo_config.py) and KTOConfig.loss_type values.
-DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
-              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
-KTO_LOSSES = ("kto", "apo_zero_unpaired")
-PREFERENCE_TASKS = ("dpo", "kto", "orpo")
-
-
 class PreferenceSection(_Section):
     beta: float = Field(0.1, gt=0, description="How far the adapter may move from the reference: higher beta keeps "
                         "it closer (DPO/KTO's beta; for loss ipo, the regulariser tau). orpo: the weight of the "
                         "odds-ratio term beside the chosen answers' NLL (the paper's lambda).")
     loss: str | None = Field(
-        None, description=f"TRL's loss type. dpo: {', '.join(DPO_LOSSES)} (default sigmoid); kto: "
-        f"{', '.join(KTO_LOSSES)} (default kto); orpo has one loss and takes none.",
+        None, description=f"TRL's loss type. dpo: {', '.join(dpo.DPO_LOSSES)} (default sigmoid); kto: "
+        f"{', '.join(kto.KTO_LOSSES)} (default kto); orpo has one loss and takes none.",
     )
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="dpo losses robust and exo_pair: the assumed "
                                    "share of flipped preference labels (exo_pair needs it above 0).")
@@ -374,13 +369,8 @@ class OutputSection(_Section):
 
 class Recipe(_Section):
     name: str = Field(description="Run name; names the default run folder.")
-    task: Literal["causal-lm", "sequence-classification", "dpo", "kto", "orpo"] = Field(
-        "causal-lm", description="causal-lm: learn to write the completions (SFT). sequence-classification: learn "
-        "to predict a label column from a text column; the classifier head is trained fully. dpo: prefer the chosen "
-        "over the rejected answer of prompt/chosen/rejected pairs (TRL's DPOTrainer). kto: learn from answers "
-        "labelled desirable or not, prompt/completion/label rows or pairs (TRL's KTOTrainer). orpo: SFT on the chosen "
-        "answers plus an odds-ratio penalty on the rejected ones, without a reference model, from the same pairs as "
-        "dpo (TRL's experimental ORPOTrainer).",
+    task: Literal[tuple(tasks.TASKS)] = Field(  # type: ignore[valid-type]  # the names of lorafit/tasks/
+        tasks.DEFAULT, description=" ".join(task.summary for task in tasks.TASKS.values()),
     )
     model: ModelSection
     quantization: QuantizationSection | None = Field(None, description="Absent: plain LoRA. Present: QLoRA.")
@@ -432,14 +422,13 @@ class Recipe(_Section):
                              "other); set packing: false, or use data.group_by_length for speed")
         if self.data.streaming:
             self._check_streaming()
-        if self.task == "sequence-classification":
-            self._check_classification()
-        elif self.data.labels is not None:
-            raise ValueError("data.labels: class names only apply to task: sequence-classification")
-        if self.task in PREFERENCE_TASKS:
-            self._check_preference()
-        elif self.preference is not None:
-            raise ValueError("preference: only applies to task: dpo, kto or orpo")
+        task = tasks.TASKS[self.task]
+        if self.data.labels is not None and "data.labels" not in task.sections:
+            raise ValueError("data.labels: class names only apply to task: "
+                             + tasks.names_where(lambda t: "data.labels" in t.sections))
+        if self.preference is not None and "preference" not in task.sections:
+            raise ValueError("preference: only applies to task: " + tasks.names_where(lambda t: "preference" in t.sections))
+        task.check_recipe(self)
         if self.adapter.init_from is not None and self.adapter.method == "prefix":
             raise ValueError("adapter.init_from: continuing a prefix-tuning adapter is not supported; use method: lora")
         if self.adapter.method == "adalora":
@@ -454,16 +443,6 @@ class Recipe(_Section):
             raise ValueError("adapter.init_from: method adalora starts every module at init_r and prunes from there, "
                              "so it cannot continue a saved adapter; remove init_from, or use method: lora to continue "
                              "a LoRA adapter")
-        if self.task == "orpo":
-            # No reference copy here, but ORPO's loss is computed by TRL from the logits, so AdaLoRA's orthogonal
-            # regulariser and rank schedule (lorafit/adalora.py, wired into the SFT and classifier trainers) would
-            # not run.
-            raise ValueError("adapter.method: adalora is not supported with task: orpo (lorafit runs AdaLoRA's "
-                             "rank schedule in the SFT and classifier trainers only); use method: lora")
-        if self.task in PREFERENCE_TASKS:
-            raise ValueError(f"adapter.method: adalora is not supported with task: {self.task} (TRL's {self.task} "
-                             "trainer copies the adapter as its reference and AdaLoRA allows one trainable adapter "
-                             "only); use method: lora")
         problem = adalora_schedule_problem(adapter, steps, f"training.max_steps: {steps}") if steps else None
         if problem:
             raise ValueError(problem)
@@ -481,7 +460,7 @@ class Recipe(_Section):
         if init == "corda" and quantization is not None:
             raise ValueError("adapter.init: corda decomposes full-precision weights and cannot start from a quantized "
                              "model; use init: eva or loftq with quantization, or remove the quantization section")
-        if init in ("eva", "corda") and self.task != "causal-lm":
+        if init in ("eva", "corda") and not tasks.TASKS[self.task].data_driven_init:
             raise ValueError(f"adapter.init: {init} reads the first training batches as SFT rows (task causal-lm); "
                              f"for task {self.task} use init: default, or start from an SFT adapter trained with "
                              f"init {init} (adapter.init_from)")
@@ -493,90 +472,8 @@ class Recipe(_Section):
             raise ValueError("data.eval: a fraction cannot be held out of a stream; give an eval file, or null")
         if self.data.group_by_length:
             raise ValueError("data.group_by_length: needs every row's length up front, which a stream does not have")
-        if self.task == "sequence-classification":
-            raise ValueError("data.streaming: only task causal-lm streams its data")
-
-    def _check_classification(self) -> None:
-        # Settings that would silently do nothing for a classifier are refused, each naming its key.
-        if self.data.packing:
-            raise ValueError("data.packing: sequence-classification has one label per row and cannot pack rows; "
-                             "set packing: false (data.group_by_length batches similar lengths for speed)")
-        if self.data.format != "auto":
-            raise ValueError("data.format: only applies to task: causal-lm; sequence-classification reads the text "
-                             "and label columns (rename yours with data.fields)")
-        unknown = sorted(set(self.data.fields) - {"text", "text_pair", "label"})
-        if unknown:
-            raise ValueError(f"data.fields: {', '.join(unknown)} is not a sequence-classification column; "
-                             "map text, text_pair (optional) and label to your column names")
-        if self.template != TemplateSection():
-            raise ValueError("template: sequence-classification feeds the text column to the model as it is, without "
-                             "a prompt template; remove the template section")
-
-    def _check_preference(self) -> None:
-        # Settings that mean nothing for pairs are refused rather than ignored, each naming its key.
-        preference = self.preference or PreferenceSection()
-        if self.task == "orpo":
-            self._check_orpo(preference)
-        else:
-            self._check_reference_tasks(preference)
-        if self.data.packing or self.data.format != "auto":
-            key = "packing" if self.data.packing else "format"
-            raise ValueError(f"data.{key}: task {self.task} reads prompt/chosen/rejected (or prompt/completion/label) "
-                             f"rows and pads each pair; remove data.{key}")
-        unknown = sorted(set(self.data.fields) - {"prompt", "chosen", "rejected", "completion", "label"})
-        if unknown:
-            raise ValueError(f"data.fields: {', '.join(unknown)} is not a {self.task} column; map prompt, chosen, "
-                             "rejected (dpo, orpo) or prompt, completion, label (kto) to your column names")
-        if self.template.train_on != "completions":
-            raise ValueError(f"template.train_on: {self.task} scores the answers only; remove train_on")
-
-    def _check_orpo(self, preference: PreferenceSection) -> None:
-        # ORPO has one loss (the chosen answers' NLL + beta x the odds-ratio term) and no reference model.
-        if preference.loss is not None:
-            raise ValueError(f"preference.loss: orpo has one loss (the chosen answers' NLL plus beta x the "
-                             f"odds-ratio term), not {preference.loss!r}; remove preference.loss")
-        if preference.reference == "init-adapter":
-            raise ValueError("preference.reference: orpo has no reference model, so there is no adapter to copy as "
-                             "one; remove reference (adapter.init_from alone continues the SFT adapter)")
-        # label_smoothing, the kto weights and any key a later dpo / kto feature adds: refused, never ignored.
-        unused = [key for key, spec in PreferenceSection.model_fields.items()
-                  if key not in ("beta", "reference") and getattr(preference, key) != spec.default]
-        if unused:
-            raise ValueError(f"preference.{unused[0]}: not used by task orpo, whose loss is the chosen answers' NLL "
-                             f"plus beta x the odds-ratio term (only beta applies); remove {unused[0]}")
-
-    def _check_reference_tasks(self, preference: PreferenceSection) -> None:
-        """dpo / kto: the loss of the task, its own weights, and a usable reference model."""
-        losses = DPO_LOSSES if self.task == "dpo" else KTO_LOSSES
-        if preference.loss is not None and preference.loss not in losses:
-            raise ValueError(f"preference.loss: {preference.loss!r} is not a {self.task} loss; choose one of "
-                             f"{', '.join(losses)}")
-        if preference.loss == "exo_pair" and preference.label_smoothing == 0:
-            raise ValueError("preference.label_smoothing: loss exo_pair needs a value above 0 (the EXO paper uses 1e-3)")
-        if self.task == "dpo" and (preference.desirable_weight, preference.undesirable_weight) != (1.0, 1.0):
-            raise ValueError("preference.desirable_weight / undesirable_weight only apply to task: kto")
-        if self.task == "kto" and preference.sft_weight:
-            raise ValueError("preference.sft_weight only applies to task: dpo")
-        if preference.sft_weight and preference.loss == "sft":
-            raise ValueError("preference.sft_weight: loss sft is already the chosen answers' likelihood alone; "
-                             "set sft_weight: 0 or choose a preference loss such as sigmoid")
-        if self.task == "kto" and preference.label_smoothing:
-            raise ValueError("preference.label_smoothing only applies to task: dpo")
-        if self.task == "kto" and (preference.loss or "kto") == "kto" and self.training.batch_size < 2:
-            raise ValueError("training.batch_size: kto estimates its KL term from the other rows of a batch and "
-                             "needs batch_size >= 2")
-        if preference.reference == "init-adapter" and self.adapter.init_from is None:
-            raise ValueError("preference.reference: init-adapter needs adapter.init_from (the adapter to copy); "
-                             "without it use adapter-disabled")
-        if preference.reference == "adapter-disabled" and self.adapter.init in ("pissa", "olora"):
-            raise ValueError(f"preference.reference: adapter.init {self.adapter.init} rewrites the base weights, so "
-                             "the adapter switched off is not the original model; use init: default")
-        if self.data.group_by_length and self.task == "kto":
-            raise ValueError("data.group_by_length: kto keeps the data order fixed (its KL term pairs neighbours); "
-                             "set group_by_length: false")
-        if self.adapter.modules_to_save and any(m in ("lm_head", "embed_out") for m in self.adapter.modules_to_save):
-            raise ValueError(f"adapter.modules_to_save: TRL's {self.task} trainer reads lm_head.weight directly, so a "
-                             "trained copy of it would be ignored; remove it")
+        if not tasks.TASKS[self.task].streams:
+            raise ValueError(f"data.streaming: only task {tasks.names_where(lambda t: t.streams)} streams its data")
 
     @property
     def run_dir(self) -> Path:

@@ -15,8 +15,10 @@ import yaml
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
+from lorafit import tasks
 from lorafit.errors import LorafitError
 from lorafit.recipe import SECTIONS, ModelSection, Recipe, load_recipe
+from lorafit.tasks import classification
 
 
 @dataclass
@@ -28,7 +30,7 @@ class StarterResult:
     target_modules: str | list[str]
     resolved_targets: list[str]
     notes: list[str]
-    task: str = "causal-lm"
+    task: str = tasks.DEFAULT
 
 
 def run_init(model: str, data: str, out: Path, *, name: str | None = None, qlora: bool = False,
@@ -48,11 +50,11 @@ def run_init(model: str, data: str, out: Path, *, name: str | None = None, qlora
     # The first rows say what the data is; a large file is not read whole for a starter recipe.
     rows = list(read_source(data_source, streaming=True).rows.take(10_000))
     label_columns = _classification_columns(rows)
-    task = "sequence-classification" if label_columns else "causal-lm"
+    task = classification.CLASSIFICATION if label_columns else tasks.DEFAULT
     data_format = None if label_columns else detect_format(data_source, list(rows[0]) if rows else []).format
     if label_columns:
         notes.append(f"detected a label column ({label_columns['label']!r}, {len({str(r.get(label_columns['label'])) for r in rows})} "
-                     f"classes) beside the text column {label_columns['text']!r}: task sequence-classification")
+                     f"classes) beside the text column {label_columns['text']!r}: task {task}")
 
     section = ModelSection(path=model)
     targets: str | list[str] = "attention+mlp"
@@ -127,7 +129,7 @@ def _render(name: str, path: str, values: dict[str, dict[str, Any]], *, include_
              "# Check it without loading anything: lorafit validate <this file>;"
              " see samples and counts: lorafit train <this file> --dry-run",
              f"name: {name}"]
-    task = values.get("", {}).get("task", "causal-lm")
+    task = values.get("", {}).get("task", tasks.DEFAULT)
     lines.append(f"task: {task}  # {Recipe.model_fields['task'].description}")
     for section, model in SECTIONS.items():
         # preference applies to dpo / kto / orpo only; a starter recipe is SFT (its data format was detected as such).

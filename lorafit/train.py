@@ -13,9 +13,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lorafit import models, run_folder
+from lorafit import models, run_folder, tasks
 from lorafit.errors import Interrupted, LorafitError, RunFailed
-from lorafit.recipe import PREFERENCE_TASKS, PreferenceSection, Recipe, TrainingSection, dump_recipe
+from lorafit.tasks.base import last_logged
+from lorafit.recipe import Recipe, TrainingSection, dump_recipe
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -25,13 +26,6 @@ if TYPE_CHECKING:
     from lorafit.data import DataReport, PreparedData
     from lorafit.distributed import Layout
     from lorafit.models import Precision
-
-# What TRL's DPO / KTO / ORPO trainers log about the implicit rewards (KTO has no accuracies), kept in metrics.json.
-PREFERENCE_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
-# What TRL's ORPO trainer logs besides: its two loss terms (the chosen answers' NLL, the mean log-sigmoid of the log
-# odds ratio) and the mean log odds ratio itself.
-ORPO_METRICS = ("nll_loss", "log_odds_ratio", "log_odds_chosen")
-
 
 @dataclass
 class TrainMetrics:
@@ -73,8 +67,8 @@ class TrainMetrics:
     label_counts: dict[str, int] | None = None
     eval_accuracy: float | None = None
     eval_f1: float | None = None
-    # preference tasks only: the last logged train and eval rewards, under TRL's names (PREFERENCE_METRICS, eval_...;
-    # orpo also ORPO_METRICS)
+    # preference tasks only: the last logged train and eval rewards, under TRL's names (the task's logged_metrics
+    # and their eval_ twins: lorafit/tasks/preference.py)
     preference: dict[str, float | None] | None = None
     # adapter.method adalora only: each adapted module's rank after pruning (the adapter's rank pattern)
     adapter_ranks: dict[str, int] | None = None
@@ -214,7 +208,7 @@ class _PreparedRun:
 
 def _prepare(recipe: Recipe, *, resume: bool, dry_run: bool) -> _PreparedRun:
     """Everything a dry run checks and shows: precision, tokenizer, data, the resume check, the wrapped model."""
-    from lorafit import adapter_init, adapters, checkpoints, data, distributed
+    from lorafit import adapter_init, adapters, checkpoints, distributed
 
     notes: list[str] = []
     # 1. Everything that can be checked without loading weights.
@@ -226,16 +220,13 @@ def _prepare(recipe: Recipe, *, resume: bool, dry_run: bool) -> _PreparedRun:
     tokenizer = models.load_tokenizer(recipe, source)
 
     # 2. The data, rendered and linted with the template, before spending compute.
-    if recipe.task in PREFERENCE_TASKS:
-        from lorafit.preference_data import prepare_preference_data as prepare
-    else:
-        prepare = data.prepare_data
-    prepared = prepare(recipe, tokenizer)
+    task = tasks.task_of(recipe)
+    prepared = task.prepare_data(recipe, tokenizer)
     if prepared.labels is not None:  # the class ids, recorded in the run's recipe.yaml for eval and merge
         recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"labels": prepared.labels})})
     notes.append(f"data: {prepared.report.summary()}")
     notes.extend(f"data: {warning}" for warning in prepared.report.warnings())
-    stop_ids = models.generation_stop_ids(recipe, source) if recipe.task != "sequence-classification" else set()
+    stop_ids = models.generation_stop_ids(recipe, source) if task.generates else set()
     if stop_ids and tokenizer.eos_token_id not in stop_ids:
         notes.append(f"warning: the model's generation_config stops on token ids {sorted(stop_ids)}, not on the "
                      f"trained end-of-turn {tokenizer.eos_token!r} ({tokenizer.eos_token_id}); pass "
@@ -396,7 +387,7 @@ def _training_arguments(recipe: Recipe, prepared, precision: Precision):
     state (the process group under torchrun / accelerate launch)."""
     from lorafit import checkpoints
 
-    arguments, _trainer_class, task_options = _task_trainer(recipe)
+    arguments, _trainer_class, task_options = tasks.task_of(recipe).trainer_classes(recipe)
     t = recipe.training
     row_per_forward = _one_packed_row_per_forward(recipe)
     report_to = _trackers(recipe)
@@ -450,27 +441,18 @@ def _training_arguments(recipe: Recipe, prepared, precision: Precision):
 
 def _build_trainer(recipe: Recipe, model, tokenizer, prepared, args, console: Console, *, quiet: bool):
     """The task's trainer over the wrapped model, with `args` from `_training_arguments`."""
-    from transformers import DataCollatorWithPadding, PrinterCallback
+    from transformers import PrinterCallback
 
     from lorafit.progress import ProgressCallback
     from lorafit.trainer import EvaluateAtEnd
 
-    classify = recipe.task == "sequence-classification"
-    _arguments, trainer_class, _task_options = _task_trainer(recipe)
+    task = tasks.task_of(recipe)
+    _arguments, trainer_class, _task_options = task.trainer_classes(recipe)
     t = recipe.training
     callbacks = _tensorboard_callbacks(recipe)
     callbacks.append(ProgressCallback(console, quiet=quiet))
     if prepared.eval is not None:
         callbacks.append(EvaluateAtEnd())
-    # A classifier's rows are padded per batch, and each evaluation also logs eval_accuracy and eval_f1.
-    trainer_options = {"data_collator": DataCollatorWithPadding(tokenizer),
-                       "compute_metrics": _classification_metrics} if classify else {}
-    if recipe.task == "orpo":  # reference-free: no reference model to choose
-        trainer_options = {}
-    elif recipe.task in PREFERENCE_TASKS:  # the reference model: the adapter switched off, or its frozen start
-        trainer_options = {"reference": (recipe.preference or PreferenceSection()).reference}
-    else:  # AdaLoRA's schedule (lorafit/adalora.py; inert for the other methods)
-        trainer_options["adapter"] = recipe.adapter
     trainer = trainer_class(
         max_nonfinite_steps=t.max_nonfinite_steps,
         model=model,
@@ -479,59 +461,11 @@ def _build_trainer(recipe: Recipe, model, tokenizer, prepared, args, console: Co
         eval_dataset=prepared.eval,
         processing_class=tokenizer,
         callbacks=callbacks,
-        **trainer_options,
+        **task.trainer_options(recipe, tokenizer),
     )
     # With tqdm disabled HF prints raw log dicts; ProgressCallback already shows the same numbers readably.
     trainer.remove_callback(PrinterCallback)
     return trainer
-
-
-def _task_trainer(recipe: Recipe) -> tuple[type, type, dict[str, Any]]:
-    """The recipe task's TrainingArguments class, trainer class and the arguments only that task has."""
-    from lorafit import trainer
-
-    if recipe.task == "sequence-classification":  # the plain transformers Trainer
-        from transformers import TrainingArguments
-
-        return TrainingArguments, trainer.ClassifierTrainer, {}
-    if recipe.task == "causal-lm":
-        from trl import SFTConfig
-
-        return SFTConfig, trainer.SFTTrainer, {"max_length": recipe.data.max_length, "packing": recipe.data.packing}
-    preference = recipe.preference or PreferenceSection()
-    if recipe.task == "orpo":  # TRL keeps it under trl.experimental, imported only here (lorafit/orpo_trainer.py)
-        from lorafit import orpo_trainer
-
-        # The rows are token ids laid out by ORPOTrainer.tokenize_row; the collator needs every column it makes.
-        return orpo_trainer.ORPOConfig, orpo_trainer.ORPOTrainer, {
-            "max_length": recipe.data.max_length, "beta": preference.beta, "disable_dropout": False,
-            "remove_unused_columns": False}
-    from trl import DPOConfig, KTOConfig
-
-    # Dropout stays as adapter.dropout says (TRL would switch it off); the reference is never precomputed, so a
-    # resumed run scores it exactly as an uninterrupted one.
-    common = {"max_length": recipe.data.max_length, "beta": preference.beta, "disable_dropout": False,
-              "precompute_ref_log_probs": False}
-    if recipe.task == "dpo":
-        losses, weights = [preference.loss or "sigmoid"], [1.0]
-        if preference.sft_weight:  # RPO: TRL sums the listed losses with these weights
-            losses, weights = [*losses, "sft"], [*weights, preference.sft_weight]
-        return DPOConfig, trainer.DPOTrainer, {**common, "loss_type": losses, "loss_weights": weights,
-                                               "label_smoothing": preference.label_smoothing}
-    # KTO's KL term pairs each row with its batch neighbour, so TRL requires the rows in order (shuffled once by
-    # lorafit/preference_data.py).
-    return KTOConfig, trainer.KTOTrainer, {**common, "loss_type": preference.loss or "kto",
-                                           "desirable_weight": preference.desirable_weight,
-                                           "undesirable_weight": preference.undesirable_weight,
-                                           "train_sampling_strategy": "sequential"}
-
-
-def _classification_metrics(prediction) -> dict[str, float]:
-    """The Trainer's compute_metrics for a classifier: accuracy and macro-F1 of the argmax class."""
-    from lorafit.evaluate import classification_scores
-
-    logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
-    return classification_scores(logits.argmax(-1).tolist(), prediction.label_ids.tolist())
 
 
 def _trackers(recipe: Recipe) -> list[str]:
@@ -571,18 +505,16 @@ def _measured(result: TrainResult, recipe: Recipe, source: str, trainer, output,
     from lorafit import adalora, distributed, export
 
     history, state, report = trainer.state.log_history, trainer.state, result.report
-    preference = recipe.task in PREFERENCE_TASKS
-    logged = (*PREFERENCE_METRICS, *(ORPO_METRICS if recipe.task == "orpo" else ()))
-    logged = (*logged, *(f"eval_{key}" for key in logged)) if preference else ()
-    history_keys = ("loss", "eval_loss", "eval_accuracy", "eval_f1", "learning_rate", "grad_norm", *logged)
-    classify = recipe.task == "sequence-classification"
+    task = tasks.task_of(recipe)
+    history_keys = ("loss", "eval_loss", "eval_accuracy", "eval_f1", "learning_rate", "grad_norm",
+                    *task.logged_metrics, *(f"eval_{key}" for key in task.logged_metrics))
     return TrainMetrics(
         name=recipe.name,
         base_model=source,
         global_step=state.global_step,
-        train_loss_final=_last_logged(history, "loss"),
+        train_loss_final=last_logged(history, "loss"),
         train_loss_mean=output.training_loss,
-        eval_loss=_last_logged(history, "eval_loss"),
+        eval_loss=last_logged(history, "eval_loss"),
         loss_history=[{"step": e["step"], **{k: e[k] for k in history_keys if k in e}}
                       for e in history if "loss" in e or "eval_loss" in e],
         tokens_seen=state.num_input_tokens_seen,
@@ -602,24 +534,13 @@ def _measured(result: TrainResult, recipe: Recipe, source: str, trainer, output,
         target_modules=result.target_modules,
         train_examples=report.train_examples,
         eval_examples=report.eval_examples,
-        # A classifier learns one label per row, preference tuning scores both answers: no SFT supervision share.
-        supervised_token_share=None if classify or preference else report.supervised_share,
         data_fingerprint=report.fingerprint,
         data_sources=report.sources,
         data_cache={"state": report.cache, "path": report.cache_path, "prepare_seconds": report.prepare_seconds},
         recipe_git_commit=export.git_commit_of(Path.cwd()),
         **export.environment_info(),
-        **({"labels": list(recipe.data.labels), "label_counts": report.label_counts,
-            "eval_accuracy": _last_logged(history, "eval_accuracy"), "eval_f1": _last_logged(history, "eval_f1")}
-           if classify else {}),
-        preference={key: _last_logged(history, key) for key in logged} if preference else None,
+        **task.metric_fields(recipe, history, report),
         adapter_ranks=adalora.final_ranks(trainer.model) if adalora.is_adalora(trainer.model) else None,
     )
 
-
-def _last_logged(history: list[dict], key: str) -> float | None:
-    for entry in reversed(history):
-        if key in entry:
-            return entry[key]
-    return None
 

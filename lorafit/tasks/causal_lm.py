@@ -1,0 +1,43 @@
+"""Task causal-lm (SFT): learn to write the completions of chat, alpaca, prompt/completion or text rows.
+
+The shared pipeline's defaults are this task's (lorafit/tasks/base.py): rows are read, rendered with the template
+and linted by lorafit/data.py, trained by TRL's SFTTrainer with lorafit's guards (lorafit/trainer.py), and scored
+in eval by completion loss and greedy answers (lorafit/evaluate.py).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from lorafit.tasks.base import Task
+
+if TYPE_CHECKING:
+    from lorafit.recipe import Recipe
+
+
+class CausalLM(Task):
+    """Supervised fine-tuning on completions."""
+
+    name = "causal-lm"
+    summary = "causal-lm: learn to write the completions (SFT)."
+    data_driven_init = True
+    streams = True
+    mixes_sources = True
+
+    def prepare_data(self, recipe: Recipe, tokenizer):
+        from lorafit import data
+
+        return data.prepare_data(recipe, tokenizer)
+
+    def trainer_classes(self, recipe: Recipe) -> tuple[type, type, dict[str, Any]]:
+        from trl import SFTConfig
+
+        from lorafit import trainer
+
+        return SFTConfig, trainer.SFTTrainer, {"max_length": recipe.data.max_length, "packing": recipe.data.packing}
+
+    def trainer_options(self, recipe: Recipe, tokenizer) -> dict[str, Any]:
+        return {"adapter": recipe.adapter}  # AdaLoRA's schedule (lorafit/adalora.py; inert for the other methods)
+
+
+TASK = CausalLM()
