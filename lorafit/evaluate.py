@@ -16,7 +16,6 @@ import contextlib
 import json
 import math
 import re
-import string
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -26,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from lorafit import adapters, data, models, run_folder, tasks
 from lorafit.errors import LorafitError
 from lorafit.recipe import Recipe
+from lorafit.rewards import normalize_answer, rouge_l
 from lorafit.templates import apply_template
 
 if TYPE_CHECKING:
@@ -35,8 +35,6 @@ if TYPE_CHECKING:
     from lorafit.preference_eval import PreferenceScores
     from lorafit.templates import Messages
 
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-_PUNCTUATION = str.maketrans("", "", string.punctuation)
 
 
 @dataclass
@@ -410,30 +408,6 @@ def _greedy_by_forward(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tok
         if bool(done.all()):
             break
     return ids
-
-
-def normalize_answer(text: str) -> str:
-    """Lower-case, drop punctuation and articles, collapse whitespace (SQuAD-style normalisation)."""
-    text = _ARTICLES.sub(" ", text.lower().translate(_PUNCTUATION))
-    return " ".join(text.split())
-
-
-def rouge_l(prediction: str, reference: str) -> float:
-    """ROUGE-L F1 over whitespace tokens of the normalised texts (longest common subsequence)."""
-    pred, ref = normalize_answer(prediction).split(), normalize_answer(reference).split()
-    if not pred or not ref:
-        return float(pred == ref)
-    previous = [0] * (len(ref) + 1)
-    for token in pred:
-        current = [0]
-        for j, other in enumerate(ref, start=1):
-            current.append(previous[j - 1] + 1 if token == other else max(previous[j], current[j - 1]))
-        previous = current
-    lcs = previous[-1]
-    if lcs == 0:
-        return 0.0
-    precision, recall = lcs / len(pred), lcs / len(ref)
-    return 2 * precision * recall / (precision + recall)
 
 
 def _generation_scores(predictions: list[str], references: list[str]) -> dict[str, float]:
