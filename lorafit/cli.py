@@ -281,14 +281,14 @@ def merge(
     """Merge adapter(s) into a full model that plain transformers loads; verified against base+adapter."""
 
     def work():
-        from lorafit.merge import parse_adapter_spec, run_merge
+        from lorafit.merge import MergeOptions, parse_adapter_spec, run_merge
         from lorafit.run_folder import sigterm_as_interrupt
 
         specs = ([parse_adapter_spec(str(adapter))] if adapter else []) + [parse_adapter_spec(s) for s in more or []]
         with sigterm_as_interrupt():  # `kill` stops it like Ctrl-C: exit 130, staging removed, --out as it was
-            result = run_merge(specs, out, base=base, method=method, density=density, as_adapter=as_adapter,
-                               base_weights=base_weights, dtype=dtype, overwrite=overwrite,
-                               max_shard_size=max_shard_size, fmt=fmt, quant=quant)
+            result = run_merge(MergeOptions(specs, out, base=base, method=method, density=density,
+                                            as_adapter=as_adapter, base_weights=base_weights, dtype=dtype,
+                                            overwrite=overwrite, max_shard_size=max_shard_size, fmt=fmt, quant=quant))
         return result
 
     _execute(work, payload=render.merge_payload, show=partial(render.show_merge, quiet=quiet), as_json=as_json,

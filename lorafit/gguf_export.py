@@ -36,7 +36,6 @@ if TYPE_CHECKING:
     import torch
     from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
-FORMATS = ("safetensors", "gguf", "gguf-adapter")
 QUANTS = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
 GGUF_FILE = "model.gguf"
 MODELFILE = "Modelfile"

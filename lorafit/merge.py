@@ -1,8 +1,10 @@
 """`lorafit merge`: adapter(s) -> one full model that plain transformers loads (or one combined adapter).
 
-Read `run_merge` top to bottom: read the adapters and their run folders -> check they fit the base (on the
-meta device, no weights read) -> load one base copy -> attach and, for several, combine the adapters with
-PEFT's `add_weighted_adapter` -> merge -> verify logits against base+adapter -> write, atomically.
+Read `run_merge` top to bottom: the options (`MergeOptions`, one field per command-line option) -> read the adapters
+and their run folders -> check they fit the base (on the meta device, no weights read) -> load one base copy ->
+attach and, for several, combine the adapters with PEFT's `add_weighted_adapter` -> the writer of the output format
+(`_WRITERS`: safetensors, gguf, gguf-adapter; or the combined adapter) merges, verifies logits against base+adapter
+and writes into a staging folder -> published atomically.
 
 A sequence-classification adapter (PEFT task SEQ_CLS) is merged into a `*ForSequenceClassification` model over the
 classes its run folder recorded; its trained classifier head (modules_to_save) replaces the base's, and the config
@@ -19,11 +21,12 @@ from __future__ import annotations
 import gc
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lorafit import adapters, models, run_folder
+from lorafit import adapters, models, run_folder, tasks
 from lorafit.errors import LorafitError, RunFailed, first_line
 
 if TYPE_CHECKING:
@@ -64,6 +67,28 @@ class AdapterSpec:
     weight: float = 1.0
 
 
+@dataclass(frozen=True)
+class MergeOptions:
+    """What `lorafit merge` is asked to do: one field per command-line option, each documented here."""
+
+    adapters: Sequence[AdapterSpec]  # ADAPTER and --adapter PATH[:WEIGHT]: the adapter(s) to merge (kept as a tuple)
+    out_dir: Path  # --out: the folder the merged model (or adapter) is written into (~ expanded)
+    base: str | None = None  # --base: the base model; None: the one recorded with the adapter
+    method: str = "linear"  # --method: how several adapters are combined (METHODS, PEFT's add_weighted_adapter)
+    density: float = 0.5  # --density: share of weights kept by ties / dare_* / magnitude_prune, in (0, 1]
+    as_adapter: bool = False  # --as-adapter: write the combined adapter (a PEFT folder) instead of a merged model
+    base_weights: str = "auto"  # --base-weights: a QLoRA adapter's base: original, dequantized or auto (BASE_WEIGHTS)
+    dtype: str = "auto"  # --dtype: of the merged weights; auto: as the base is stored (DTYPES)
+    overwrite: bool = False  # --overwrite: replace an earlier merge's own files in out_dir
+    max_shard_size: str = "5GB"  # --max-shard-size: largest safetensors shard, as save_pretrained parses it
+    fmt: str = "safetensors"  # --format: safetensors, gguf or gguf-adapter (the keys of _WRITERS)
+    quant: str | None = None  # --quant: the GGUF weight type; None: f16 (GGUF formats only)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "adapters", tuple(self.adapters))
+        object.__setattr__(self, "out_dir", Path(self.out_dir).expanduser())
+
+
 @dataclass
 class MergeResult:
     """What was merged, how it was verified, and what it cost."""
@@ -86,7 +111,7 @@ class MergeResult:
     peak_memory_mb: float
     seconds: float
     notes: list[str] = field(default_factory=list)
-    task: str = "causal-lm"
+    task: str = tasks.DEFAULT
     labels: list[str] | None = None  # sequence classification: the class names, in id order
     format: str = "safetensors"  # safetensors | gguf | gguf-adapter
     gguf: GgufReport | GgufAdapterReport | None = None  # GGUF formats: the file, its type and how it was verified
@@ -98,7 +123,7 @@ class _Adapters:
     """The adapters to merge and the base they go on: enough to build base + adapter(s) more than once (QLoRA)."""
 
     trained: list[TrainedAdapter]
-    specs: list[AdapterSpec]
+    specs: Sequence[AdapterSpec]
     section: ModelSection
     source: str
     model_class: type  # the transformers class of the base, from its config
@@ -132,6 +157,48 @@ class _BaseWeights:
     fidelity: dict[str, float] = field(default_factory=dict)  # QLoRA: candidate -> max |logit diff| vs trained
 
 
+@dataclass
+class _Inputs:
+    """The adapters, read and checked against the base on the meta device, and what building and verifying need."""
+
+    sources: _Adapters
+    tokenizer: PreTrainedTokenizerBase  # the first adapter's own (with its chat template), else the base's
+    labels: list[str] | None  # sequence classification: the class names, in id order
+    prompts: list[list[int]]  # token ids the output's logits are compared on
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.sources.dtype).removeprefix("torch.")
+
+
+@dataclass
+class _Attached:
+    """One base copy with the adapter(s) attached, unmerged: what every writer starts from and is verified against."""
+
+    model: PeftModel
+    reference: list[torch.Tensor]  # base+adapter(s) logits on the prompts
+    effect: float  # max |logit change| the adapter(s) cause: the scale a difference is judged against
+    base_weights: _BaseWeights
+
+
+@dataclass(frozen=True)
+class _Verification:
+    """The written output's logits against base+adapter(s) on the prompts (MergeResult's fields of these names)."""
+
+    max_logit_diff: float
+    tolerance: float
+    top1_agreement: float
+
+
+@dataclass(frozen=True)
+class _Written:
+    """What a writer left in the staging folder, and how it was verified."""
+
+    files: list[str]
+    verification: _Verification
+    gguf: GgufReport | GgufAdapterReport | None = None  # GGUF formats: the exporter's report
+
+
 def parse_adapter_spec(text: str) -> AdapterSpec:
     """`path` or `path:weight` (the weight is a float after the last colon)."""
     path, sep, weight = text.rpartition(":")
@@ -143,117 +210,27 @@ def parse_adapter_spec(text: str) -> AdapterSpec:
     return AdapterSpec(Path(text))
 
 
-def run_merge(specs: list[AdapterSpec], out_dir: str | Path, *, base: str | None = None, method: str = "linear",
-              density: float = 0.5, as_adapter: bool = False, base_weights: str = "auto", dtype: str = "auto",
-              overwrite: bool = False, max_shard_size: str = "5GB", fmt: str = "safetensors",
-              quant: str | None = None) -> MergeResult:
-    """Merge one adapter, or a weighted combination of several, into a full model (or one adapter) in out_dir.
+def run_merge(options: MergeOptions) -> MergeResult:
+    """Merge one adapter, or a weighted combination of several, into a full model (or one adapter) in options.out_dir.
 
-    `fmt` "gguf" writes the merged model as one GGUF file (`quant`: f16 by default) with an Ollama Modelfile instead
-    of safetensors, "gguf-adapter" the adapter alone as a GGUF LoRA file; both verified by reading them back
-    (lorafit.gguf_export, lorafit.gguf_adapter).
+    `options.fmt` picks the writer (_WRITERS): "safetensors" a transformers folder, "gguf" the merged model as one
+    GGUF file with an Ollama Modelfile, "gguf-adapter" the adapter alone as a GGUF LoRA file; each is verified
+    before it is published (lorafit.gguf_export, lorafit.gguf_adapter for the GGUF ones).
     """
     started = time.perf_counter()
-    out_dir = Path(out_dir).expanduser()
     notes: list[str] = []
-    _check_options(specs, method=method, base_weights=base_weights, density=density, max_shard_size=max_shard_size)
-    _check_format(fmt, quant, as_adapter)
-
-    # 1. Read the adapters and check them against the base's config, before any weights are read.
-    trained = [adapters.read_trained_adapter(spec.path) for spec in specs]
-    _check_mergeable(trained, specs, method)
-    _check_base_weights(trained, base_weights, as_adapter, fmt)
-    section = adapters.base_model_section(trained[0], base)
-    source = models.resolve_model_source(section)
-    _check_out_dir(out_dir, overwrite=overwrite, inputs=[t.path for t in trained] + [Path(source)])
-    config = models.load_config(section, source)
-    labels = _classifier_labels(trained, specs)
-    meta_model, _ = models.build_meta_model(config, trust_remote_code=section.trust_remote_code, labels=labels)
-    tokenizer = _tokenizer(trained[0], section, source)
-    if fmt != "safetensors":
-        _check_gguf_exportable(fmt, quant, config, tokenizer, trained, labels)
-    for i, adapter in enumerate(trained):
-        own = tokenizer if i == 0 else adapters.load_adapter_tokenizer(
-            adapter, trust_remote_code=section.trust_remote_code)
-        adapters.check_adapter_fits(adapter, meta_model, config, source=source, tokenizer=own)
-    model_class = type(meta_model)
-    parameter_count = sum(p.numel() for p in meta_model.parameters())
-    del meta_model
-    torch_dtype = _torch_dtype(dtype, config)
-    dtype_name = str(torch_dtype).removeprefix("torch.")
-    if fmt == "safetensors":
-        device, device_reason = merge_device(parameter_count, torch_dtype)
-    else:  # the GGUF exporters read and write the weights in host memory
-        device, device_reason = "cpu", f"{fmt} export"
-    notes.append(f"merged on {device} ({device_reason})")
-    prompts = _verification_prompts(trained[0], tokenizer, notes, classify=labels is not None)
-    classifier = _classifier_head(labels, tokenizer, trained[0]) if labels is not None else None
-
+    _check_options(options)
+    # 1. Read the adapters and check them against the base on the meta device, before any weights are read.
+    trained = _read_adapters(options)
+    inputs = _check_against_base(trained, options, notes)
     # 2. One base copy with the adapter(s) attached, unmerged; for QLoRA the base weights are chosen here.
-    sources = _Adapters(trained, specs, section, source, model_class, torch_dtype, method, density, classifier,
-                        device)
-    quantized = [t for t in trained if t.quantized]
-    if quantized and not as_adapter:
-        model, reference, chosen = _qlora_base(sources, quantized[0], prompts, base_weights)
-    else:
-        if base_weights == "dequantized":
-            notes.append("--base-weights dequantized only applies to QLoRA-trained adapters; used the original base")
-        model = sources.on_full_base()
-        reference = prompt_logits(model, prompts)
-        chosen = _BaseWeights("original", "the adapter was trained on an unquantized base" if not quantized else
-                              "a combined adapter does not contain base weights")
-    combine = sources.combine
-    with model.disable_adapter():
-        effect = compare_logits(prompt_logits(model, prompts), reference)[0]
-
-    # 3. Merge (or save the combined adapter) and verify against base+adapter before anything is written.
-    with run_folder.staged_output(out_dir, "merge", where=f"--out {out_dir}") as staging:
-        gguf = None
-        if fmt == "gguf-adapter":  # no merge: the adapter alone, checked against base+adapter by the exporter
-            from lorafit.gguf_adapter import export_gguf_adapter
-
-            gguf = export_gguf_adapter(model, tokenizer, staging, quant=quant or "f16", name=out_dir.name,
-                                       base=source, prompts=prompts, reference=reference)
-        elif as_adapter:
-            model.save_pretrained(str(staging), selected_adapters=["default"], safe_serialization=True)
-            model.load_adapter(str(staging), adapter_name="reloaded")
-            model.set_adapter("reloaded")
-            merged_logits = prompt_logits(model, prompts)
-        else:
-            merged = _merged_in_place(model)
-            del model  # the PeftModel wrapper; `merged` is the same weights, merged
-            merged_logits = prompt_logits(merged, prompts)
-        if gguf is not None:
-            max_diff, tolerance, top1 = gguf.max_logit_diff, gguf.tolerance, gguf.top1_agreement
-        else:
-            max_diff, tolerance, top1 = _verify(merged_logits, reference, dtype_name, effect=effect, out_dir=out_dir,
-                                                what="saved adapter" if as_adapter else "merged model")
-        if not as_adapter and fmt != "gguf-adapter":
-            merged.config.use_cache = True  # training switched the KV cache off; inference wants it
-            if labels is None:  # a classifier does not generate
-                _stop_on_end_of_turn(merged, tokenizer)
-            if fmt == "gguf":
-                from lorafit.gguf_export import export_gguf
-
-                gguf = export_gguf(merged, tokenizer, staging, quant=quant or "f16", name=out_dir.name,
-                                   prompts=prompts, reference=merged_logits)
-            else:
-                merged.save_pretrained(str(staging), max_shard_size=max_shard_size, safe_serialization=True)
-        if fmt == "safetensors":  # a GGUF file carries the tokenizer and chat template itself
-            tokenizer.save_pretrained(str(staging))
-        result = MergeResult(
-            out_dir=out_dir, base=source,
-            adapters=[{"path": str(s.path), "weight": s.weight, "quantized": t.quantized}
-                      for s, t in zip(specs, trained, strict=True)],
-            method=method if combine else None, as_adapter=as_adapter, dtype=dtype_name,
-            base_weights=chosen.name, base_weights_reason=chosen.reason, qlora_fidelity=chosen.fidelity,
-            max_logit_diff=max_diff, tolerance=tolerance, top1_agreement=top1, adapter_effect=effect,
-            prompts=len(prompts), files=[], peak_memory_mb=models.peak_memory_mb(_device()), seconds=0.0, notes=notes,
-            task="sequence-classification" if labels is not None else "causal-lm", labels=labels, format=fmt,
-            gguf=gguf, device=device,
-        )
+    attached = _attach_to_base(inputs, options, notes)
+    # 3. The format's writer merges (or not), verifies against base+adapter and writes; published when complete.
+    write = _write_peft_adapter if options.as_adapter else _WRITERS[options.fmt]
+    with run_folder.staged_output(options.out_dir, "merge", where=f"--out {options.out_dir}") as staging:
+        written = write(attached, inputs, options, staging)
+        result = _result(options, inputs, attached, written, notes)
         result.seconds = time.perf_counter() - started
-        result.files = sorted({*(p.name for p in staging.iterdir()), run_folder.MODEL_CARD, run_folder.MERGE_RECORD})
         run_folder.write_atomic(staging / run_folder.MODEL_CARD, _model_card(result))
         run_folder.write_json_atomic(staging / run_folder.MERGE_RECORD, asdict(result))
     result.peak_memory_mb = models.peak_memory_mb(_device())
@@ -261,29 +238,90 @@ def run_merge(specs: list[AdapterSpec], out_dir: str | Path, *, base: str | None
     return result
 
 
+def _result(options: MergeOptions, inputs: _Inputs, attached: _Attached, written: _Written,
+            notes: list[str]) -> MergeResult:
+    """What merge.json records and the model card says."""
+    sources, chosen, verification, labels = inputs.sources, attached.base_weights, written.verification, inputs.labels
+    return MergeResult(
+        out_dir=options.out_dir, base=sources.source,
+        adapters=[{"path": str(s.path), "weight": s.weight, "quantized": t.quantized}
+                  for s, t in zip(options.adapters, sources.trained, strict=True)],
+        method=options.method if sources.combine else None, as_adapter=options.as_adapter, dtype=inputs.dtype_name,
+        base_weights=chosen.name, base_weights_reason=chosen.reason, qlora_fidelity=chosen.fidelity,
+        max_logit_diff=verification.max_logit_diff, tolerance=verification.tolerance,
+        top1_agreement=verification.top1_agreement, adapter_effect=attached.effect, prompts=len(inputs.prompts),
+        files=sorted({*written.files, run_folder.MODEL_CARD, run_folder.MERGE_RECORD}),
+        peak_memory_mb=models.peak_memory_mb(_device()), seconds=0.0, notes=notes,
+        task=tasks.model_kind(sources.trained[0].config.get("task_type")), labels=labels, format=options.fmt,
+        gguf=written.gguf, device=sources.device,
+    )
+
+
 # ----------------------------------------------------------------------------------------------------
 # Inputs
 
 
-def _check_options(specs: list[AdapterSpec], *, method: str, base_weights: str, density: float,
-                   max_shard_size: str) -> None:
+def _read_adapters(options: MergeOptions) -> list[TrainedAdapter]:
+    """Each adapter and its run folder, refused when PEFT cannot merge it or its base weights cannot be honoured."""
+    trained = [adapters.read_trained_adapter(spec.path) for spec in options.adapters]
+    _check_mergeable(trained, options.adapters, options.method)
+    _check_base_weights(trained, options.base_weights, options.as_adapter, options.fmt)
+    return trained
+
+
+def _check_against_base(trained: list[TrainedAdapter], options: MergeOptions, notes: list[str]) -> _Inputs:
+    """The base's config on the meta device (no weights read): the output folder, the format and every adapter are
+    checked against it; then the dtype, the device to merge on and the verification prompts."""
+    section = adapters.base_model_section(trained[0], options.base)
+    source = models.resolve_model_source(section)
+    _check_out_dir(options.out_dir, overwrite=options.overwrite, inputs=[t.path for t in trained] + [Path(source)])
+    config = models.load_config(section, source)
+    labels = _classifier_labels(trained, options.adapters)
+    meta_model, _ = models.build_meta_model(config, trust_remote_code=section.trust_remote_code, labels=labels)
+    tokenizer = _tokenizer(trained[0], section, source)
+    if options.fmt != "safetensors":
+        _check_gguf_exportable(options.fmt, options.quant, config, tokenizer, trained, labels)
+    for i, adapter in enumerate(trained):
+        own = tokenizer if i == 0 else adapters.load_adapter_tokenizer(
+            adapter, trust_remote_code=section.trust_remote_code)
+        adapters.check_adapter_fits(adapter, meta_model, config, source=source, tokenizer=own)
+    model_class = type(meta_model)
+    parameter_count = sum(p.numel() for p in meta_model.parameters())
+    del meta_model
+    torch_dtype = _torch_dtype(options.dtype, config)
+    if options.fmt == "safetensors":
+        device, device_reason = merge_device(parameter_count, torch_dtype)
+    else:  # the GGUF exporters read and write the weights in host memory
+        device, device_reason = "cpu", f"{options.fmt} export"
+    notes.append(f"merged on {device} ({device_reason})")
+    prompts = _verification_prompts(trained[0], tokenizer, notes, classify=labels is not None)
+    classifier = _classifier_head(labels, tokenizer, trained[0]) if labels is not None else None
+    sources = _Adapters(trained, options.adapters, section, source, model_class, torch_dtype, options.method,
+                        options.density, classifier, device)
+    return _Inputs(sources, tokenizer, labels, prompts)
+
+
+def _check_options(options: MergeOptions) -> None:
     """The command-line options, checked before anything is read."""
-    if not specs:
+    if not options.adapters:
         raise LorafitError("no adapter given", hint="lorafit merge runs/<name>/adapter --out merged/")
-    if method not in METHODS:
-        raise LorafitError(f"unknown method {method!r}", where="--method", hint=f"one of: {', '.join(METHODS)}")
-    if base_weights not in BASE_WEIGHTS:
-        raise LorafitError(f"unknown choice {base_weights!r}", where="--base-weights", hint=" | ".join(BASE_WEIGHTS))
-    if not 0.0 < density <= 1.0:
-        raise LorafitError(f"must be in (0, 1], got {density}", where="--density")
-    _check_shard_size(max_shard_size)
+    if options.method not in METHODS:
+        raise LorafitError(f"unknown method {options.method!r}", where="--method",
+                           hint=f"one of: {', '.join(METHODS)}")
+    if options.base_weights not in BASE_WEIGHTS:
+        raise LorafitError(f"unknown choice {options.base_weights!r}", where="--base-weights",
+                           hint=" | ".join(BASE_WEIGHTS))
+    if not 0.0 < options.density <= 1.0:
+        raise LorafitError(f"must be in (0, 1], got {options.density}", where="--density")
+    _check_shard_size(options.max_shard_size)
+    _check_format(options.fmt, options.quant, options.as_adapter)
 
 
 def _check_format(fmt: str, quant: str | None, as_adapter: bool) -> None:
-    from lorafit.gguf_export import FORMATS, QUANTS
+    from lorafit.gguf_export import QUANTS
 
-    if fmt not in FORMATS:
-        raise LorafitError(f"unknown format {fmt!r}", where="--format", hint=" | ".join(FORMATS))
+    if fmt not in _WRITERS:
+        raise LorafitError(f"unknown format {fmt!r}", where="--format", hint=" | ".join(_WRITERS))
     if quant is not None and fmt == "safetensors":
         raise LorafitError("--quant applies to GGUF output only", where="--quant",
                            hint="add --format gguf, or drop --quant")
@@ -329,7 +367,7 @@ def _check_out_dir(out_dir: Path, *, overwrite: bool, inputs: list[Path]) -> Non
     run_folder.check_output_folder(out_dir, "merge", overwrite=overwrite, where=f"--out {out_dir}", names=likely)
 
 
-def _check_mergeable(trained: list[TrainedAdapter], specs: list[AdapterSpec], method: str) -> None:
+def _check_mergeable(trained: list[TrainedAdapter], specs: Sequence[AdapterSpec], method: str) -> None:
     """Refuse, before any weights load, what PEFT cannot merge or combine, with the reason."""
     kinds = [str(t.config.get("peft_type", "")).upper() for t in trained]
     for adapter, kind in zip(trained, kinds, strict=True):
@@ -389,7 +427,7 @@ def _check_shard_size(text: str) -> None:
         raise LorafitError(f"not a size: {text!r}", where="--max-shard-size", hint="e.g. 5GB, 500MB or 100KB")
 
 
-def _classifier_labels(trained: list[TrainedAdapter], specs: list[AdapterSpec]) -> list[str] | None:
+def _classifier_labels(trained: list[TrainedAdapter], specs: Sequence[AdapterSpec]) -> list[str] | None:
     """The class names of a sequence-classification adapter, from its run folder; None for causal-LM adapters."""
     classifiers = [t for t in trained if t.config.get("task_type") == "SEQ_CLS"]
     if not classifiers:
@@ -529,7 +567,7 @@ def _load_full(model_class, section: ModelSection, source: str, dtype: torch.dty
                            hint="check --base, or the folder recorded in the adapter") from None
 
 
-def _attach(model, trained: list[TrainedAdapter], specs: list[AdapterSpec], method: str, density: float,
+def _attach(model, trained: list[TrainedAdapter], specs: Sequence[AdapterSpec], method: str, density: float,
             combine: bool) -> PeftModel:
     """Base + adapter(s); several (or a re-weighted one) are combined into one adapter named 'default'."""
     import torch
@@ -560,6 +598,25 @@ def _attach(model, trained: list[TrainedAdapter], specs: list[AdapterSpec], meth
         peft_model.delete_adapter(name)
     peft_model.eval()
     return peft_model
+
+
+def _attach_to_base(inputs: _Inputs, options: MergeOptions, notes: list[str]) -> _Attached:
+    """One base copy with the adapter(s) attached, its logits (the reference every output is checked against) and
+    how far the adapter(s) move them. QLoRA adapters (unless saved as an adapter) get the base chosen by _qlora_base."""
+    sources, prompts = inputs.sources, inputs.prompts
+    quantized = [t for t in sources.trained if t.quantized]
+    if quantized and not options.as_adapter:
+        model, reference, chosen = _qlora_base(sources, quantized[0], prompts, options.base_weights)
+    else:
+        if options.base_weights == "dequantized":
+            notes.append("--base-weights dequantized only applies to QLoRA-trained adapters; used the original base")
+        model = sources.on_full_base()
+        reference = prompt_logits(model, prompts)
+        chosen = _BaseWeights("original", "the adapter was trained on an unquantized base" if not quantized else
+                              "a combined adapter does not contain base weights")
+    with model.disable_adapter():
+        effect = compare_logits(prompt_logits(model, prompts), reference)[0]
+    return _Attached(model, reference, effect, chosen)
 
 
 def _qlora_base(sources: _Adapters, adapter: TrainedAdapter, prompts: list[list[int]],
@@ -649,8 +706,8 @@ def prompt_logits(model, prompts: list[list[int]]) -> list[torch.Tensor]:
 
 
 def _verify(got: list[torch.Tensor], want: list[torch.Tensor], dtype_name: str, *, effect: float, out_dir: Path,
-            what: str) -> tuple[float, float, float]:
-    """Fail loudly unless the merged logits match base+adapter; returns (max diff, tolerance, top-1 agreement)."""
+            what: str) -> _Verification:
+    """Fail loudly unless the merged logits match base+adapter."""
     max_diff, scale, top1 = compare_logits(got, want)
     tolerance = _TOLERANCE[dtype_name] * max(1.0, scale)
     if not (max_diff <= tolerance and top1 >= _MIN_TOP1_AGREEMENT):  # written so that NaN fails too
@@ -660,7 +717,7 @@ def _verify(got: list[torch.Tensor], want: list[torch.Tensor], dtype_name: str, 
             "nothing was written", where=str(out_dir),
             hint="re-run with --dtype float32, or report this with --debug output",
         )
-    return max_diff, tolerance, top1
+    return _Verification(max_diff, tolerance, top1)
 
 
 def compare_logits(got: list[torch.Tensor], want: list[torch.Tensor]) -> tuple[float, float, float]:
@@ -671,6 +728,91 @@ def compare_logits(got: list[torch.Tensor], want: list[torch.Tensor]) -> tuple[f
     agree = sum((g.argmax(-1) == w.argmax(-1)).sum().item() for g, w in zip(got, want, strict=True))
     total = sum(w.shape[0] for w in want)
     return max_diff, scale, agree / total if total else 1.0
+
+
+# ----------------------------------------------------------------------------------------------------
+# Writers: one per output format, each verifying what it writes into the staging folder before it is published.
+
+
+def _write_merged_model(attached: _Attached, inputs: _Inputs, options: MergeOptions, staging: Path) -> _Written:
+    """--format safetensors: the merged model as a transformers folder (safetensors shards) with the tokenizer."""
+    merged, _, verification = _merge_and_verify(attached, inputs, options)
+    merged.save_pretrained(str(staging), max_shard_size=options.max_shard_size, safe_serialization=True)
+    inputs.tokenizer.save_pretrained(str(staging))
+    return _Written(_staged_files(staging), verification)
+
+
+def _write_peft_adapter(attached: _Attached, inputs: _Inputs, options: MergeOptions, staging: Path) -> _Written:
+    """--as-adapter (safetensors only): the combined adapter as a PEFT folder with the tokenizer, verified by loading
+    it back onto the base."""
+    model = attached.model
+    model.save_pretrained(str(staging), selected_adapters=["default"], safe_serialization=True)
+    model.load_adapter(str(staging), adapter_name="reloaded")
+    model.set_adapter("reloaded")
+    verification = _verify(prompt_logits(model, inputs.prompts), attached.reference, inputs.dtype_name,
+                           effect=attached.effect, out_dir=options.out_dir, what="saved adapter")
+    inputs.tokenizer.save_pretrained(str(staging))
+    return _Written(_staged_files(staging), verification)
+
+
+def _write_gguf(attached: _Attached, inputs: _Inputs, options: MergeOptions, staging: Path) -> _Written:
+    """--format gguf: the merged model as model.gguf and a Modelfile (the file carries the tokenizer and chat
+    template), read back and checked against the merged model by lorafit.gguf_export."""
+    from lorafit.gguf_export import export_gguf
+
+    merged, merged_logits, verification = _merge_and_verify(attached, inputs, options)
+    report = export_gguf(merged, inputs.tokenizer, staging, quant=options.quant or "f16", name=options.out_dir.name,
+                         prompts=inputs.prompts, reference=merged_logits)
+    return _Written(_staged_files(staging), verification, report)
+
+
+def _write_gguf_adapter(attached: _Attached, inputs: _Inputs, options: MergeOptions, staging: Path) -> _Written:
+    """--format gguf-adapter: no merge, the adapter alone as adapter.gguf, checked against base+adapter by
+    lorafit.gguf_adapter (whose check is the verification)."""
+    from lorafit.gguf_adapter import export_gguf_adapter
+
+    report = export_gguf_adapter(attached.model, inputs.tokenizer, staging, quant=options.quant or "f16",
+                                 name=options.out_dir.name, base=inputs.sources.source, prompts=inputs.prompts,
+                                 reference=attached.reference)
+    verification = _Verification(report.max_logit_diff, report.tolerance, report.top1_agreement)
+    return _Written(_staged_files(staging), verification, report)
+
+
+# --format -> its writer (--as-adapter, safetensors only, writes with _write_peft_adapter instead).
+_WRITERS = {"safetensors": _write_merged_model, "gguf": _write_gguf, "gguf-adapter": _write_gguf_adapter}
+
+
+def _merge_and_verify(attached: _Attached, inputs: _Inputs,
+                      options: MergeOptions) -> tuple[Any, list[torch.Tensor], _Verification]:
+    """The adapter(s) folded into the base in place and verified against base+adapter(s), set up for inference:
+    (merged model, its logits, the verification)."""
+    merged = _merged_in_place(attached.model)
+    merged_logits = prompt_logits(merged, inputs.prompts)
+    verification = _verify(merged_logits, attached.reference, inputs.dtype_name, effect=attached.effect,
+                           out_dir=options.out_dir, what="merged model")
+    merged.config.use_cache = True  # training switched the KV cache off; inference wants it
+    if inputs.labels is None:  # a classifier does not generate
+        _stop_on_end_of_turn(merged, inputs.tokenizer)
+    return merged, merged_logits, verification
+
+
+def _staged_files(staging: Path) -> list[str]:
+    """The names written into the staging folder so far."""
+    return sorted(p.name for p in staging.iterdir())
+
+
+def _stop_on_end_of_turn(model, tokenizer) -> None:
+    """Make plain `generate()` stop where the adapter learned to stop: the template's end-of-turn token."""
+    eos = tokenizer.eos_token_id
+    config = model.generation_config
+    if eos is None or config is None:
+        return
+    current = config.eos_token_id
+    current = current if isinstance(current, list) else [current] if current is not None else []
+    if eos not in current:
+        config.eos_token_id = [*current, eos] if current else eos
+    if config.pad_token_id is None:
+        config.pad_token_id = tokenizer.pad_token_id
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -816,17 +958,3 @@ def _classifier_usage(result: MergeResult) -> str:
             f'tokenizer = AutoTokenizer.from_pretrained("{result.out_dir}")\n'
             'inputs = tokenizer("...", return_tensors="pt")\n'
             "print(model.config.id2label[model(**inputs).logits.argmax(-1).item()])\n```")
-
-
-def _stop_on_end_of_turn(model, tokenizer) -> None:
-    """Make plain `generate()` stop where the adapter learned to stop: the template's end-of-turn token."""
-    eos = tokenizer.eos_token_id
-    config = model.generation_config
-    if eos is None or config is None:
-        return
-    current = config.eos_token_id
-    current = current if isinstance(current, list) else [current] if current is not None else []
-    if eos not in current:
-        config.eos_token_id = [*current, eos] if current else eos
-    if config.pad_token_id is None:
-        config.pad_token_id = tokenizer.pad_token_id

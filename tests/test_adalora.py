@@ -217,10 +217,10 @@ def test_merge_and_eval_work_on_the_adapter(adalora_run, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from lorafit.evaluate import run_eval
-    from lorafit.merge import AdapterSpec, run_merge
+    from lorafit.merge import AdapterSpec, MergeOptions, run_merge
     from lorafit.recipe import load_recipe
 
-    result = run_merge([AdapterSpec(adalora_run["run"] / "adapter")], tmp_path / "merged")
+    result = run_merge(MergeOptions([AdapterSpec(adalora_run["run"] / "adapter")], tmp_path / "merged"))
     assert result.max_logit_diff <= result.tolerance and result.adapter_effect > 0
     ids = torch.tensor([[1, 5, 9, 14, 22, 31, 40, 7]])
     merged = _logits(AutoModelForCausalLM.from_pretrained(tmp_path / "merged"), ids)
@@ -345,13 +345,14 @@ def test_the_pruned_adapter_exports_to_a_gguf_lora_file(adalora_run, tmp_path):
     """--format gguf-adapter writes each surviving module's B (A * E) * alpha / ranknum as a llama.cpp LoRA pair
     (modules pruned to rank 0 have none), verified against base + adapter by reading the file back (and in llama.cpp
     when it is installed)."""
-    from lorafit.merge import AdapterSpec, run_merge
+    from lorafit.merge import AdapterSpec, MergeOptions, run_merge
 
     config = json.loads((adalora_run["run"] / "adapter" / "adapter_config.json").read_text())
     alive = sum(1 for kept in config["rank_pattern"].values() if any(kept))
     # f16, the default: llama.cpp (checked too when llama-cpp-python is installed) keeps its KV cache in f16, and on
     # this tiny model its base alone is further from torch's logits than f32's tolerance.
-    result = run_merge([AdapterSpec(adalora_run["run"] / "adapter")], tmp_path / "gguf", fmt="gguf-adapter")
+    result = run_merge(MergeOptions([AdapterSpec(adalora_run["run"] / "adapter")], tmp_path / "gguf",
+                                    fmt="gguf-adapter"))
     assert result.gguf.max_logit_diff <= result.gguf.tolerance and result.gguf.tensors == alive
     assert (result.gguf.llama_cpp_max_logit_diff or 0.0) <= result.gguf.tolerance
 
@@ -374,13 +375,13 @@ def test_inspect_modules_counts_an_adalora_recipe(make_recipe, tiny_llama, toy_d
 def test_qlora_adalora_trains_and_merges(make_recipe, adalora_run, tmp_path):
     """On a 4-bit base (PEFT's SVDLinear4bit) AdaLoRA trains and prunes, and merge folds it into 16/32-bit weights,
     verified against the trained QLoRA model."""
-    from lorafit.merge import AdapterSpec, run_merge
+    from lorafit.merge import AdapterSpec, MergeOptions, run_merge
 
     raw = make_recipe(adalora_run["model"], adalora_run["data"], tmp_path / "run", ADALORA, quantization={"bits": 4},
                       adapter={"tinit": 1, "tfinal": 2}, training={"max_steps": 6, "batch_size": 4})
     result = run_train(validate_recipe(raw), QUIET)
     assert sum(result.metrics.adapter_ranks.values()) == 2 * MODULES
-    merged = run_merge([AdapterSpec(tmp_path / "run" / "adapter")], tmp_path / "merged")
+    merged = run_merge(MergeOptions([AdapterSpec(tmp_path / "run" / "adapter")], tmp_path / "merged"))
     assert merged.max_logit_diff <= merged.tolerance and merged.adapter_effect > 0
 
 

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lorafit import adapter_init, adapters, models
 from lorafit.errors import LorafitError
-from lorafit.merge import AdapterSpec, run_merge
+from lorafit.merge import AdapterSpec, MergeOptions, run_merge
 from lorafit.recipe import validate_recipe
 from lorafit.train import run_train
 
@@ -112,7 +112,7 @@ def test_loftq_adapter_merges_into_the_dequantized_base_and_matches_the_trained_
     from transformers import BitsAndBytesConfig
 
     out = tmp_path / "merged"
-    result = run_merge([AdapterSpec(loftq_run)], out)
+    result = run_merge(MergeOptions([AdapterSpec(loftq_run)], out))
     assert result.base_weights == "dequantized" and "adapter.init loftq" in result.base_weights_reason
     assert list(result.qlora_fidelity) == ["dequantized"]
     record = json.loads((out / "merge.json").read_text())
@@ -133,10 +133,10 @@ def test_loftq_adapter_is_never_merged_into_the_original_weights(loftq_run, tmp_
     """A LoftQ adapter on any base but the de-quantized 4-bit weights it corrects (--base-weights original, a GGUF
     adapter for llama.cpp's own quantization) is refused before anything loads; nothing is written."""
     with pytest.raises(LorafitError, match="started with adapter.init loftq") as caught:
-        run_merge([AdapterSpec(loftq_run)], tmp_path / "out", base_weights="original")
+        run_merge(MergeOptions([AdapterSpec(loftq_run)], tmp_path / "out", base_weights="original"))
     assert "--base-weights dequantized" in str(caught.value)
     with pytest.raises(LorafitError, match="a llama.cpp base does not have"):
-        run_merge([AdapterSpec(loftq_run)], tmp_path / "out", fmt="gguf-adapter")
+        run_merge(MergeOptions([AdapterSpec(loftq_run)], tmp_path / "out", fmt="gguf-adapter"))
     assert not (tmp_path / "out").exists()
 
 
@@ -252,7 +252,7 @@ def test_corda_run_trains_exports_plain_lora_and_merges(tiny_llama, toy_data, ma
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["init_lora_weights"] is True and config["r"] == 16
     assert "saved converted to a plain LoRA of rank 16 (recipe r 8)" in (tmp_path / "run" / "README.md").read_text()
-    merged = run_merge([AdapterSpec(adapter)], tmp_path / "merged")
+    merged = run_merge(MergeOptions([AdapterSpec(adapter)], tmp_path / "merged"))
     assert merged.base_weights == "original" and merged.max_logit_diff <= merged.tolerance
     assert AutoTokenizer.from_pretrained(tmp_path / "merged").chat_template
 

@@ -173,7 +173,7 @@ def test_inspect_shows_the_head_as_trained_fully(run):
 def test_mismatched_adapters_are_refused_before_loading_weights(run, tmp_path):
     """A classifier adapter under a causal recipe (and the other way round) is refused before weights load."""
     from lorafit.evaluate import run_eval
-    from lorafit.merge import AdapterSpec, run_merge
+    from lorafit.merge import AdapterSpec, MergeOptions, run_merge
 
     recipe = load_recipe(run["run"] / "recipe.yaml")
     swapped = recipe.model_copy(update={"data": recipe.data.model_copy(update={"labels": ["food", "animal"]})})
@@ -183,7 +183,7 @@ def test_mismatched_adapters_are_refused_before_loading_weights(run, tmp_path):
     with pytest.raises(LorafitError, match="is a sequence-classification adapter, but the recipe's task is causal-lm"):
         run_eval(causal, [run["adapter"]], out_dir=tmp_path / "e")
     with pytest.raises(LorafitError, match="cannot be combined or re-weighted"):
-        run_merge([AdapterSpec(run["adapter"], 0.5)], tmp_path / "m")
+        run_merge(MergeOptions([AdapterSpec(run["adapter"], 0.5)], tmp_path / "m"))
     assert not (tmp_path / "e").exists() and not (tmp_path / "m").exists()
 
 

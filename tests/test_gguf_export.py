@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lorafit import gguf_export, gguf_vocabulary
 from lorafit.errors import LorafitError, RunFailed
-from lorafit.merge import AdapterSpec, run_merge
+from lorafit.merge import AdapterSpec, MergeOptions, run_merge
 
 PROMPT = [1, 40, 41, 42, 43, 44, 2, 1, 50, 51]
 TEXTS = ["<|im_start|>user\nName the thing that has this color: red<|im_end|>\n<|im_start|>assistant\napple<|im_end|>",
@@ -55,7 +55,7 @@ def test_gguf_loads_back_with_the_merged_logits_and_the_same_tokens(runs, tmp_pa
     """Llama and Qwen2 shapes, f16 and q8_0: the GGUF read back by transformers (an independent reader) gives the
     logits of base+adapter within the quant type's rounding, the same token ids, template and special tokens."""
     out = tmp_path / "export"
-    result = run_merge([AdapterSpec(runs[f"{arch}-adapter"])], out, fmt="gguf", quant=quant)
+    result = run_merge(MergeOptions([AdapterSpec(runs[f"{arch}-adapter"])], out, fmt="gguf", quant=quant))
     files = {p.name for p in out.iterdir()}
     assert {"Modelfile", "README.md", "merge.json", "model.gguf"} <= files  # (+ lorafit's ownership marker)
     assert not any(name.endswith((".safetensors", ".json")) and name.startswith(("model", "tokenizer"))
@@ -95,7 +95,7 @@ def test_modelfile_stops_on_the_trained_end_of_turn_and_keeps_the_template(runs,
     """The Modelfile points at the GGUF, stops on the adapter's end-of-turn token, and its template pieces render a
     conversation exactly as the training chat template does."""
     out = tmp_path / "export"
-    run_merge([AdapterSpec(runs["llama-adapter"])], out, fmt="gguf", quant="f16")
+    run_merge(MergeOptions([AdapterSpec(runs["llama-adapter"])], out, fmt="gguf", quant="f16"))
     text = (out / "Modelfile").read_text()
     trained = AutoTokenizer.from_pretrained(runs["llama-adapter"])
     assert text.startswith("FROM ./model.gguf\n")
@@ -130,7 +130,7 @@ def test_unsupported_architecture_is_refused_before_any_work(tiny_model_factory,
     adapter = write_lora_run(tmp_path / "run", base, target_modules=("c_attn",))
     out = tmp_path / "export"
     with pytest.raises(LorafitError) as caught:
-        run_merge([AdapterSpec(adapter)], out, fmt="gguf")
+        run_merge(MergeOptions([AdapterSpec(adapter)], out, fmt="gguf"))
     assert caught.value.exit_code == 1 and "LlamaForCausalLM" in str(caught.value)
     assert "Qwen2ForCausalLM" in str(caught.value) and "GPT2LMHeadModel" in str(caught.value)
     assert not out.exists() and not list(tmp_path.glob(".*"))
@@ -141,7 +141,7 @@ def test_failed_verification_exits_2_and_leaves_nothing_finished(runs, tmp_path,
     monkeypatch.setitem(gguf_export.TOLERANCE, "f16", 0.0)
     out = tmp_path / "export"
     with pytest.raises(RunFailed) as caught:
-        run_merge([AdapterSpec(runs["llama-adapter"])], out, fmt="gguf", quant="f16")
+        run_merge(MergeOptions([AdapterSpec(runs["llama-adapter"])], out, fmt="gguf", quant="f16"))
     assert caught.value.exit_code == 2 and "GGUF verification failed" in str(caught.value)
     assert not out.exists() and not list(tmp_path.glob(".*"))
 
@@ -159,7 +159,7 @@ def test_a_weight_written_wrong_is_caught_even_at_4_bits(runs, tmp_path, monkeyp
     out = tmp_path / "export"
     with pytest.raises(RunFailed, match=r"blk\.0\.attn_q\.weight \(model\.layers\.0\.self_attn\.q_proj\.weight\) read "
                                         r"back differs from the weights written"):
-        run_merge([AdapterSpec(runs["llama-adapter"])], out, fmt="gguf", quant="q4_0")
+        run_merge(MergeOptions([AdapterSpec(runs["llama-adapter"])], out, fmt="gguf", quant="q4_0"))
     assert not out.exists()
 
 
@@ -168,7 +168,7 @@ def test_a_lossy_export_outside_its_usual_tolerance_is_written_with_a_warning(ru
     weight proven exact, the export is written and the note says so."""
     monkeypatch.setitem(gguf_export.TOLERANCE, "q4_0", 0.0)
     out = tmp_path / "export"
-    report = run_merge([AdapterSpec(runs["llama-adapter"])], out, fmt="gguf", quant="q4_0").gguf
+    report = run_merge(MergeOptions([AdapterSpec(runs["llama-adapter"])], out, fmt="gguf", quant="q4_0")).gguf
     assert (out / "model.gguf").is_file() and report.weights_checked > 10
     assert any("q4_0 changes this model's logits more than it usually does" in note for note in report.notes)
     assert "q4_0 changes this model's logits" in (out / "README.md").read_text()
@@ -186,7 +186,7 @@ def test_a_llama_cpp_crash_is_reported_not_fatal(runs, tmp_path, monkeypatch):
     monkeypatch.setattr(llama_cpp_run.subprocess, "run",
                         lambda *a, **k: subprocess.CompletedProcess(a[0], -11, "", "Fatal Python error"))
     out = tmp_path / "export"
-    report = run_merge([AdapterSpec(runs["llama-adapter"])], out, fmt="gguf", quant="q8_0").gguf
+    report = run_merge(MergeOptions([AdapterSpec(runs["llama-adapter"])], out, fmt="gguf", quant="q8_0")).gguf
     assert (out / "model.gguf").is_file() and report.verified_with == ["transformers"] and report.llama_cpp is None
     assert any("llama.cpp check failed" in note and "killed by SIGSEGV" in note for note in report.notes)
     assert "killed by SIGSEGV" in (out / "merge.json").read_text()
@@ -228,7 +228,7 @@ def test_llama_cpp_reads_the_same_tokens_and_generates(runs, tmp_path):
     export) and its greedy generations are reported; its logits match the merged model's."""
     llama_cpp = pytest.importorskip("llama_cpp")
     out = tmp_path / "export"
-    result = run_merge([AdapterSpec(runs["llama-adapter"])], out, fmt="gguf", quant="f16")
+    result = run_merge(MergeOptions([AdapterSpec(runs["llama-adapter"])], out, fmt="gguf", quant="f16"))
     report = result.gguf
     assert report.verified_with == ["transformers", "llama.cpp"]
     assert report.llama_cpp["tokenization_equal"] and len(report.llama_cpp["greedy"]) == result.prompts
@@ -243,7 +243,7 @@ def test_gguf_adapter_holds_the_lora_pairs_llama_cpp_expects(runs, tmp_path):
     """--format gguf-adapter: a GGUF LoRA file (general.type adapter, adapter.lora.alpha) whose B @ A * alpha / rank is
     PEFT's delta for every adapted weight, Q/K rows in llama.cpp's order; the card names the base it needs."""
     out = tmp_path / "adapter"
-    result = run_merge([AdapterSpec(runs["llama-adapter"])], out, fmt="gguf-adapter", quant="f32")
+    result = run_merge(MergeOptions([AdapterSpec(runs["llama-adapter"])], out, fmt="gguf-adapter", quant="f32"))
     assert {"README.md", "adapter.gguf", "merge.json"} <= {p.name for p in out.iterdir()}
     assert not list(out.glob("*.safetensors"))
     assert result.gguf.max_logit_diff <= result.gguf.tolerance and result.gguf.tensors == 4 * 2  # 4 modules, 2 layers
@@ -275,7 +275,7 @@ def test_llama_cpp_applies_the_gguf_adapter_like_peft(runs, tmp_path):
     base = AutoModelForCausalLM.from_pretrained(runs["llama"])
     gguf_export.write_model_gguf(base, AutoTokenizer.from_pretrained(runs["llama"]), tmp_path / "base.gguf",
                                  quant="f32", name="base", notes=[])
-    run_merge([AdapterSpec(runs["llama-adapter"])], tmp_path / "adapter", fmt="gguf-adapter", quant="f32")
+    run_merge(MergeOptions([AdapterSpec(runs["llama-adapter"])], tmp_path / "adapter", fmt="gguf-adapter", quant="f32"))
     llm = llama_cpp.Llama(model_path=str(tmp_path / "base.gguf"), lora_path=str(tmp_path / "adapter" / "adapter.gguf"),
                           n_ctx=64, logits_all=True, verbose=False)
     llm.eval(PROMPT)
@@ -299,7 +299,7 @@ def test_gguf_adapter_refuses_what_a_lora_file_cannot_hold(runs, tmp_path):
         config = json.loads(config_path.read_text())
         config_path.write_text(json.dumps({**config, key: value}))
         with pytest.raises(LorafitError, match="--format gguf") as caught:
-            run_merge([AdapterSpec(adapter)], tmp_path / key / "out", fmt="gguf-adapter")
+            run_merge(MergeOptions([AdapterSpec(adapter)], tmp_path / key / "out", fmt="gguf-adapter"))
         assert caught.value.exit_code == 1 and not (tmp_path / key / "out").exists()
 
 

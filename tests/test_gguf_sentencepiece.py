@@ -15,7 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from lorafit import gguf_export, gguf_vocabulary
 from lorafit.errors import LorafitError
-from lorafit.merge import AdapterSpec, run_merge
+from lorafit.merge import AdapterSpec, MergeOptions, run_merge
 
 # Byte fallback (characters the ASCII training corpus never saw), a leading space, runs of spaces, newlines and tabs,
 # special tokens inside the text, the chat template's shape.
@@ -57,7 +57,7 @@ def test_sentencepiece_vocabulary_round_trips_with_the_merged_logits(runs, tmp_p
     training tokenizer's ids on every text -- byte fallback, a leading space, runs of spaces, newlines, special tokens
     -- and the logits of base+adapter."""
     out = tmp_path / "export"
-    result = run_merge([AdapterSpec(runs[f"{name}-adapter"])], out, fmt="gguf", quant=quant)
+    result = run_merge(MergeOptions([AdapterSpec(runs[f"{name}-adapter"])], out, fmt="gguf", quant=quant))
     report = result.gguf
     assert (report.architecture, report.tokenizer_model, report.tokenizer_pre) == ("llama", "llama", "default")
     assert report.max_logit_diff <= report.tolerance and report.top1_agreement >= report.min_top1
@@ -102,7 +102,7 @@ def test_metaspace_tokenizer_is_exported_and_the_texts_llama_cpp_splits_otherwis
     SentencePiece's rule, so the file is verified under that rule, and the texts whose ids differ from training
     (a leading space, text after a special token) are reported, not hidden."""
     out = tmp_path / "export"
-    report = run_merge([AdapterSpec(runs["metaspace-adapter"])], out, fmt="gguf", quant="f16").gguf
+    report = run_merge(MergeOptions([AdapterSpec(runs["metaspace-adapter"])], out, fmt="gguf", quant="f16")).gguf
     assert report.tokenizer_model == "llama" and report.max_logit_diff <= report.tolerance
     note = next(note for note in report.notes if "tokenize differently in llama.cpp" in note)
     assert "metaspace-first" in note and "after a special token" in note
@@ -148,7 +148,7 @@ def test_llama_cpp_tokenizes_the_sentencepiece_vocabulary_like_training(runs, tm
     tokenizer's ids (BOS, byte fallback, leading and repeated spaces, special tokens) and the merged logits."""
     llama_cpp = pytest.importorskip("llama_cpp")
     out = tmp_path / "export"
-    report = run_merge([AdapterSpec(runs["llama-adapter"])], out, fmt="gguf", quant="f16").gguf
+    report = run_merge(MergeOptions([AdapterSpec(runs["llama-adapter"])], out, fmt="gguf", quant="f16")).gguf
     assert report.verified_with == ["transformers", "llama.cpp"] and report.llama_cpp["tokenization_equal"]
     trained = AutoTokenizer.from_pretrained(runs["llama-adapter"])
     llm = llama_cpp.Llama(model_path=str(out / "model.gguf"), n_ctx=128, logits_all=True, verbose=False)

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from lorafit import merge as merge_module
 from lorafit import models
 from lorafit.errors import LorafitError, RunFailed
-from lorafit.merge import AdapterSpec, parse_adapter_spec, run_merge
+from lorafit.merge import AdapterSpec, MergeOptions, parse_adapter_spec, run_merge
 
 PROMPT = torch.tensor([[1, 40, 41, 42, 43, 44, 2, 1, 50, 51]])
 
@@ -49,7 +49,7 @@ def base_plus_adapter(base: Path, adapter: Path, **load) -> torch.Tensor:
 
 def test_merged_model_loads_in_plain_transformers_and_matches_base_plus_adapter(runs, tmp_path):
     out = tmp_path / "merged"
-    result = run_merge([AdapterSpec(runs["a"])], out)
+    result = run_merge(MergeOptions([AdapterSpec(runs["a"])], out))
     files = {p.name for p in out.iterdir()}
     assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
             "chat_template.jinja", "README.md", "merge.json"} <= files
@@ -70,7 +70,7 @@ def test_merged_model_loads_in_plain_transformers_and_matches_base_plus_adapter(
 
 def test_sharded_output_loads(runs, tmp_path):
     out = tmp_path / "sharded"
-    run_merge([AdapterSpec(runs["a"])], out, max_shard_size="100KB")
+    run_merge(MergeOptions([AdapterSpec(runs["a"])], out, max_shard_size="100KB"))
     assert (out / "model.safetensors.index.json").exists()
     assert len(list(out.glob("model-*.safetensors"))) > 1
     assert torch.allclose(logits(AutoModelForCausalLM.from_pretrained(out)),
@@ -79,7 +79,7 @@ def test_sharded_output_loads(runs, tmp_path):
 
 def test_qlora_adapter_merges_into_the_dequantized_base_by_default(runs, tmp_path):
     out = tmp_path / "qmerged"
-    result = run_merge([AdapterSpec(runs["qlora"])], out)
+    result = run_merge(MergeOptions([AdapterSpec(runs["qlora"])], out))
     assert result.base_weights == "dequantized" and "closer to the trained QLoRA model" in result.base_weights_reason
     assert result.qlora_fidelity["dequantized"] < result.qlora_fidelity["original"]
     merged = AutoModelForCausalLM.from_pretrained(out)
@@ -94,7 +94,7 @@ def test_qlora_adapter_merges_into_the_dequantized_base_by_default(runs, tmp_pat
 
 
 def test_qlora_adapter_into_the_original_weights_on_request(runs, tmp_path):
-    result = run_merge([AdapterSpec(runs["qlora"])], tmp_path / "orig", base_weights="original")
+    result = run_merge(MergeOptions([AdapterSpec(runs["qlora"])], tmp_path / "orig", base_weights="original"))
     assert result.base_weights == "original" and list(result.qlora_fidelity) == ["original"]
     assert torch.allclose(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "orig")),
                           base_plus_adapter(runs["base"], runs["qlora"]), atol=1e-4)
@@ -103,7 +103,7 @@ def test_qlora_adapter_into_the_original_weights_on_request(runs, tmp_path):
 def test_weighted_merge_of_two_adapters(runs, tmp_path):
     specs = [parse_adapter_spec(f"{runs['a']}:0.7"), parse_adapter_spec(f"{runs['b']}:0.3")]
     assert [s.weight for s in specs] == [0.7, 0.3]
-    result = run_merge(specs, tmp_path / "cat", method="cat")
+    result = run_merge(MergeOptions(specs, tmp_path / "cat", method="cat"))
     assert result.method == "cat" and [a["weight"] for a in result.adapters] == [0.7, 0.3]
     merged = logits(AutoModelForCausalLM.from_pretrained(tmp_path / "cat"))
     # cat is exact: the merged delta is 0.7 * delta_a + 0.3 * delta_b; check it independently with PEFT.
@@ -118,7 +118,7 @@ def test_weighted_merge_of_two_adapters(runs, tmp_path):
 def test_weighted_merge_to_one_combined_adapter(runs, tmp_path):
     out = tmp_path / "combined"
     specs = [AdapterSpec(runs["a"], 0.5), AdapterSpec(runs["b"], 0.5)]
-    result = run_merge(specs, out, method="ties", density=0.7, as_adapter=True)
+    result = run_merge(MergeOptions(specs, out, method="ties", density=0.7, as_adapter=True))
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "README.md"} <= set(result.files)
     assert not (out / "model.safetensors").exists()
     config = json.loads((out / "adapter_config.json").read_text())
@@ -127,7 +127,7 @@ def test_weighted_merge_to_one_combined_adapter(runs, tmp_path):
     reloaded = base_plus_adapter(runs["base"], out)
     assert not torch.allclose(reloaded, logits(AutoModelForCausalLM.from_pretrained(runs["base"])), atol=1e-3)
     # The combined adapter merges like any other one.
-    run_merge([AdapterSpec(out)], tmp_path / "from-combined")
+    run_merge(MergeOptions([AdapterSpec(out)], tmp_path / "from-combined"))
     assert torch.allclose(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "from-combined")), reloaded,
                           atol=1e-4)
 
@@ -137,10 +137,10 @@ def test_overwrite_replaces_only_what_merge_wrote(runs, tmp_path):
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     with pytest.raises(LorafitError, match="not empty.*--overwrite"):
-        run_merge([AdapterSpec(runs["a"])], out)
+        run_merge(MergeOptions([AdapterSpec(runs["a"])], out))
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
-    run_merge([AdapterSpec(runs["a"])], out, overwrite=True, max_shard_size="100KB")
-    run_merge([AdapterSpec(runs["b"])], out, overwrite=True)
+    run_merge(MergeOptions([AdapterSpec(runs["a"])], out, overwrite=True, max_shard_size="100KB"))
+    run_merge(MergeOptions([AdapterSpec(runs["b"])], out, overwrite=True))
     assert (out / "notes.txt").read_text() == "mine"
     assert not list(out.glob("model-*.safetensors"))  # the old shards of the first merge are gone
     assert torch.allclose(logits(AutoModelForCausalLM.from_pretrained(out)),
@@ -151,29 +151,29 @@ def test_overwrite_replaces_only_what_merge_wrote(runs, tmp_path):
 def test_failed_verification_writes_nothing(runs, tmp_path, monkeypatch):
     monkeypatch.setattr(merge_module, "_TOLERANCE", {"float32": -1.0})
     with pytest.raises(RunFailed, match="verification failed.*nothing was written"):
-        run_merge([AdapterSpec(runs["a"])], tmp_path / "bad")
+        run_merge(MergeOptions([AdapterSpec(runs["a"])], tmp_path / "bad"))
     assert not (tmp_path / "bad").exists() and not list(tmp_path.glob(".bad.tmp-*"))
 
 
 def test_bad_inputs_give_clean_errors(runs, tmp_path):
     out = tmp_path / "out"
     with pytest.raises(LorafitError, match="adapter folder not found"):
-        run_merge([AdapterSpec(tmp_path / "missing")], out)
+        run_merge(MergeOptions([AdapterSpec(tmp_path / "missing")], out))
     with pytest.raises(LorafitError, match="no adapter_config.json.*pass its adapter/ subfolder"):
-        run_merge([AdapterSpec(runs["a"].parent)], out)
+        run_merge(MergeOptions([AdapterSpec(runs["a"].parent)], out))
     with pytest.raises(LorafitError, match="refusing to write the merged model into an input folder"):
-        run_merge([AdapterSpec(runs["a"])], runs["a"], overwrite=True)
+        run_merge(MergeOptions([AdapterSpec(runs["a"])], runs["a"], overwrite=True))
     with pytest.raises(LorafitError, match="All adapters must have the same r.*--method cat or svd"):
-        run_merge([AdapterSpec(runs["a"]), AdapterSpec(runs["r8"])], out, method="linear")
+        run_merge(MergeOptions([AdapterSpec(runs["a"]), AdapterSpec(runs["r8"])], out, method="linear"))
     with pytest.raises(LorafitError, match="unknown method"):
-        run_merge([AdapterSpec(runs["a"])], out, method="average")
+        run_merge(MergeOptions([AdapterSpec(runs["a"])], out, method="average"))
     assert not out.exists()
 
 
 def test_an_adapter_for_another_base_is_refused(runs, tmp_path):
     gpt2 = build_tiny_model(tmp_path / "gpt2", "gpt2")
     with pytest.raises(LorafitError, match="model_type llama.*has model_type gpt2"):
-        run_merge([AdapterSpec(runs["a"])], tmp_path / "out", base=str(gpt2))
+        run_merge(MergeOptions([AdapterSpec(runs["a"])], tmp_path / "out", base=str(gpt2)))
     # When the recorded base is gone, the adapter's tensor shapes still give a mismatch away.
     narrow = build_tiny_model(tmp_path / "narrow", "llama", hidden_size=32)
     moved = tmp_path / "moved"
@@ -182,7 +182,7 @@ def test_an_adapter_for_another_base_is_refused(runs, tmp_path):
     config["base_model_name_or_path"] = str(tmp_path / "deleted-base")
     (moved / "adapter" / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(LorafitError, match="does not fit base.*64 in the adapter"):
-        run_merge([AdapterSpec(moved / "adapter")], tmp_path / "out", base=str(narrow))
+        run_merge(MergeOptions([AdapterSpec(moved / "adapter")], tmp_path / "out", base=str(narrow)))
     assert not (tmp_path / "out").exists()
 
 
@@ -216,7 +216,7 @@ def test_merged_generation_config_stops_on_the_trained_end_of_turn(tmp_path):
     config.eos_token_id = 0  # a base model whose own generation config stops on another token
     config.save_pretrained(base)
     adapter = write_lora_run(tmp_path / "run", base, r=4, seed=1)
-    run_merge([AdapterSpec(adapter)], tmp_path / "merged")
+    run_merge(MergeOptions([AdapterSpec(adapter)], tmp_path / "merged"))
     merged = GenerationConfig.from_pretrained(tmp_path / "merged")
     end_of_turn = AutoTokenizer.from_pretrained(adapter).eos_token_id
     assert merged.eos_token_id == [0, end_of_turn]
@@ -234,5 +234,5 @@ def test_an_adapter_with_nan_weights_is_refused_and_nothing_is_written(runs, tmp
     weights[name][0, 0] = float("nan")
     save_file(weights, broken / "adapter_model.safetensors")
     with pytest.raises(RunFailed, match="non-finite weights"):
-        run_merge([AdapterSpec(broken)], tmp_path / "merged")
+        run_merge(MergeOptions([AdapterSpec(broken)], tmp_path / "merged"))
     assert not (tmp_path / "merged").exists()

@@ -541,9 +541,9 @@ def test_merge_and_cli_json_on_a_dpo_run(dpo_run, tmp_path):
     import subprocess
     import sys
 
-    from lorafit.merge import AdapterSpec, run_merge
+    from lorafit.merge import AdapterSpec, MergeOptions, run_merge
 
-    merged = run_merge([AdapterSpec(dpo_run["run"] / "adapter")], tmp_path / "merged")
+    merged = run_merge(MergeOptions([AdapterSpec(dpo_run["run"] / "adapter")], tmp_path / "merged"))
     assert (Path(merged.out_dir) / "model.safetensors").exists()
     recipe_file = tmp_path / "r.json"
     recipe_file.write_text(json.dumps(preference_recipe(dpo_run["model"], dpo_run["pairs"], tmp_path / "dry")))
@@ -566,11 +566,11 @@ def test_merge_inspect_runs_and_cli_json_on_an_orpo_run(orpo_run, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from lorafit.inspect_modules import run_inspect
-    from lorafit.merge import AdapterSpec, run_merge
+    from lorafit.merge import AdapterSpec, MergeOptions, run_merge
     from lorafit.preference_eval import answer_logps
     from lorafit.runs import run_runs
 
-    merged = run_merge([AdapterSpec(orpo_run["run"] / "adapter")], tmp_path / "merged")
+    merged = run_merge(MergeOptions([AdapterSpec(orpo_run["run"] / "adapter")], tmp_path / "merged"))
     pairs, tokenizer = train_pairs(orpo_run)
     adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(orpo_run["model"]),
                                         orpo_run["run"] / "adapter")
