@@ -2,7 +2,8 @@
 
 matplotlib draws them with its Agg (file-only) backend, through the object API (no pyplot, no global state,
 no window), imported only when a chart is drawn so `lorafit --help` and `validate` stay instant. A chart is
-never worth a failed run: each function returns a warning instead of raising.
+never worth a failed run: each function returns a warning instead of raising. They take plain data (names,
+numbers, log histories), not the results of the modules that call them.
 
     write_loss_chart   runs/<name>/loss.png     train loss, eval loss and learning rate against step
     write_eval_chart   <eval out>/scores.png    base vs each adapter: loss and scores
@@ -16,13 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lorafit.run_folder import EVAL_CHART, LOSS_CHART  # noqa: F401 - the names belong to the folder layout
-
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
-
-    from lorafit.evaluate import EvalResult
-    from lorafit.runs import RunInfo
 
 _DPI = 100
 
@@ -61,23 +57,21 @@ def write_loss_chart(history: Sequence[dict[str, Any]], path: Path, *, title: st
     return None
 
 
-def write_eval_chart(result: EvalResult, path: Path) -> str | None:
-    """Base vs each adapter, side by side: loss (left) and the scores in percent (right). Returns a warning or None."""
+def write_eval_chart(losses: dict[str, float | None], scores: dict[str, Sequence[float | None]], path: Path, *,
+                     title: str, rows: int) -> str | None:
+    """Base vs each adapter, side by side: loss (left) and the scores in percent (right). Returns a warning or None.
+
+    `losses` maps each model's name to its loss, in the order drawn; `scores` maps a score's label to one share
+    (0..1, or None) per model in that order; a score no model has is left out. `rows`: how many eval rows were scored.
+    """
     try:
-        if result.labels is not None:
-            scores = {"accuracy": "accuracy", "macro-F1": "f1"}
-        else:
-            scores = {"exact match": "exact_match", "norm. exact match": "normalized_exact_match",
-                      "ROUGE-L": "rouge_l"}
-        models = [s.name for s in result.scores]
-        losses = [s.loss for s in result.scores]
-        shown = {label: [getattr(s, key) for s in result.scores] for label, key in scores.items()
-                 if any(getattr(s, key) is not None for s in result.scores)}
+        models, loss_values = list(losses), list(losses.values())
+        shown = {label: list(values) for label, values in scores.items() if any(v is not None for v in values)}
         figure = _figure(8, 4)
         loss_axes, score_axes = figure.subplots(1, 2, width_ratios=[1, max(len(shown), 1)])
         colors = [f"C{i % 10}" for i in range(len(models))]
-        loss_axes.bar(models, [v if v is not None else 0 for v in losses], color=colors)
-        for index, value in enumerate(losses):
+        loss_axes.bar(models, [v if v is not None else 0 for v in loss_values], color=colors)
+        for index, value in enumerate(loss_values):
             loss_axes.annotate("-" if value is None else f"{value:.3f}", (index, value or 0), ha="center",
                                va="bottom", fontsize=8)
         loss_axes.set_title("loss (lower is better)")
@@ -91,32 +85,36 @@ def write_eval_chart(result: EvalResult, path: Path) -> str | None:
         score_axes.set_xticks(range(len(shown)), list(shown))
         score_axes.set_ylim(0, 105)
         score_axes.set_ylabel("%")
-        score_axes.set_title(f"scores on {result.examples} rows (higher is better)")
+        score_axes.set_title(f"scores on {rows} rows (higher is better)")
         if shown:
             score_axes.legend(fontsize=8)
-        figure.suptitle(result.recipe)
+        figure.suptitle(title)
         _save(figure, path)
     except Exception as exc:  # noqa: BLE001 - the report is written; a chart must not fail the command
         return _warning(path, exc)
     return None
 
 
-def write_runs_chart(runs: Sequence[RunInfo], path: Path) -> str | None:
-    """Train loss (solid) and eval loss (dashed, dots) of every run, one color per run. Returns a warning or None."""
+def write_runs_chart(runs: Sequence[tuple[str, Sequence[dict[str, Any]]]], path: Path) -> str | None:
+    """Train loss (solid) and eval loss (dashed, dots) of every run, one color per run. Returns a warning or None.
+
+    `runs` holds (name, log history) pairs, the history as for write_loss_chart; runs that logged no loss are left out.
+    """
     try:
-        drawn = [run for run in runs if _series(run.history, "loss") or _series(run.history, "eval_loss")]
+        drawn = [(name, history) for name, history in runs
+                 if _series(history, "loss") or _series(history, "eval_loss")]
         if not drawn:
             return f"warning: {path} not drawn: none of the runs logged a loss"
         figure = _figure(8, 5)
         axes = figure.subplots()
-        for index, run in enumerate(drawn):
+        for index, (name, history) in enumerate(drawn):
             color = f"C{index % 10}"
-            train, evals = _series(run.history, "loss"), _series(run.history, "eval_loss")
+            train, evals = _series(history, "loss"), _series(history, "eval_loss")
             if train:
-                axes.plot(*zip(*train, strict=True), color=color, label=run.name)
+                axes.plot(*zip(*train, strict=True), color=color, label=name)
             if evals:  # one legend entry per run: the color is the run, the line style train vs eval
                 axes.plot(*zip(*evals, strict=True), color=color, linestyle="--", marker="o",
-                          label="_nolegend_" if train else run.name)
+                          label="_nolegend_" if train else name)
         axes.set_xlabel("step")
         axes.set_ylabel("loss")
         axes.set_title(f"{len(drawn)} run{'s' if len(drawn) != 1 else ''}: train (solid) and eval (dashed) loss")

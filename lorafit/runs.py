@@ -74,7 +74,7 @@ def run_runs(folders: list[Path], *, sort: str | None = None, plot: Path | None 
     if plot is not None:
         from lorafit.plots import write_runs_chart
 
-        warning = write_runs_chart(rows, plot)
+        warning = write_runs_chart([(row.name, row.history) for row in rows], plot)
     return rows, warning
 
 

@@ -8,9 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lorafit.evaluate import EvalResult, Scores
 from lorafit.plots import write_eval_chart, write_loss_chart, write_runs_chart
-from lorafit.runs import RunInfo
 
 # matplotlib's default color cycle: C0 (train loss), C1 (eval loss), C2 (learning rate)
 C0, C1, C2 = (31, 119, 180), (255, 127, 14), (44, 160, 44)
@@ -51,18 +49,13 @@ def test_loss_chart_draws_train_loss_eval_loss_and_learning_rate(tmp_path):
 
 
 def test_eval_chart_shows_base_and_each_adapter(tmp_path):
-    """scores.png: one colored bar group per model (base C0, two adapters C1 and C2)."""
-
-    def scores(name: str, loss: float, match: float) -> Scores:
-        return Scores(name=name, adapter=None if name == "base" else f"runs/{name}/adapter", loss=loss, perplexity=None,
-                      exact_match=match, normalized_exact_match=match, rouge_l=match, examples=10,
-                      completion_tokens=40, seconds=1.0)
-
-    result = EvalResult(recipe="demo", base="m", data="eval.jsonl", template="chatml", examples=10, max_new_tokens=8,
-                        scores=[scores("base", 3.0, 0.1), scores("a", 1.0, 0.8), scores("b", 2.0, 0.4)],
-                        report_path=tmp_path / "report.json", samples_path=tmp_path / "samples.jsonl")
+    """scores.png: one colored bar group per model (base C0, two adapters C1 and C2); a score no model has is left
+    out."""
+    matches = [0.1, 0.8, 0.4]
     path = tmp_path / "scores.png"
-    assert write_eval_chart(result, path) is None
+    assert write_eval_chart({"base": 3.0, "a": 1.0, "b": 2.0},
+                            {"exact match": matches, "ROUGE-L": matches, "accuracy": [None, None, None]}, path,
+                            title="demo", rows=10) is None
     rgb = pixels(path)
     shares = [share_of(rgb, color) for color in (C0, C1, C2)]
     assert all(share > 0.005 for share in shares), shares
@@ -71,10 +64,7 @@ def test_eval_chart_shows_base_and_each_adapter(tmp_path):
 
 def test_runs_chart_draws_one_color_per_run(tmp_path):
     """lorafit runs --plot: every run's loss curve in its own color; runs without any loss are left out."""
-    runs = [RunInfo(path=tmp_path / "a", name="a", status="finished", history=history()),
-            RunInfo(path=tmp_path / "b", name="b", status="interrupted",
-                    history=[{"step": s, "loss": 4.0 / s} for s in range(1, 8)]),
-            RunInfo(path=tmp_path / "c", name="c", status="failed")]
+    runs = [("a", history()), ("b", [{"step": s, "loss": 4.0 / s} for s in range(1, 8)]), ("c", [])]
     path = tmp_path / "runs.png"
     assert write_runs_chart(runs, path) is None
     rgb = pixels(path)
