@@ -226,7 +226,7 @@ def test_merge_into_a_folder_another_lorafit_writes_is_refused_before_any_work(t
 def test_merge_overwrite_replaces_only_an_earlier_merge(tmp_path, tiny_llama):
     """Merge --overwrite into a folder of someone else's model files is refused (nothing deleted); into an
     earlier merge it replaces that merge's files, by its marker."""
-    from lorafit.merge import AdapterSpec, run_merge
+    from lorafit.merge import AdapterSpec, MergeOptions, run_merge
 
     adapter = save_untrained_adapter(tiny_llama, tmp_path / "adapter")
     other = tmp_path / "someone-elses-model"
@@ -235,16 +235,16 @@ def test_merge_overwrite_replaces_only_an_earlier_merge(tmp_path, tiny_llama):
         (other / name).write_text("theirs")
     before = digest_tree(other)
     with pytest.raises(LorafitError, match="which lorafit did not write"):
-        run_merge([AdapterSpec(adapter)], other, overwrite=True)
+        run_merge(MergeOptions([AdapterSpec(adapter)], other, overwrite=True))
     assert digest_tree(other) == before
     out = tmp_path / "merged"
-    run_merge([AdapterSpec(adapter)], out)
+    run_merge(MergeOptions([AdapterSpec(adapter)], out))
     (out / "mine.txt").write_text("keep")
     first = run_folder.read_marker(out)
     assert first.kind == "merge" and first.status == "finished" and "model.safetensors" in first.files
     with pytest.raises(LorafitError, match="earlier merge.*--overwrite"):
-        run_merge([AdapterSpec(adapter)], out)
-    run_merge([AdapterSpec(adapter)], out, overwrite=True)
+        run_merge(MergeOptions([AdapterSpec(adapter)], out))
+    run_merge(MergeOptions([AdapterSpec(adapter)], out, overwrite=True))
     assert (out / "mine.txt").read_text() == "keep" and not (out / run_folder.STAGING).exists()
 
 
