@@ -11,6 +11,11 @@ Everything about these folders is spelled here and imported everywhere else:
   are written, so a crash never leaves an entry of ours unlisted), and a `status` (running | finished |
   interrupted | failed). A folder is lorafit's only by this marker: `--overwrite`, `--resume`, `merge
   --overwrite` and `eval --out` delete or replace only the entries it lists (`remove_owned`);
+- whether an output folder may be written, checked before any work with one set of rules and messages
+  (`check_run_folder`, `check_sweep_folder`, `check_output_folder` for merge and eval): never inside another
+  output, only over an earlier output of the same kind, never over a file lorafit did not write; a run never
+  into the filesystem root, home, the current folder or the base model's or data's folder, and over a finished
+  run only with --overwrite or --resume;
 - one atomic writer (`write_atomic`: temporary file, fsync, rename, fsync of the folder);
 - one writer per folder (`folder_lock`: `fcntl.flock` on `.lorafit.lock`, released by the kernel on any exit);
 - staged outputs (`staged_output`): merge and eval write into a hidden staging folder and publish it into place
