@@ -399,9 +399,9 @@ def path_error(exc: OSError, where: str) -> LorafitError:
 
 
 # ----------------------------------------------------------------------------------------------------
-# May lorafit write this output folder? Checked before any work, by the same rules for every kind: no forbidden
-# place (root, home, the current folder, the model's or the data's), never inside another output, only over an
-# earlier output of the same kind, never over a file lorafit did not write.
+# May lorafit write this output folder? Checked before any work, by the same rules for every kind: never inside
+# another output, only over an earlier output of the same kind, never over a file lorafit did not write; a run also
+# never into the filesystem root, home, the current folder, or the model's or the data's folder.
 
 
 def check_run_folder(recipe: Recipe, *, resume: bool, overwrite: bool, dry_run: bool) -> bool:
