@@ -157,7 +157,7 @@ def train(
 
 
 def _resume_command(recipe_path: Path, overrides: list[str], sweeps: list[str]) -> str:
-    """The command line shown when a run (or sweep) is interrupted: the same recipe, --set and --sweep, plus --resume."""
+    """The command line shown when a run (or sweep) is interrupted: the same recipe, --set, --sweep, plus --resume."""
     return shlex.join(["lorafit", "train", str(recipe_path), *[arg for item in overrides for arg in ("--set", item)],
                        *[arg for item in sweeps for arg in ("--sweep", item)], "--resume"])
 
@@ -286,10 +286,9 @@ def merge(
 
         specs = ([parse_adapter_spec(str(adapter))] if adapter else []) + [parse_adapter_spec(s) for s in more or []]
         with sigterm_as_interrupt():  # `kill` stops it like Ctrl-C: exit 130, staging removed, --out as it was
-            result = run_merge(MergeOptions(specs, out, base=base, method=method, density=density,
-                                            as_adapter=as_adapter, base_weights=base_weights, dtype=dtype,
-                                            overwrite=overwrite, max_shard_size=max_shard_size, fmt=fmt, quant=quant))
-        return result
+            return run_merge(MergeOptions(specs, out, base=base, method=method, density=density,
+                                          as_adapter=as_adapter, base_weights=base_weights, dtype=dtype,
+                                          overwrite=overwrite, max_shard_size=max_shard_size, fmt=fmt, quant=quant))
 
     _execute(work, payload=render.merge_payload, show=partial(render.show_merge, quiet=quiet), as_json=as_json,
              debug=debug)

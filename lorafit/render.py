@@ -65,8 +65,8 @@ def sweep_payload(result: SweepResult) -> dict[str, Any]:
                "sweep_dir": str(result.sweep_dir), "axes": result.axes, "best": result.best,
                "summary": str(result.summary_path) if result.summary_path else None,
                "runs": [{"name": run.name, "run_dir": str(run.run_dir), "values": run.values,
-                         "found": run.before, "plan": run.plan, "status": run.status, "error": run.error, "steps": run.steps,
-                         "train_loss": run.train_loss, "eval_loss": run.eval_loss,
+                         "found": run.before, "plan": run.plan, "status": run.status, "error": run.error,
+                         "steps": run.steps, "train_loss": run.train_loss, "eval_loss": run.eval_loss,
                          "tokens_per_second": run.tokens_per_second, "train_seconds": run.train_seconds}
                         for run in result.runs]}
     if failure:
