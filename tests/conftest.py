@@ -72,10 +72,11 @@ def toy_data_factory(tmp_path: Path) -> Callable[..., Path]:
     return make
 
 
-def _recipe(model: Path | str, train: Path | str, out: Path | str | None = None, /, *presets: dict[str, Any],
-            **sections: Any) -> dict[str, Any]:
+def _recipe(model: Path | str, train: Path | str | list[dict[str, Any]], out: Path | str | None = None, /,
+            *presets: dict[str, Any], **sections: Any) -> dict[str, Any]:
     """A raw recipe dict (JSON is YAML, so `json.dumps` of it is a recipe file). The paths are positional-only, so
-    `model={...}` is a section like any other.
+    `model={...}` is a section like any other. `train` is a file, or a list of sources (`{"path": ..., "weight": ...}`)
+    taken as it is.
 
     Without `out`: only name, model and data.train, the schema's defaults for the rest (for recipes that are
     validated or read, never trained). With `out`: a few quick steps on a tiny model (6 steps, a checkpoint every 2,
@@ -83,7 +84,8 @@ def _recipe(model: Path | str, train: Path | str, out: Path | str | None = None,
     Then each preset, then `sections`, are applied in order: a dict updates that section's keys, anything else
     replaces the top-level value (e.g. task="sequence-classification").
     """
-    raw: dict[str, Any] = {"name": "tiny", "model": {"path": str(model)}, "data": {"train": str(train)}}
+    raw: dict[str, Any] = {"name": "tiny", "model": {"path": str(model)},
+                           "data": {"train": train if isinstance(train, list) else str(train)}}
     if out is not None:
         raw["adapter"] = {"r": 8, "dropout": 0.0}
         raw["data"]["max_length"] = 64

@@ -33,11 +33,11 @@ def own_cache(tmp_path, monkeypatch) -> Path:
     return folder
 
 
-def make_recipe(train, **sections):
-    raw = {"name": "t", "model": {"path": "unused"}, "data": {"train": train if isinstance(train, list) else str(train)}}
-    for key, value in sections.items():
-        raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
-    return validate_recipe(raw)
+@pytest.fixture
+def data_recipe(make_recipe):
+    """``data_recipe(train, **sections) -> Recipe``: conftest's factory, validated, for data that is prepared and never
+    trained (the model path is never read)."""
+    return lambda train, **sections: validate_recipe(make_recipe("unused", train, **sections))
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -56,7 +56,7 @@ QA = [{"prompt": f"colour {i}", "completion": f"answer {i}"} for i in range(12)]
 # What the user meant
 
 
-def test_csv_fields_with_quoted_newlines_keep_them_and_numbers_stay_text(tokenizer, tmp_path):
+def test_csv_fields_with_quoted_newlines_keep_them_and_numbers_stay_text(tokenizer, tmp_path, data_recipe):
     """A quoted CSV field holding newlines stays one field with its newlines; '007' is not turned into 7."""
     path = tmp_path / "qa.csv"
     with path.open("w", newline="", encoding="utf-8") as handle:
@@ -64,7 +64,7 @@ def test_csv_fields_with_quoted_newlines_keep_them_and_numbers_stay_text(tokeniz
         writer.writerow(["prompt", "completion"])
         writer.writerow(["line one\nline two", "007"])
         writer.writerow(["plain", "first\nsecond"])
-    prepared = prepare_data(make_recipe(path), tokenizer)
+    prepared = prepare_data(data_recipe(path), tokenizer)
     assert prepared.report.train_examples == 2 and not prepared.report.dropped
     assert trained_text(tokenizer, prepared.train[0]).startswith("007")
     assert trained_text(tokenizer, prepared.train[1]).startswith("first\nsecond")
@@ -72,7 +72,7 @@ def test_csv_fields_with_quoted_newlines_keep_them_and_numbers_stay_text(tokeniz
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".json"])
-def test_a_byte_order_mark_before_the_header_or_json_is_skipped(tokenizer, tmp_path, suffix):
+def test_a_byte_order_mark_before_the_header_or_json_is_skipped(tokenizer, tmp_path, suffix, data_recipe):
     """Files saved by Excel/Notepad start with a UTF-8 BOM; the first column name must not carry it."""
     path = tmp_path / f"bom{suffix}"
     if suffix == ".csv":
@@ -82,52 +82,52 @@ def test_a_byte_order_mark_before_the_header_or_json_is_skipped(tokenizer, tmp_p
     else:
         text = json.dumps(QA[:2])
     path.write_bytes(codecs.BOM_UTF8 + text.encode())
-    prepared = prepare_data(make_recipe(path), tokenizer)
+    prepared = prepare_data(data_recipe(path), tokenizer)
     assert prepared.report.format == "prompt-completion" and prepared.report.train_examples == 2
 
 
-def test_a_json_file_that_wraps_its_rows_in_an_object_is_read(tokenizer, tmp_path):
+def test_a_json_file_that_wraps_its_rows_in_an_object_is_read(tokenizer, tmp_path, data_recipe):
     """{"data": [...]} (pretty-printed or on one line) is read from its one list of rows."""
     pretty = tmp_path / "wrapped.json"
     pretty.write_text(json.dumps({"version": 2, "data": QA[:5]}, indent=2))
-    assert prepare_data(make_recipe(pretty), tokenizer).report.train_examples == 5
+    assert prepare_data(data_recipe(pretty), tokenizer).report.train_examples == 5
     one_line = tmp_path / "one_line.json"
     one_line.write_text(json.dumps({"data": QA[:3]}))
-    assert prepare_data(make_recipe(one_line), tokenizer).report.train_examples == 3
+    assert prepare_data(data_recipe(one_line), tokenizer).report.train_examples == 3
 
 
-def test_a_json_object_with_no_single_list_of_rows_is_named_precisely(tokenizer, tmp_path):
+def test_a_json_object_with_no_single_list_of_rows_is_named_precisely(tokenizer, tmp_path, data_recipe):
     """Two candidate lists: the error names both keys, not 'malformed JSON line'."""
     path = tmp_path / "two.json"
     path.write_text(json.dumps({"train": QA[:2], "test": QA[2:4]}, indent=2))
     with pytest.raises(LorafitError, match=r"several lists of rows \(train, test\)") as error:
-        prepare_data(make_recipe(path), tokenizer)
+        prepare_data(data_recipe(path), tokenizer)
     assert "malformed" not in str(error.value)
 
 
-def test_chat_content_given_as_text_parts_is_accepted(tokenizer, tmp_path):
+def test_chat_content_given_as_text_parts_is_accepted(tokenizer, tmp_path, data_recipe):
     """OpenAI-style content: [{"type": "text", "text": ...}] is the text of its parts."""
     rows = [{"messages": [{"role": "user", "content": [{"type": "text", "text": "red"}]},
                           {"role": "assistant", "content": [{"type": "text", "text": "apple"}]}]},
             {"messages": [{"role": "user", "content": "blue"}, {"role": "assistant", "content": "sky"}]}]
-    prepared = prepare_data(make_recipe(write_jsonl(tmp_path / "parts.jsonl", rows)), tokenizer)
+    prepared = prepare_data(data_recipe(write_jsonl(tmp_path / "parts.jsonl", rows)), tokenizer)
     assert prepared.report.train_examples == 2 and not prepared.report.dropped
     assert trained_text(tokenizer, prepared.train[0]) == "apple<|im_end|>\n"
 
 
-def test_numbers_in_prompt_and_completion_columns_are_text(tokenizer, tmp_path):
+def test_numbers_in_prompt_and_completion_columns_are_text(tokenizer, tmp_path, data_recipe):
     """A completion of 42 (a JSON number) is trained as the text "42", not dropped as malformed."""
     rows = [{"prompt": "6 x 7", "completion": 42}, {"prompt": 3.5, "completion": "half of seven"}]
-    prepared = prepare_data(make_recipe(write_jsonl(tmp_path / "numbers.jsonl", rows)), tokenizer)
+    prepared = prepare_data(data_recipe(write_jsonl(tmp_path / "numbers.jsonl", rows)), tokenizer)
     assert prepared.report.train_examples == 2 and not prepared.report.dropped
     assert trained_text(tokenizer, prepared.train[0]) == "42<|im_end|>\n"
 
 
-def test_special_token_text_inside_an_answer_is_not_trained_as_a_real_end_of_turn(tokenizer, tmp_path):
+def test_special_token_text_inside_an_answer_is_not_trained_as_a_real_end_of_turn(tokenizer, tmp_path, data_recipe):
     """'<|im_end|>' written inside an answer would end the turn mid-answer: those rows are dropped and named."""
     rows = [*QA[:3], {"prompt": "how do turns end?", "completion": "with <|im_end|> and then more text"},
             QA[3], {"prompt": "and <|im_start|>?", "completion": "it starts one"}]
-    prepared = prepare_data(make_recipe(write_jsonl(tmp_path / "special.jsonl", rows)), tokenizer)
+    prepared = prepare_data(data_recipe(write_jsonl(tmp_path / "special.jsonl", rows)), tokenizer)
     assert prepared.report.train_examples == 4
     notes = " ".join(prepared.report.warnings())
     assert "'<|im_end|>'" in notes and "row(s) 4" in notes and "'<|im_start|>'" in notes and "row(s) 6" in notes
@@ -136,32 +136,32 @@ def test_special_token_text_inside_an_answer_is_not_trained_as_a_real_end_of_tur
         assert labels.count(tokenizer.eos_token_id) == 1
 
 
-def test_sharegpt_conversations_are_detected_and_only_the_gpt_turns_are_trained(tokenizer, tmp_path):
+def test_sharegpt_conversations_are_detected_and_only_the_gpt_turns_are_trained(tokenizer, tmp_path, data_recipe):
     """{"conversations": [{"from": "human"|"gpt"|"system", "value": ...}]} needs no data.fields."""
     rows = [{"conversations": [{"from": "system", "value": "be brief"}, {"from": "human", "value": "red"},
                                {"from": "gpt", "value": "apple"}, {"from": "human", "value": "blue"},
                                {"from": "gpt", "value": "sky"}]}] * 3
-    prepared = prepare_data(make_recipe(write_jsonl(tmp_path / "sharegpt.jsonl", rows)), tokenizer)
+    prepared = prepare_data(data_recipe(write_jsonl(tmp_path / "sharegpt.jsonl", rows)), tokenizer)
     assert prepared.report.format == "messages" and prepared.report.train_examples == 3
     assert trained_text(tokenizer, prepared.train[0]) == "apple<|im_end|>\nsky<|im_end|>\n"
     assert "<|im_start|>system\nbe brief" in tokenizer.decode(prepared.train[0]["input_ids"])
 
 
-def test_a_malformed_line_is_still_reported_as_file_and_line(tokenizer, tmp_path):
+def test_a_malformed_line_is_still_reported_as_file_and_line(tokenizer, tmp_path, data_recipe):
     """The Arrow reader's failure is traced back to the first bad line."""
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps(QA[0]) + "\n" + json.dumps(QA[1]) + "\n{\"prompt\": oops}\n")
     with pytest.raises(LorafitError, match=r"bad.jsonl:3: malformed JSON line"):
-        prepare_data(make_recipe(path), tokenizer)
+        prepare_data(data_recipe(path), tokenizer)
 
 
 # ----------------------------------------------------------------------------------------------------
 # The cache
 
 
-def test_a_second_preparation_is_read_from_the_cache_and_equals_the_first(tokenizer, tmp_path, own_cache):
+def test_a_second_preparation_is_read_from_the_cache_and_equals_the_first(tokenizer, tmp_path, own_cache, data_recipe):
     """Same inputs: the second call builds nothing and returns the same tokens, report and samples."""
-    recipe = make_recipe(write_jsonl(tmp_path / "qa.jsonl", QA), data={"eval": 0.25})
+    recipe = data_recipe(write_jsonl(tmp_path / "qa.jsonl", QA), data={"eval": 0.25})
     first = prepare_data(recipe, tokenizer)
     second = prepare_data(recipe, AutoTokenizer.from_pretrained(tokenizer.name_or_path))
     assert first.report.cache == "built" and second.report.cache == "from cache"
@@ -174,14 +174,15 @@ def test_a_second_preparation_is_read_from_the_cache_and_equals_the_first(tokeni
     assert not list(own_cache.glob("*.tmp-*"))  # nothing half-built left behind
 
 
-def test_a_files_hash_is_reused_only_while_its_size_mtime_and_inode_are_unchanged(tokenizer, tmp_path, own_cache):
+def test_a_files_hash_is_reused_only_while_its_size_mtime_and_inode_are_unchanged(tokenizer, tmp_path, own_cache,
+                                                                                  data_recipe):
     """The data files' sha256 is memoised by stat (a 1.4 GB file takes a second to hash): a settled, unchanged file
     is not read again; a rewrite (new mtime) is hashed again and is a cache miss; a file written in the last
     2 seconds is never memoised."""
     from lorafit import data_sources
 
     path = write_jsonl(tmp_path / "qa.jsonl", QA)
-    recipe = make_recipe(path)
+    recipe = data_recipe(path)
     assert prepare_data(recipe, tokenizer).report.cache == "built"
     assert not (own_cache / "hashes").exists()  # just written: its mtime could still hide another write
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns - 10**10))
@@ -227,11 +228,11 @@ def test_the_hash_memo_writes_only_its_own_files(tmp_path):
 
 @pytest.mark.parametrize("change", ["file", "max_length", "train_on", "system_prompt", "template", "fields",
                                     "seed", "tokenizer"])
-def test_any_change_to_what_shapes_the_data_is_a_cache_miss(tokenizer, tmp_path, change):
+def test_any_change_to_what_shapes_the_data_is_a_cache_miss(tokenizer, tmp_path, change, data_recipe):
     """Each fingerprint input, changed alone, makes the next preparation build again."""
     path = write_jsonl(tmp_path / "qa.jsonl", QA)
     base = {"data": {"eval": 0.25}, "template": {}, "training": {}}
-    recipe = make_recipe(path, **base)
+    recipe = data_recipe(path, **base)
     assert prepare_data(recipe, tokenizer).report.cache == "built"
     assert prepare_data(recipe, AutoTokenizer.from_pretrained(tokenizer.name_or_path)).report.cache == "from cache"
     fresh = AutoTokenizer.from_pretrained(tokenizer.name_or_path)
@@ -245,14 +246,14 @@ def test_any_change_to_what_shapes_the_data_is_a_cache_miss(tokenizer, tmp_path,
                "template": {"template": {"name": "alpaca"}},
                "fields": {"data": {"eval": 0.25, "fields": {"prompt": "completion", "completion": "prompt"}}},
                "seed": {"training": {"seed": 7}}}.get(change, {})
-    assert prepare_data(make_recipe(path, **{**base, **changed}), fresh).report.cache == "built"
+    assert prepare_data(data_recipe(path, **{**base, **changed}), fresh).report.cache == "built"
 
 
 @pytest.mark.parametrize("damage", ["truncate", "delete_manifest", "garbage_report"])
-def test_a_damaged_cache_entry_is_rebuilt_not_trusted(tokenizer, tmp_path, damage):
+def test_a_damaged_cache_entry_is_rebuilt_not_trusted(tokenizer, tmp_path, damage, data_recipe):
     """A truncated Arrow file, a missing manifest or an unreadable report: the entry is built again. Removing the
     damaged entry touches only that entry: a user's file beside it in the cache folder stays."""
-    recipe = make_recipe(write_jsonl(tmp_path / "qa.jsonl", QA))
+    recipe = data_recipe(write_jsonl(tmp_path / "qa.jsonl", QA))
     first = prepare_data(recipe, tokenizer)
     expected = first.train.to_dict()
     entry = Path(first.report.cache_path)
@@ -271,9 +272,9 @@ def test_a_damaged_cache_entry_is_rebuilt_not_trusted(tokenizer, tmp_path, damag
     assert beside.read_text() == "keep me"
 
 
-def test_cache_off_prepares_every_time_and_writes_nothing_to_the_cache(tokenizer, tmp_path, own_cache):
+def test_cache_off_prepares_every_time_and_writes_nothing_to_the_cache(tokenizer, tmp_path, own_cache, data_recipe):
     """data.cache: false: nothing is stored or reused."""
-    recipe = make_recipe(write_jsonl(tmp_path / "qa.jsonl", QA), data={"cache": False})
+    recipe = data_recipe(write_jsonl(tmp_path / "qa.jsonl", QA), data={"cache": False})
     assert prepare_data(recipe, tokenizer).report.cache == "off"
     assert prepare_data(recipe, tokenizer).report.cache == "off"
     assert not own_cache.exists() or not [p for p in own_cache.iterdir() if p.is_dir()]
@@ -286,10 +287,10 @@ def _prepare_in_child(args) -> str:
     return prepare_data(validate_recipe(recipe_raw), tokenizer).report.cache
 
 
-def test_two_processes_at_once_prepare_the_data_once(tiny_llama, tmp_path, own_cache):
+def test_two_processes_at_once_prepare_the_data_once(tiny_llama, tmp_path, own_cache, make_recipe):
     """Started together (as torchrun's ranks are), one process builds and the other waits and reads its entry."""
     path = write_jsonl(tmp_path / "qa.jsonl", QA * 50)
-    raw = {"name": "t", "model": {"path": "unused"}, "data": {"train": str(path)}}
+    raw = make_recipe("unused", path)
     with multiprocessing.get_context("spawn").Pool(2) as pool:
         states = pool.map(_prepare_in_child, [(str(own_cache), raw, str(tiny_llama))] * 2)
     assert sorted(states) == ["built", "from cache"]
@@ -303,29 +304,30 @@ def _letters(tmp_path: Path, name: str, n: int) -> Path:
     return write_jsonl(tmp_path / f"{name}.jsonl", [{"prompt": f"{name} {i}", "completion": name} for i in range(n)])
 
 
-def test_weighted_sources_mix_in_proportion_reproducibly_under_the_seed(tokenizer, tmp_path):
+def test_weighted_sources_mix_in_proportion_reproducibly_under_the_seed(tokenizer, tmp_path, data_recipe):
     """Weights 3:1 give ~75% rows from the first source, the same rows under the same seed, others under another."""
     a, b = _letters(tmp_path, "alpha", 400), _letters(tmp_path, "beta", 400)
     train = [{"path": str(a), "weight": 3}, {"path": str(b), "weight": 1}]
-    prepared = prepare_data(make_recipe(train, data={"cache": False}), tokenizer)
+    prepared = prepare_data(data_recipe(train, data={"cache": False}), tokenizer)
     sources = prepared.report.sources
     share = sources[0]["rows"] / (sources[0]["rows"] + sources[1]["rows"])
     assert 0.70 < share < 0.80
     assert sources[0]["rows"] == 400  # sampling stops when a source runs out; no row is used twice
     assert sum(s["tokens"] for s in sources) == prepared.report.total_tokens
-    again = prepare_data(make_recipe(train, data={"cache": False}), tokenizer)
+    again = prepare_data(data_recipe(train, data={"cache": False}), tokenizer)
     assert again.train["input_ids"] == prepared.train["input_ids"]
-    other = prepare_data(make_recipe(train, data={"cache": False}, training={"seed": 1}), tokenizer)
+    other = prepare_data(data_recipe(train, data={"cache": False}, training={"seed": 1}), tokenizer)
     assert other.train["input_ids"] != prepared.train["input_ids"]
 
 
-def test_a_cached_mix_with_held_out_rows_equals_the_built_one_and_holds_no_copy(tokenizer, tmp_path, own_cache):
+def test_a_cached_mix_with_held_out_rows_equals_the_built_one_and_holds_no_copy(tokenizer, tmp_path, own_cache,
+                                                                                data_recipe):
     """Weighted sources, a held-out share and dropped rows: the cache entry gives back the same train and eval rows
     in the same order, and it stores the map's files once (no second copy of the selected sets)."""
     a, b = _letters(tmp_path, "alpha", 120), _letters(tmp_path, "beta", 120)
     empty = write_jsonl(tmp_path / "gaps.jsonl", [{"prompt": "x"}] * 5 + QA)  # 5 rows with no answer: dropped
     train = [{"path": str(a), "weight": 3}, {"path": str(b), "weight": 1}, {"path": str(empty), "weight": 1}]
-    recipe = make_recipe(train, data={"eval": 0.2})
+    recipe = data_recipe(train, data={"eval": 0.2})
     built = prepare_data(recipe, tokenizer)
     cached = prepare_data(recipe, AutoTokenizer.from_pretrained(tokenizer.name_or_path))
     assert (built.report.cache, cached.report.cache) == ("built", "from cache")
@@ -338,13 +340,13 @@ def test_a_cached_mix_with_held_out_rows_equals_the_built_one_and_holds_no_copy(
     assert len(layout["parts"]) == 3 and all(name.startswith("rows/") for part in layout["parts"] for name in part)
 
 
-def test_a_cached_classification_set_equals_the_built_one(tokenizer, tmp_path, own_cache):
+def test_a_cached_classification_set_equals_the_built_one(tokenizer, tmp_path, own_cache, data_recipe):
     """sequence-classification: rows with an empty text are dropped from train and eval alike, and the cache entry
     gives back the same rows, labels and counts."""
     rows = [{"text": f"{word} {i}", "label": word} for i in range(30) for word in ("yes", "no")]
     rows[3]["text"] = rows[40]["text"] = ""
     path = write_jsonl(tmp_path / "cls.jsonl", rows)
-    recipe = make_recipe(path, task="sequence-classification", data={"eval": 0.25})
+    recipe = data_recipe(path, task="sequence-classification", data={"eval": 0.25})
     built = prepare_data(recipe, tokenizer)
     cached = prepare_data(recipe, AutoTokenizer.from_pretrained(tokenizer.name_or_path))
     assert (built.report.cache, cached.report.cache) == ("built", "from cache")
@@ -354,21 +356,21 @@ def test_a_cached_classification_set_equals_the_built_one(tokenizer, tmp_path, o
     assert cached.report.label_counts == built.report.label_counts
 
 
-def test_each_source_keeps_its_own_format_and_fields(tokenizer, tmp_path):
+def test_each_source_keeps_its_own_format_and_fields(tokenizer, tmp_path, data_recipe):
     """A mix of a prompt/completion file and a ShareGPT file with renamed columns trains both."""
     qa = write_jsonl(tmp_path / "qa.jsonl", [{"q": f"red {i}", "a": "apple"} for i in range(20)])
     chats = write_jsonl(tmp_path / "chats.jsonl", [{"conversations": [{"from": "human", "value": "blue"},
                                                                      {"from": "gpt", "value": "sky"}]}] * 20)
     train = [{"path": str(qa), "fields": {"prompt": "q", "completion": "a"}}, {"path": str(chats)}]
-    prepared = prepare_data(make_recipe(train), tokenizer)
+    prepared = prepare_data(data_recipe(train), tokenizer)
     assert {s["format"] for s in prepared.report.sources} == {"prompt-completion", "messages"}
     answers = {trained_text(tokenizer, row) for row in prepared.train}
     assert answers == {"apple<|im_end|>\n", "sky<|im_end|>\n"}
 
 
-def test_eval_rows_are_the_rows_training_held_out(tokenizer, tmp_path):
+def test_eval_rows_are_the_rows_training_held_out(tokenizer, tmp_path, data_recipe):
     """data.eval as a fraction: evaluate gets exactly the rows preparation kept out of training."""
-    recipe = make_recipe(write_jsonl(tmp_path / "qa.jsonl", QA), data={"eval": 0.25})
+    recipe = data_recipe(write_jsonl(tmp_path / "qa.jsonl", QA), data={"eval": 0.25})
     prepared = prepare_data(recipe, tokenizer)
     held = eval_rows(recipe)
     assert len(held.conversations) == prepared.report.eval_examples == 3
@@ -376,18 +378,18 @@ def test_eval_rows_are_the_rows_training_held_out(tokenizer, tmp_path):
     for messages in held.conversations:
         assert not any(messages[0]["content"] + "<|im_end|>" in text for text in trained_prompts)
     with pytest.raises(LorafitError, match="the recipe has no eval data"):
-        eval_rows(make_recipe(tmp_path / "qa.jsonl"))
+        eval_rows(data_recipe(tmp_path / "qa.jsonl"))
 
 
 # ----------------------------------------------------------------------------------------------------
 # Streaming
 
 
-def test_streaming_reads_rows_on_the_fly_and_the_report_covers_the_first_rows(tokenizer, tmp_path):
+def test_streaming_reads_rows_on_the_fly_and_the_report_covers_the_first_rows(tokenizer, tmp_path, data_recipe):
     """data.streaming: an IterableDataset of the same tokens, and a lint of the first rows."""
     path = write_jsonl(tmp_path / "qa.jsonl", QA)
-    streamed = prepare_data(make_recipe(path, data={"streaming": True}, training={"max_steps": 2}), tokenizer)
-    whole = prepare_data(make_recipe(path), tokenizer)
+    streamed = prepare_data(data_recipe(path, data={"streaming": True}, training={"max_steps": 2}), tokenizer)
+    whole = prepare_data(data_recipe(path), tokenizer)
     from datasets import IterableDataset
 
     assert isinstance(streamed.train, IterableDataset) and streamed.report.streamed
@@ -395,12 +397,12 @@ def test_streaming_reads_rows_on_the_fly_and_the_report_covers_the_first_rows(to
     assert streamed.report.train_examples == 12 and streamed.report.eos_trained
 
 
-def test_streaming_needs_max_steps_and_no_held_out_fraction(tmp_path):
+def test_streaming_needs_max_steps_and_no_held_out_fraction(tmp_path, data_recipe):
     """A stream has no length: the recipe says what to set instead."""
     with pytest.raises(Exception, match="training.max_steps"):
-        make_recipe(tmp_path / "x.jsonl", data={"streaming": True})
+        data_recipe(tmp_path / "x.jsonl", data={"streaming": True})
     with pytest.raises(Exception, match="a fraction cannot be held out of a stream"):
-        make_recipe(tmp_path / "x.jsonl", data={"streaming": True, "eval": 0.1}, training={"max_steps": 2})
+        data_recipe(tmp_path / "x.jsonl", data={"streaming": True, "eval": 0.1}, training={"max_steps": 2})
 
 
 @pytest.mark.parametrize("packing", [False, True])

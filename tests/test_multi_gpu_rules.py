@@ -57,9 +57,9 @@ def test_explicit_bf16_on_a_gpu_without_native_bf16_is_refused(gpu):
         models.choose_precision("bf16")
 
 
-def _recipe(model, data, tmp_path, **adapter):
-    return validate_recipe({"name": "t", "model": {"path": str(model)}, "adapter": {"r": 4, **adapter},
-                            "data": {"train": str(data)}, "output": {"dir": str(tmp_path / "run")}})
+def _recipe(make_recipe, model, data, tmp_path, **adapter):
+    """A validated recipe (conftest's factory) with a rank-4 adapter and `adapter`'s keys, for wrapping a model."""
+    return validate_recipe(make_recipe(model, data, adapter={"r": 4, **adapter}, output={"dir": str(tmp_path / "run")}))
 
 
 def _base(model, dtype=torch.float16):
@@ -68,11 +68,11 @@ def _base(model, dtype=torch.float16):
     return AutoModelForCausalLM.from_pretrained(model, dtype=dtype)
 
 
-def test_fp16_keeps_every_trainable_parameter_in_fp32(tiny_model_factory, toy_data, tmp_path):
+def test_fp16_keeps_every_trainable_parameter_in_fp32(tiny_model_factory, toy_data, tmp_path, make_recipe):
     """Under fp16 the LoRA matrices, trained biases and modules_to_save copies are all fp32 (the fp16 gradient
     scaler refuses fp16 gradients); the frozen base stays fp16."""
     with_biases = tiny_model_factory("llama", attention_bias=True)
-    recipe = _recipe(with_biases, toy_data, tmp_path, bias="all", modules_to_save=["lm_head"])
+    recipe = _recipe(make_recipe, with_biases, toy_data, tmp_path, bias="all", modules_to_save=["lm_head"])
     model = adapters.wrap_model(recipe, _base(with_biases), gradient_checkpointing=False, precision="fp16")
     trainable = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
     assert any("modules_to_save" in n for n in trainable) and any(n.endswith("bias") for n in trainable)
@@ -81,9 +81,9 @@ def test_fp16_keeps_every_trainable_parameter_in_fp32(tiny_model_factory, toy_da
     assert frozen == {torch.float16}
 
 
-def test_without_fp16_a_modules_to_save_copy_keeps_the_base_dtype(tiny_llama, toy_data, tmp_path):
+def test_without_fp16_a_modules_to_save_copy_keeps_the_base_dtype(tiny_llama, toy_data, tmp_path, make_recipe):
     """The fp32 rule is for fp16 only: under bf16 the head copy stays bf16 as PEFT made it."""
-    recipe = _recipe(tiny_llama, toy_data, tmp_path, modules_to_save=["lm_head"])
+    recipe = _recipe(make_recipe, tiny_llama, toy_data, tmp_path, modules_to_save=["lm_head"])
     model = adapters.wrap_model(recipe, _base(tiny_llama, torch.bfloat16), gradient_checkpointing=False,
                                 precision="bf16")
     dtypes = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
@@ -91,10 +91,10 @@ def test_without_fp16_a_modules_to_save_copy_keeps_the_base_dtype(tiny_llama, to
     assert {d for n, d in dtypes.items() if "lora_" in n} == {torch.float32}  # PEFT's own adapter upcast
 
 
-def test_zero3_follows_trl_rules_for_peft(tiny_llama, toy_data, tmp_path):
+def test_zero3_follows_trl_rules_for_peft(tiny_llama, toy_data, tmp_path, make_recipe):
     """Under ZeRO-3 the adapter keeps the base dtype (one dtype per gathered buffer) and gradient checkpointing is
     reentrant, as TRL's SFTTrainer does; elsewhere checkpointing is non-reentrant."""
-    recipe = _recipe(tiny_llama, toy_data, tmp_path)
+    recipe = _recipe(make_recipe, tiny_llama, toy_data, tmp_path)
     model = adapters.wrap_model(recipe, _base(tiny_llama, torch.bfloat16), gradient_checkpointing=True,
                                 precision="bf16", zero3=True)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
@@ -105,9 +105,9 @@ def test_zero3_follows_trl_rules_for_peft(tiny_llama, toy_data, tmp_path):
     assert plain.base_model.model.model.layers[0]._gradient_checkpointing_func.keywords["use_reentrant"] is False
 
 
-def test_fp16_under_zero3_leaves_dtypes_to_deepspeed(tiny_llama, toy_data, tmp_path):
+def test_fp16_under_zero3_leaves_dtypes_to_deepspeed(tiny_llama, toy_data, tmp_path, make_recipe):
     """DeepSpeed keeps its own fp32 master weights and needs one dtype: no fp32 upcast under ZeRO-3."""
-    recipe = _recipe(tiny_llama, toy_data, tmp_path)
+    recipe = _recipe(make_recipe, tiny_llama, toy_data, tmp_path)
     model = adapters.wrap_model(recipe, _base(tiny_llama), gradient_checkpointing=False, precision="fp16", zero3=True)
     assert {p.dtype for p in model.parameters()} == {torch.float16}
 

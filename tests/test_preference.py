@@ -46,21 +46,10 @@ def write_pairs(path: Path, n: int = 48, *, style: str = "strings") -> Path:
     return path
 
 
-def preference_recipe(model: Path, data_file: Path, out: Path, **sections) -> dict:
-    raw = {
-        "name": "tiny-dpo",
-        "task": "dpo",
-        "model": {"path": str(model)},
-        "adapter": {"r": 8, "dropout": 0.0},
-        "data": {"train": str(data_file), "eval": 0.25, "max_length": 64},
-        "preference": {"beta": 0.1},
-        "training": {"max_steps": 8, "batch_size": 4, "grad_accum": 1, "learning_rate": 1e-2, "logging_steps": 2,
-                     "save_steps": 4, "warmup_ratio": 0.0, "scheduler": "constant"},
-        "output": {"dir": str(out), "report_to": ["none"]},
-    }
-    for key, value in sections.items():
-        raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
-    return raw
+# On top of conftest's quick steps (make_recipe with an output folder): DPO for 8 steps with a held-out quarter;
+# the ORPO and KTO tests change `task` after it.
+DPO = {"name": "tiny-dpo", "task": "dpo", "data": {"eval": 0.25}, "preference": {"beta": 0.1},
+       "training": {"max_steps": 8, "logging_steps": 2, "save_steps": 4}}
 
 
 def adapter_weights(run: Path) -> dict[str, torch.Tensor]:
@@ -68,24 +57,24 @@ def adapter_weights(run: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def dpo_run(tmp_path_factory):
+def dpo_run(tmp_path_factory, make_recipe):
     """One DPO run from the base on a tiny Llama, shared by the assertions below."""
     from tiny_models import build_tiny_model
 
     root = tmp_path_factory.mktemp("dpo")
     model = build_tiny_model(root / "base", "llama")
     pairs = write_pairs(root / "pairs.jsonl")
-    recipe = validate_recipe(preference_recipe(model, pairs, root / "run"))
+    recipe = validate_recipe(make_recipe(model, pairs, root / "run", DPO))
     result = run_train(recipe, QUIET)
     return {"root": root, "model": model, "pairs": pairs, "recipe": recipe, "result": result, "run": root / "run"}
 
 
 @pytest.fixture(scope="module")
-def orpo_run(dpo_run):
+def orpo_run(dpo_run, make_recipe):
     """One ORPO run from the base, on dpo_run's tiny Llama and pairs, with dpo_run's settings but in fp32 (not bf16 on
     a CPU that has it), so `lorafit eval` can be held to what training logged."""
-    recipe = validate_recipe(preference_recipe(dpo_run["model"], dpo_run["pairs"], dpo_run["root"] / "orpo",
-                                               task="orpo", name="tiny-orpo", training={"precision": "fp32"}))
+    recipe = validate_recipe(make_recipe(dpo_run["model"], dpo_run["pairs"], dpo_run["root"] / "orpo", DPO,
+                                         task="orpo", name="tiny-orpo", training={"precision": "fp32"}))
     return {**dpo_run, "recipe": recipe, "result": run_train(recipe, QUIET), "run": dpo_run["root"] / "orpo"}
 
 
@@ -130,7 +119,7 @@ def test_dpo_moves_the_adapter_and_the_chosen_answers_gain_on_the_rejected(dpo_r
     assert metrics["loss_history"][0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # log 2: policy == reference
 
 
-def test_sft_weight_adds_the_chosen_answers_likelihood_to_the_dpo_loss(dpo_run, tmp_path):
+def test_sft_weight_adds_the_chosen_answers_likelihood_to_the_dpo_loss(dpo_run, tmp_path, make_recipe):
     """preference.sft_weight (RPO): the first step's loss is log 2 plus the chosen answers' NLL, and after the same
     steps the chosen answers are more likely than under plain DPO, which may push both answers down."""
     from peft import PeftModel
@@ -138,8 +127,8 @@ def test_sft_weight_adds_the_chosen_answers_likelihood_to_the_dpo_loss(dpo_run, 
 
     from lorafit.preference_eval import answer_logps
 
-    recipe = validate_recipe(preference_recipe(dpo_run["model"], dpo_run["pairs"], tmp_path / "run",
-                                               preference={"sft_weight": 1.0}))
+    recipe = validate_recipe(make_recipe(dpo_run["model"], dpo_run["pairs"], tmp_path / "run", DPO,
+                                         preference={"sft_weight": 1.0}))
     run_train(recipe, QUIET)
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["loss_history"][0]["loss"] > 0.6931 + 1.0  # a random tiny model's NLL per token is ~log(vocab)
@@ -151,7 +140,7 @@ def test_sft_weight_adds_the_chosen_answers_likelihood_to_the_dpo_loss(dpo_run, 
     assert chosen["rpo"] > chosen["dpo"] + 0.5
 
 
-def test_the_reference_is_the_adapter_switched_off_not_a_second_model(tiny_llama, tmp_path):
+def test_the_reference_is_the_adapter_switched_off_not_a_second_model(tiny_llama, tmp_path, make_recipe):
     """The DPO trainer holds no reference model and no "ref" adapter: TRL scores the reference with the adapter
     disabled, in the same weights (no parameter outside the base model and its adapter)."""
     from lorafit import adapters, models, preference_data
@@ -159,7 +148,7 @@ def test_the_reference_is_the_adapter_switched_off_not_a_second_model(tiny_llama
     from lorafit.train import _build_trainer, _training_arguments
 
     pairs = write_pairs(tmp_path / "pairs.jsonl", 16)
-    recipe = validate(preference_recipe(tiny_llama, pairs, tmp_path / "run"))
+    recipe = validate(make_recipe(tiny_llama, pairs, tmp_path / "run", DPO))
     precision, _ = models.choose_precision("fp32")
     tokenizer = models.load_tokenizer(recipe, str(tiny_llama))
     prepared = preference_data.prepare_preference_data(recipe, tokenizer)
@@ -177,17 +166,17 @@ def test_the_reference_is_the_adapter_switched_off_not_a_second_model(tiny_llama
     assert isinstance(trainer, DPOTrainer) and isinstance(trainer, (AdapterReference, NonFiniteGuard))
 
 
-def test_init_adapter_reference_copies_only_the_adapter(tiny_llama, tmp_path):
+def test_init_adapter_reference_copies_only_the_adapter(tiny_llama, tmp_path, make_recipe):
     """reference: init-adapter starts from adapter.init_from and keeps a frozen copy of it as the reference: the
     copy is adapter-sized and not trained, the exported adapter holds only the trained one."""
     from lorafit import adapters, models, preference_data
     from lorafit.train import _build_trainer, _training_arguments
 
     pairs = write_pairs(tmp_path / "pairs.jsonl", 16)
-    first = run_train(validate_recipe(preference_recipe(tiny_llama, pairs, tmp_path / "first",
-                                                        training={"max_steps": 2})), QUIET)
-    recipe = validate_recipe(preference_recipe(
-        tiny_llama, pairs, tmp_path / "second", adapter={"init_from": str(first.run_dir / "adapter")},
+    first = run_train(validate_recipe(make_recipe(tiny_llama, pairs, tmp_path / "first", DPO,
+                                                  training={"max_steps": 2})), QUIET)
+    recipe = validate_recipe(make_recipe(
+        tiny_llama, pairs, tmp_path / "second", DPO, adapter={"init_from": str(first.run_dir / "adapter")},
         preference={"reference": "init-adapter"}, training={"max_steps": 2}))
     precision, _ = models.choose_precision("fp32")
     tokenizer = models.load_tokenizer(recipe, str(tiny_llama))
@@ -211,11 +200,11 @@ def test_init_adapter_reference_copies_only_the_adapter(tiny_llama, tmp_path):
     assert set(adapter_weights(second.run_dir)) == set(start)
 
 
-def test_init_from_must_match_the_recipes_adapter(tiny_llama, tmp_path, dpo_run):
+def test_init_from_must_match_the_recipes_adapter(tiny_llama, tmp_path, dpo_run, make_recipe):
     """adapter.init_from with another rank than the recipe's is refused, naming both, before training."""
     pairs = write_pairs(tmp_path / "pairs.jsonl", 16)
-    recipe = validate_recipe(preference_recipe(tiny_llama, pairs, tmp_path / "run",
-                                               adapter={"r": 4, "init_from": str(dpo_run["run"] / "adapter")}))
+    recipe = validate_recipe(make_recipe(tiny_llama, pairs, tmp_path / "run", DPO,
+                                         adapter={"r": 4, "init_from": str(dpo_run["run"] / "adapter")}))
     with pytest.raises(LorafitError, match=r"adapter.init_from: .*was trained with r 8, the recipe says adapter.r: 4"):
         run_train(recipe, QUIET)
 
@@ -238,7 +227,7 @@ def test_resume_equals_an_uninterrupted_run(finished, tmp_path, monkeypatch, req
         assert torch.allclose(expected[name], got[name], atol=1e-6), name
 
 
-def test_dpo_with_group_by_length_trains(dpo_run, tmp_path, monkeypatch):
+def test_dpo_with_group_by_length_trains(dpo_run, tmp_path, monkeypatch, make_recipe):
     """data.group_by_length under dpo: the Trainer's sampler sorts by each pair's prompt + longer answer (TRL's pair
     rows have no input_ids to measure), and the run trains."""
     from transformers.trainer_pt_utils import LengthGroupedSampler
@@ -253,8 +242,8 @@ def test_dpo_with_group_by_length_trains(dpo_run, tmp_path, monkeypatch):
         return seen["sampler"]
 
     monkeypatch.setattr(DPOTrainer, "_get_train_sampler", spy)
-    recipe = validate_recipe(preference_recipe(dpo_run["model"], dpo_run["pairs"], tmp_path / "run",
-                                               data={"group_by_length": True}, training={"max_steps": 2}))
+    recipe = validate_recipe(make_recipe(dpo_run["model"], dpo_run["pairs"], tmp_path / "run", DPO,
+                                         data={"group_by_length": True}, training={"max_steps": 2}))
     result = run_train(recipe, QUIET)
     assert result.metrics.global_step == 2
     assert isinstance(seen["sampler"], LengthGroupedSampler)
@@ -264,10 +253,10 @@ def test_dpo_with_group_by_length_trains(dpo_run, tmp_path, monkeypatch):
     assert lengths <= Counter(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs)
 
 
-def test_kto_trains_on_labelled_answers(tiny_llama, tmp_path):
+def test_kto_trains_on_labelled_answers(tiny_llama, tmp_path, make_recipe):
     """KTO on prompt/completion/label rows: the desirable answers' reward ends above the undesirable ones'."""
     data = write_pairs(tmp_path / "kto.jsonl", 48, style="kto")
-    recipe = validate_recipe(preference_recipe(tiny_llama, data, tmp_path / "run", task="kto", name="tiny-kto"))
+    recipe = validate_recipe(make_recipe(tiny_llama, data, tmp_path / "run", DPO, task="kto", name="tiny-kto"))
     result = run_train(recipe, QUIET)
     assert result.report.format == "prompt/completion/label"
     assert result.report.desirable + result.report.undesirable == 36 and result.report.desirable > 10
@@ -306,7 +295,7 @@ def test_orpo_raises_the_chosen_answers_and_their_lead_over_the_rejected(orpo_ru
     assert metrics["tokens_seen"] > 0  # both answers of every pair counted, as for DPO
 
 
-def test_orpo_trains_on_the_linted_token_ids_without_a_reference(orpo_run, tmp_path):
+def test_orpo_trains_on_the_linted_token_ids_without_a_reference(orpo_run, tmp_path, make_recipe):
     """The ORPO trainer holds no reference (no ref model, no "ref" adapter, nothing outside base + adapter) and its
     rows are the lint's token ids: prompt + answer as the DPO trainer and `lorafit eval` score them, no BOS or EOS
     added, the prompt masked out of the answer labels; data.group_by_length sorts by prompt + the longer answer."""
@@ -317,8 +306,8 @@ def test_orpo_trains_on_the_linted_token_ids_without_a_reference(orpo_run, tmp_p
     from lorafit.train import _build_trainer, _training_arguments
     from lorafit.trainer import AdapterReference, NonFiniteGuard
 
-    recipe = validate_recipe(preference_recipe(orpo_run["model"], orpo_run["pairs"], tmp_path / "run", task="orpo",
-                                               data={"group_by_length": True}))
+    recipe = validate_recipe(make_recipe(orpo_run["model"], orpo_run["pairs"], tmp_path / "run", DPO, task="orpo",
+                                         data={"group_by_length": True}))
     precision, _ = models.choose_precision("fp32")
     tokenizer = models.load_tokenizer(recipe, str(orpo_run["model"]))
     prepared = preference_data.prepare_preference_data(recipe, tokenizer)
@@ -345,14 +334,14 @@ def test_orpo_trains_on_the_linted_token_ids_without_a_reference(orpo_run, tmp_p
     assert sampler.lengths[0] == prompt + max(len(pair.chosen_ids), len(pair.rejected_ids))
 
 
-def test_orpo_continues_an_sft_adapter(orpo_run, tmp_path):
+def test_orpo_continues_an_sft_adapter(orpo_run, tmp_path, make_recipe):
     """adapter.init_from works under orpo (no reference to copy): training starts from that adapter's weights, and
     its first loss is far below a fresh adapter's."""
     from lorafit import adapters, models
 
     start = orpo_run["run"] / "adapter"  # any LoRA adapter of the same shape stands in for an SFT one
-    recipe = validate_recipe(preference_recipe(orpo_run["model"], orpo_run["pairs"], tmp_path / "run", task="orpo",
-                                               adapter={"init_from": str(start)}, training={"max_steps": 1}))
+    recipe = validate_recipe(make_recipe(orpo_run["model"], orpo_run["pairs"], tmp_path / "run", DPO, task="orpo",
+                                         adapter={"init_from": str(start)}, training={"max_steps": 1}))
     tokenizer = models.load_tokenizer(recipe, str(orpo_run["model"]))
     precision, _ = models.choose_precision("fp32")
     base = models.load_base_model(recipe, str(orpo_run["model"]), precision, pad_token_id=tokenizer.pad_token_id)
@@ -370,13 +359,13 @@ def test_orpo_continues_an_sft_adapter(orpo_run, tmp_path):
 
 
 @pytest.mark.parametrize("style", ["strings", "messages", "conversations"])
-def test_pair_formats_read_the_same(tiny_llama, tmp_path, style):
+def test_pair_formats_read_the_same(tiny_llama, tmp_path, style, make_recipe):
     """Explicit strings, explicit messages and whole conversations sharing a prompt give the same pairs."""
     from lorafit import models
     from lorafit.preference_data import prepare_preference_data
 
-    recipe = validate_recipe(preference_recipe(tiny_llama, write_pairs(tmp_path / f"{style}.jsonl", 12, style=style),
-                                               tmp_path / "run", data={"eval": None}))
+    recipe = validate_recipe(make_recipe(tiny_llama, write_pairs(tmp_path / f"{style}.jsonl", 12, style=style),
+                                         tmp_path / "run", DPO, data={"eval": None}))
     tokenizer = models.load_tokenizer(recipe, str(tiny_llama))
     prepared = prepare_preference_data(recipe, tokenizer)
     row = prepared.train[0]
@@ -386,7 +375,7 @@ def test_pair_formats_read_the_same(tiny_llama, tmp_path, style):
     assert prepared.report.train_examples == 12 and not prepared.report.dropped
 
 
-def test_bad_pairs_are_dropped_and_counted_by_reason(tiny_llama, tmp_path):
+def test_bad_pairs_are_dropped_and_counted_by_reason(tiny_llama, tmp_path, make_recipe):
     """Identical sides, an empty side, a malformed row and a prompt that fills max_length are each dropped and
     counted; pairs cut by max_length are reported; token lengths are measured."""
     from lorafit import models
@@ -402,7 +391,7 @@ def test_bad_pairs_are_dropped_and_counted_by_reason(tiny_llama, tmp_path):
     ]
     data = tmp_path / "bad.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    recipe = validate_recipe(preference_recipe(tiny_llama, data, tmp_path / "run", data={"eval": None}))
+    recipe = validate_recipe(make_recipe(tiny_llama, data, tmp_path / "run", DPO, data={"eval": None}))
     report = prepare_preference_data(recipe, models.load_tokenizer(recipe, str(tiny_llama))).report
     assert dict(report.dropped) == {
         "identical chosen and rejected": 1,
@@ -438,9 +427,9 @@ def test_the_quickstart_preference_recipes_validate_and_their_data_is_clean():
         assert all(row["chosen"].split() == w[::-1] != row["rejected"].split() for row, w in zip(rows, words))
 
 
-def test_wrong_columns_name_what_is_needed(tiny_llama, toy_data, tmp_path):
+def test_wrong_columns_name_what_is_needed(tiny_llama, toy_data, tmp_path, make_recipe):
     """SFT data under task: dpo is refused naming the columns dpo needs and the ones the file has."""
-    recipe = validate_recipe(preference_recipe(tiny_llama, toy_data, tmp_path / "run"))
+    recipe = validate_recipe(make_recipe(tiny_llama, toy_data, tmp_path / "run", DPO))
     with pytest.raises(LorafitError, match=r"dpo data needs the columns prompt, chosen, rejected; the data has messages"):
         run_train(recipe, QUIET, dry_run=True)
 
@@ -466,10 +455,10 @@ def test_wrong_columns_name_what_is_needed(tiny_llama, toy_data, tmp_path):
     ({"task": "orpo", "adapter": {"method": "adalora", "r": 16}},
      "adapter.method: adalora is not supported with task: orpo"),
 ])
-def test_settings_that_cannot_apply_are_refused(tmp_path, change, message):
+def test_settings_that_cannot_apply_are_refused(tmp_path, change, message, make_recipe):
     """Preference settings outside the preference tasks, a loss of another task and impossible combinations are
     errors; orpo refuses what only a reference model or another loss would use."""
-    raw = preference_recipe(Path("m"), tmp_path / "p.jsonl", tmp_path / "run", **change)
+    raw = make_recipe(Path("m"), tmp_path / "p.jsonl", tmp_path / "run", DPO, **change)
     with pytest.raises(LorafitError, match=message):
         validate_recipe(raw)
 
@@ -478,22 +467,22 @@ def test_settings_that_cannot_apply_are_refused(tmp_path, change, message):
 # eval, merge, CLI
 
 
-def test_orpo_accepts_what_only_a_reference_would_forbid(tmp_path):
+def test_orpo_accepts_what_only_a_reference_would_forbid(tmp_path, make_recipe):
     """Without a reference model, orpo takes adapter.init: pissa (the base may be rewritten), an explicit
     reference: adapter-disabled (the default, unused) and init_from alone."""
     for change in ({"adapter": {"init": "pissa"}}, {"preference": {"reference": "adapter-disabled"}},
                    {"adapter": {"init_from": "runs/sft/adapter"}}):
-        raw = preference_recipe(Path("m"), tmp_path / "p.jsonl", tmp_path / "run", task="orpo", **change)
+        raw = make_recipe(Path("m"), tmp_path / "p.jsonl", tmp_path / "run", DPO, task="orpo", **change)
         assert validate_recipe(raw).task == "orpo"
 
 
-def test_orpo_trains_a_saved_lm_head(orpo_run, tmp_path):
+def test_orpo_trains_a_saved_lm_head(orpo_run, tmp_path, make_recipe):
     """lm_head in adapter.modules_to_save, refused under dpo / kto, trains under orpo: it scores with the model's
     own logits, so the saved copy moves away from the base's head."""
     from transformers import AutoModelForCausalLM
 
-    recipe = validate_recipe(preference_recipe(orpo_run["model"], orpo_run["pairs"], tmp_path / "run", task="orpo",
-                                               adapter={"modules_to_save": ["lm_head"]}, training={"max_steps": 2}))
+    recipe = validate_recipe(make_recipe(orpo_run["model"], orpo_run["pairs"], tmp_path / "run", DPO, task="orpo",
+                                         adapter={"modules_to_save": ["lm_head"]}, training={"max_steps": 2}))
     run_train(recipe, QUIET)
     head = adapter_weights(tmp_path / "run")["base_model.model.lm_head.weight"]
     base = AutoModelForCausalLM.from_pretrained(orpo_run["model"]).lm_head.weight.detach()
@@ -536,7 +525,7 @@ def test_orpo_eval_reports_its_reference_free_reward_as_training_logged_it(orpo_
     assert report["scores"][0]["preference"]["reward"] == adapter.preference.reward
 
 
-def test_merge_and_cli_json_on_a_dpo_run(dpo_run, tmp_path):
+def test_merge_and_cli_json_on_a_dpo_run(dpo_run, tmp_path, make_recipe):
     """A DPO adapter merges like an SFT one, and `train --dry-run --json` carries the pair lint."""
     import subprocess
     import sys
@@ -546,7 +535,7 @@ def test_merge_and_cli_json_on_a_dpo_run(dpo_run, tmp_path):
     merged = run_merge(MergeOptions([AdapterSpec(dpo_run["run"] / "adapter")], tmp_path / "merged"))
     assert (Path(merged.out_dir) / "model.safetensors").exists()
     recipe_file = tmp_path / "r.json"
-    recipe_file.write_text(json.dumps(preference_recipe(dpo_run["model"], dpo_run["pairs"], tmp_path / "dry")))
+    recipe_file.write_text(json.dumps(make_recipe(dpo_run["model"], dpo_run["pairs"], tmp_path / "dry", DPO)))
     recipe_yaml = tmp_path / "r.yaml"
     recipe_yaml.write_text(recipe_file.read_text())  # JSON is YAML
     out = subprocess.run([sys.executable, "-m", "lorafit", "train", str(recipe_yaml), "--dry-run", "--json"],
@@ -556,7 +545,7 @@ def test_merge_and_cli_json_on_a_dpo_run(dpo_run, tmp_path):
     assert payload["data"]["token_lengths"]["prompt"]["max"] > 0 and payload["data"]["truncated"] == 0
 
 
-def test_merge_inspect_runs_and_cli_json_on_an_orpo_run(orpo_run, tmp_path):
+def test_merge_inspect_runs_and_cli_json_on_an_orpo_run(orpo_run, tmp_path, make_recipe):
     """An ORPO adapter merges into a model that scores like base + adapter, inspect-modules reads an orpo recipe,
     `lorafit runs` lists the run, and `train --json` reports ORPO's metrics."""
     import subprocess
@@ -584,8 +573,8 @@ def test_merge_inspect_runs_and_cli_json_on_an_orpo_run(orpo_run, tmp_path):
     assert row.status == "finished" and row.steps == 8 and row.train_loss is not None
 
     recipe_yaml = tmp_path / "r.yaml"  # JSON is YAML
-    recipe_yaml.write_text(json.dumps(preference_recipe(orpo_run["model"], orpo_run["pairs"], tmp_path / "cli",
-                                                        task="orpo", training={"max_steps": 2})))
+    recipe_yaml.write_text(json.dumps(make_recipe(orpo_run["model"], orpo_run["pairs"], tmp_path / "cli", DPO,
+                                                  task="orpo", training={"max_steps": 2})))
     out = subprocess.run([sys.executable, "-m", "lorafit", "train", str(recipe_yaml), "--json"],
                          capture_output=True, text=True, check=True)
     payload = json.loads(out.stdout)

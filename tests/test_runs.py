@@ -21,17 +21,14 @@ from lorafit.train import run_train
 QUIET = Console(quiet=True)
 
 
-def recipe(model: Path, data: Path, out: Path, **training):
-    return validate_recipe({
-        "name": out.name,
-        "model": {"path": str(model)},
-        "adapter": {"r": 4, "alpha": 8, "dropout": 0.0},
-        "data": {"train": str(data), "eval": 0.25, "max_length": 48},
-        "training": {"max_steps": 4, "batch_size": 4, "grad_accum": 1, "learning_rate": 1e-2, "logging_steps": 1,
-                     "save_steps": 2, "warmup_ratio": 0.0, "scheduler": "constant", "max_nonfinite_steps": 2,
-                     **training},
-        "output": {"dir": str(out), "report_to": ["none"]},
-    })
+# On top of conftest's quick steps: what each run in the table trains with (4 steps, a held-out quarter).
+RUN = {"adapter": {"r": 4, "alpha": 8}, "data": {"eval": 0.25, "max_length": 48},
+       "training": {"max_steps": 4, "max_nonfinite_steps": 2}}
+
+
+def recipe(make_recipe, model: Path, data: Path, out: Path, **training):
+    """A validated recipe for the run in folder `out`, named after it: conftest's factory, RUN, then `training`."""
+    return validate_recipe(make_recipe(model, data, out, RUN, name=out.name, training=training))
 
 
 def cli(*args: str) -> tuple[int, str, list[str]]:
@@ -40,7 +37,7 @@ def cli(*args: str) -> tuple[int, str, list[str]]:
 
 
 @pytest.fixture(scope="module")
-def runs_root(tmp_path_factory):
+def runs_root(tmp_path_factory, make_recipe):
     """runs/ holding a finished and evaluated run, an interrupted one, a failed one, and folders that are no runs."""
     from tiny_models import build_tiny_model, write_toy_dataset
 
@@ -49,15 +46,15 @@ def runs_root(tmp_path_factory):
     data = write_toy_dataset(root / "toy.jsonl", n=48)
     runs = root / "runs"
 
-    done = recipe(model, data, runs / "done", learning_rate=2e-2)
+    done = recipe(make_recipe, model, data, runs / "done", learning_rate=2e-2)
     run_train(done, QUIET, quiet=True)
     run_eval(done, [runs / "done" / "adapter"], samples=4, max_new_tokens=4)  # -> runs/done/eval/
 
     with pytest.MonkeyPatch.context() as patch, pytest.raises(Interrupted):  # the fixture is module-scoped
         signal_at_step(patch, 3)
-        run_train(recipe(model, data, runs / "sweep" / "lr=5e-3", learning_rate=5e-3), QUIET, quiet=True)
+        run_train(recipe(make_recipe, model, data, runs / "sweep" / "lr=5e-3", learning_rate=5e-3), QUIET, quiet=True)
     with pytest.raises(RunFailed, match="NaN"):
-        run_train(recipe(model, data, runs / "sweep" / "lr=1e30", learning_rate=1e30), QUIET, quiet=True)
+        run_train(recipe(make_recipe, model, data, runs / "sweep" / "lr=1e30", learning_rate=1e30), QUIET, quiet=True)
 
     (runs / "empty").mkdir()
     (runs / "notes").mkdir()
