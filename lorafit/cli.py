@@ -44,9 +44,9 @@ Result = TypeVar("Result")
 
 def _execute(work: Callable[[], Result | None], *, payload: Callable[[Result], dict[str, Any]],
              show: Callable[[Result], None], as_json: bool, debug: bool) -> Result | None:
-    """Every command's one shape: `work` loads the recipe and calls the run_* function, then its result is printed
-    as one JSON object (`payload`, with --json) or rendered (`show`). `work` returns None when there is nothing to
-    report (a rank other than 0 under torchrun). Returns the result.
+    """Every command's one shape: `work` loads the recipe (where there is one) and calls the run_* function, then
+    its result is printed as one JSON object (`payload`, with --json) or rendered (`show`). `work` returns None when
+    there is nothing to report (a rank other than 0 under torchrun). Returns the result.
 
     User errors become one line on stderr and an exit code, bugs keep a traceback (--debug). With --json, a failure
     also prints one {"ok": false, ...} object on stdout, so CI always gets a result.

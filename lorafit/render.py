@@ -18,7 +18,7 @@ from rich.text import Text
 from lorafit.errors import EXIT_RUN_FAILED
 
 if TYPE_CHECKING:
-    from lorafit.evaluate import EvalResult
+    from lorafit.evaluate import EvalResult, Scores
     from lorafit.inspect_modules import InspectResult
     from lorafit.merge import MergeResult
     from lorafit.recipe import Recipe
@@ -324,13 +324,13 @@ def show_eval(result: EvalResult, *, quiet: bool = False) -> None:
 # Pieces
 
 
-def _notes(console: Console, result) -> None:
+def _notes(console: Console, result: TrainResult) -> None:
     for note in result.notes:
         style = "yellow" if note.startswith(("warning", "data:")) else "dim"
         console.print(Text(note, style=style))
 
 
-def _dry_run(console: Console, result, recipe_yaml: str) -> None:
+def _dry_run(console: Console, result: TrainResult, recipe_yaml: str) -> None:
     report = result.report
     console.rule("resolved recipe")
     console.print(Text(recipe_yaml))
@@ -370,7 +370,7 @@ def _highlight_trained(pieces: list[tuple[str, bool]]) -> Text:
     return text
 
 
-def _train_summary(console: Console, result, *, quiet: bool = False) -> None:
+def _train_summary(console: Console, result: TrainResult, *, quiet: bool = False) -> None:
     m = result.metrics
     if not quiet:
         _notes(console, result)
@@ -399,13 +399,13 @@ def _train_summary(console: Console, result, *, quiet: bool = False) -> None:
     console.print(table)
 
 
-def _trainable(console: Console, result) -> None:
+def _trainable(console: Console, result: InspectResult) -> None:
     console.print(f"trainable parameters (counted by PEFT): [bold]{result.trainable_params:,}[/bold] of "
                   f"{result.total_params:,} ({result.trainable_percent:.4f}%); "
                   f"adapter file ~{_bytes(result.adapter_file_bytes)}")
 
 
-def _preferences(console: Console, scores) -> None:
+def _preferences(console: Console, scores: list[Scores]) -> None:
     table = Table(title=f"preferences on {scores[0].preference.pairs} held-out pairs (reward: "
                   f"{scores[0].preference.reward})", title_justify="left")
     for column in ("model", "prefers chosen", "log-prob margin", "reward accuracy", "reward margin"):
@@ -417,7 +417,7 @@ def _preferences(console: Console, scores) -> None:
     console.print(table)
 
 
-def _classification_eval(console: Console, result, *, quiet: bool = False) -> None:
+def _classification_eval(console: Console, result: EvalResult, *, quiet: bool = False) -> None:
     table = Table(title=f"{result.recipe}: {result.examples} eval rows from {result.data}, classes "
                   f"{', '.join(result.labels)}", title_justify="left")
     for column in ("model", "loss", "accuracy", "macro-F1", "correct per class", "time"):
