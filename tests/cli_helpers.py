@@ -35,6 +35,7 @@ QUICK = {"name": "rel", "adapter": {"r": 4}, "data": {"max_length": 48}}
 
 
 def write_recipe(path: Path, raw: dict) -> Path:
+    """Write a raw recipe dict to `path` as a recipe file."""
     path.write_text(json.dumps(raw))  # JSON is YAML
     return path
 
@@ -46,6 +47,7 @@ def cli(*args: str) -> tuple[int, list[str]]:
 
 
 def assert_one_line_error(code: int, lines: list[str], *expected: str, exit_code: int = EXIT_USER_ERROR) -> str:
+    """Assert the CLI failed with `exit_code` and one line, no traceback, holding each `expected` text; the line."""
     assert code == exit_code, lines
     assert len(lines) == 1, lines
     assert "Traceback" not in lines[0]
@@ -55,19 +57,23 @@ def assert_one_line_error(code: int, lines: list[str], *expected: str, exit_code
 
 
 def adapter_weights(run: Path) -> dict[str, torch.Tensor]:
+    """The tensors of the adapter a run exported."""
     return load_file(run / "adapter" / "adapter_model.safetensors")
 
 
 def checkpoint_steps(run: Path) -> list[int]:
+    """The steps of a run's complete checkpoints, in order."""
     return [int(p.name.split("-")[1]) for p in checkpoints.complete_checkpoints(run / "checkpoints")]
 
 
 def digest_tree(folder: Path) -> dict[str, str]:
+    """Each file under `folder` (relative path) -> its sha256, to show that nothing changed."""
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def fail_at_step(monkeypatch, step: int, exc: BaseException) -> None:
+    """Raise `exc` at the end of optimizer step `step`, before that step's checkpoint (if any) is saved."""
     original = ProgressCallback.on_step_end
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -91,6 +97,7 @@ def fail_saving(monkeypatch, checkpoint_name: str, exc: BaseException) -> None:
 
 
 def copy_model(source: Path, target: Path) -> Path:
+    """A copy of a model folder to change; the shared tiny model stays read-only."""
     import shutil
 
     shutil.copytree(source, target)

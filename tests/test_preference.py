@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import adapter_weights
 from rich.console import Console
 from run_signals import signal_at_step
-from safetensors.torch import load_file
 
 from lorafit.errors import Interrupted, LorafitError
 from lorafit.recipe import validate_recipe
@@ -50,10 +50,6 @@ def write_pairs(path: Path, n: int = 48, *, style: str = "strings") -> Path:
 # the ORPO and KTO tests change `task` after it.
 DPO = {"name": "tiny-dpo", "task": "dpo", "data": {"eval": 0.25}, "preference": {"beta": 0.1},
        "training": {"max_steps": 8, "logging_steps": 2, "save_steps": 4}}
-
-
-def adapter_weights(run: Path) -> dict[str, torch.Tensor]:
-    return load_file(run / "adapter" / "adapter_model.safetensors")
 
 
 @pytest.fixture(scope="module")

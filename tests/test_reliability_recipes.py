@@ -95,6 +95,7 @@ def test_bad_set_overrides(tmp_path, override, expected):
 
 
 def _uninstalled_tracker() -> str | None:
+    """A tracker transformers knows but that is not installed here (None if every one is)."""
     from transformers.integrations.integration_utils import (INTEGRATION_TO_CALLBACK,
                                                              get_available_reporting_integrations)
 
