@@ -55,6 +55,7 @@ class Scores:
     f1: float | None = None  # macro-F1
     per_class: dict[str, dict[str, int]] | None = None  # class -> rows, predicted, correct
     preference: PreferenceScores | None = None  # task dpo / kto / orpo: how it prefers the chosen answers
+    rewards: dict[str, float] | None = None  # task grpo / rloo: each reward's mean on the greedy answers, and `reward`
 
 
 @dataclass
@@ -101,6 +102,7 @@ class EvalInputs:
     saved_tokenizers: list  # the tokenizer each adapter folder holds (None where it holds none)
     labels: list[str] | None  # a classifier's classes (Task.eval_labels)
     notes: list[str]  # the report's notes, appended to
+    allow_code: bool = False  # --allow-code: the recipe's Python (custom rewards) may run
 
 
 @dataclass
@@ -117,8 +119,10 @@ class EvalPlan:
 
 def run_eval(recipe: Recipe, adapter_dirs: list[str | Path], *, data_file: str | Path | None = None,
              samples: int | None = None, max_new_tokens: int | None = None, batch_size: int = 8,
-             out_dir: str | Path | None = None) -> EvalResult:
-    """Score the recipe's base model and each adapter on the eval rows; writes report.json and samples.jsonl."""
+             out_dir: str | Path | None = None, allow_code: bool = False) -> EvalResult:
+    """Score the recipe's base model and each adapter on the eval rows; writes report.json and samples.jsonl.
+
+    `allow_code` is --allow-code: the recipe's Python (custom rewards) may run."""
     started = time.perf_counter()
     notes: list[str] = []
     if not adapter_dirs:
@@ -165,7 +169,7 @@ def run_eval(recipe: Recipe, adapter_dirs: list[str | Path], *, data_file: str |
 
     # 2. The eval rows, read and encoded as training read them, and how the task measures a model on them.
     plan = task.eval_plan(EvalInputs(recipe, tokenizer, data_file, samples, max_new_tokens, batch_size, names,
-                                     saved_tokenizers, labels, notes))
+                                     saved_tokenizers, labels, notes, allow_code))
 
     # 3. One base, the adapters beside it; every model measured on the same rows (the base first).
     model = _base_with_adapters(recipe, labels, source, precision, tokenizer, trained, names)

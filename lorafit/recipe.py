@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from lorafit import tasks
 from lorafit.errors import LorafitError
+from lorafit.rewards import RewardSpec
 from lorafit.tasks import dpo, kto
 
 BUILTIN_MODELS = ("smollm2-135m-instruct",)
@@ -353,6 +354,37 @@ class TrainingSection(_Section):
     max_nonfinite_steps: int = Field(3, gt=0, description="Stop after this many consecutive NaN/inf losses.")
 
 
+class GenerationSection(_Section):
+    num_generations: int = Field(8, ge=2, description="task grpo / rloo: completions sampled per prompt; each one's "
+                                 "reward is compared with the others of its group.")
+    max_completion_length: int = Field(64, gt=0, description="Most tokens sampled per completion; a completion cut "
+                                       "there is counted as clipped (completions/clipped_ratio).")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the completions.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling: the share of probability mass sampled from.")
+
+
+# TRL 1.16's GRPOConfig.loss_type values (trl/trainer/grpo_config.py).
+GRPO_LOSSES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo")
+
+
+class RLSection(_Section):
+    loss: Literal[GRPO_LOSSES] | None = Field(  # type: ignore[valid-type]
+        None, description=f"grpo: TRL's loss type, one of {', '.join(GRPO_LOSSES)} (default dapo: token-level, "
+        "normalised by the active tokens); rloo has one loss and takes none.")
+    beta: float = Field(0.0, ge=0, description="Weight of the KL term to the reference model; 0 (the default) "
+                        "computes no reference log-probabilities at all.")
+    epsilon: float = Field(0.2, gt=0, lt=1, description="Clipping range of the policy ratio.")
+    scale_rewards: Literal["group", "batch", "none"] | None = Field(
+        None, description="grpo: divide advantages by the reward std of the group (default), of the batch, or not "
+        "at all (Dr. GRPO); rloo does not scale.")
+    num_iterations: int = Field(1, ge=1, description="Optimisation passes over each batch of completions (mu); "
+                                "above 1 the old policy's log-probabilities are computed once per batch.")
+    reference: Literal["adapter-disabled", "init-adapter"] = Field(
+        "adapter-disabled", description="With beta > 0, the model the KL term is measured against, never a second "
+        "copy in memory: the base (adapter switched off), or a frozen copy of the adapter the run starts from "
+        "(needs adapter.init_from).")
+
+
 class OutputSection(_Section):
     dir: str | None = Field(None, description="Run folder; default runs/<name>.")
     report_to: Literal["auto"] | list[str] = Field(
@@ -378,6 +410,13 @@ class Recipe(_Section):
     data: DataSection
     preference: PreferenceSection | None = Field(
         None, description="task dpo / kto / orpo: beta, loss type and reference model; absent = the defaults.")
+    rewards: list[RewardSpec] | None = Field(
+        None, description="task grpo / rloo: what a completion is worth, a weighted sum of these entries (a built-in "
+        "by name, or function: path.py:name with --allow-code); each one is logged on its own.")
+    generation: GenerationSection | None = Field(
+        None, description="task grpo / rloo: how completions are sampled; absent = the defaults.")
+    rl: RLSection | None = Field(
+        None, description="task grpo / rloo: the policy loss, KL weight and reference; absent = the defaults.")
     template: TemplateSection = Field(default_factory=TemplateSection)
     training: TrainingSection = Field(default_factory=TrainingSection)
     output: OutputSection = Field(default_factory=OutputSection)
@@ -423,11 +462,12 @@ class Recipe(_Section):
         if self.data.streaming:
             self._check_streaming()
         task = tasks.TASKS[self.task]
-        if self.data.labels is not None and "data.labels" not in task.sections:
-            raise ValueError("data.labels: class names only apply to task: "
-                             + tasks.names_where(lambda t: "data.labels" in t.sections))
-        if self.preference is not None and "preference" not in task.sections:
-            raise ValueError("preference: only applies to task: " + tasks.names_where(lambda t: "preference" in t.sections))
+        for part, given in (("data.labels", self.data.labels is not None), ("preference", self.preference),
+                            ("rewards", self.rewards), ("generation", self.generation), ("rl", self.rl)):
+            if given is not None and given is not False and part not in task.sections:
+                users = tasks.names_where(lambda t, part=part: part in t.sections)
+                raise ValueError(f"data.labels: class names only apply to task: {users}" if part == "data.labels"
+                                 else f"{part}: only applies to task: {users}")
         task.check_recipe(self)
         if self.adapter.init_from is not None and self.adapter.method == "prefix":
             raise ValueError("adapter.init_from: continuing a prefix-tuning adapter is not supported; use method: lora")
@@ -501,6 +541,8 @@ SECTIONS: dict[str, type[BaseModel]] = {
     "adapter": AdapterSection,
     "data": DataSection,
     "preference": PreferenceSection,
+    "generation": GenerationSection,
+    "rl": RLSection,
     "template": TemplateSection,
     "training": TrainingSection,
     "output": OutputSection,
@@ -670,6 +712,12 @@ def _resolve_input_paths(raw: dict[str, Any], base_dir: Path) -> None:
     adapter = raw.get("adapter")
     if isinstance(adapter, dict) and adapter.get("init_from") is not None:
         adapter["init_from"] = resolve(adapter["init_from"], must_look_like_file=False)
+    for entry in raw.get("rewards") or []:  # a schema file or a reward function's file, beside the recipe
+        if isinstance(entry, dict) and isinstance(entry.get("schema_file"), str):
+            entry["schema_file"] = resolve(entry["schema_file"], must_look_like_file=True)
+        if isinstance(entry, dict) and isinstance(entry.get("function"), str) and ".py:" in entry["function"]:
+            file, _, function = entry["function"].rpartition(":")
+            entry["function"] = f"{resolve(file, must_look_like_file=True)}:{function}"
     template = raw.get("template")
     if isinstance(template, dict) and isinstance(template.get("custom"), str) and "\n" not in template["custom"]:
         template["custom"] = resolve(template["custom"], must_look_like_file=True)

@@ -308,6 +308,8 @@ def show_eval(result: EvalResult, *, quiet: bool = False) -> None:
     console.print(table)
     if any(s.preference for s in result.scores):  # preference tasks: the held-out pairs
         _preferences(console, result.scores)
+    if any(s.rewards for s in result.scores):  # grpo / rloo: the recipe's rewards on the greedy answers
+        _rewards(console, result.scores)
     if quiet:
         return
     for row in result.samples[:3]:
@@ -322,6 +324,17 @@ def show_eval(result: EvalResult, *, quiet: bool = False) -> None:
 
 # ----------------------------------------------------------------------------------------------------
 # Pieces
+
+
+def _rewards(console: Console, scores) -> None:
+    """Each reward's mean on every model's greedy answers, and their weighted sum (`reward`)."""
+    names = list(next(s.rewards for s in scores if s.rewards))
+    table = Table(title="rewards on the greedy answers (mean)", title_justify="left")
+    for column in ("model", *names):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for s in scores:
+        table.add_row(s.name, *(_fmt(s.rewards.get(n)) if s.rewards else "-" for n in names))
+    console.print(table)
 
 
 def _notes(console: Console, result: TrainResult) -> None:

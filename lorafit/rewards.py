@@ -425,6 +425,36 @@ def build_rewards(specs: Sequence[_Reward], recipe_dir: Path, *, allow_code: boo
     return Rewards(functions=functions, weights=[spec.weight for spec in specs], names=names)
 
 
+def reward_names(specs: Sequence[_Reward]) -> list[str]:
+    """The names the entries are logged under (rewards/<name>/mean), in order."""
+    return [spec.display_name() for spec in specs]
+
+
+def check_function_columns(built: Rewards, columns: Sequence[str]) -> None:
+    """Raise before any compute when a custom reward names a column (without a default) the data lacks."""
+    for index, function in enumerate(built.functions):
+        user = getattr(function, "user_function", None)
+        missing = [c for c in custom_reward_columns(user) if c not in columns] if user is not None else []
+        if missing:
+            raise LorafitError(f"reward {built.names[index]} takes the column '{missing[0]}', which the data lacks",
+                               where=f"rewards[{index}].function",
+                               hint=f"the data has: {', '.join(columns)}; give the parameter a default, or take "
+                                    "**kwargs")
+
+
+def mean_rewards(built: Rewards, prompts: Sequence[Any], completions: Sequence[Completion],
+                 completion_ids: Sequence[Sequence[int]], columns: dict[str, list[Any]]) -> dict[str, float]:
+    """Each reward's mean over `completions` (eval's greedy answers), and their weighted sum's mean as `reward`."""
+    means: dict[str, float] = {}
+    total = [0.0] * len(completions)
+    for function, weight, name in zip(built.functions, built.weights, built.names, strict=True):
+        scores = function(prompts=list(prompts), completions=list(completions), completion_ids=list(completion_ids),
+                          **columns)
+        means[name] = sum(scores) / len(scores) if scores else 0.0
+        total = [t + weight * s for t, s in zip(total, scores, strict=True)]
+    return {"reward": sum(total) / len(total) if total else 0.0, **means}
+
+
 def _builtin_function(spec: _Reward, recipe_dir: Path, index: int) -> Callable[..., list[float]]:
     score = _builtin_scorer(spec, recipe_dir, index)
     name = spec.display_name()

@@ -92,11 +92,12 @@ class SweepResult:
 
 def run_sweep(recipe_path: Path, overrides: list[str], sweeps: list[str], console: Console, *,
               dry_run: bool = False, resume: bool = False, overwrite: bool = False, quiet: bool = False,
+              allow_code: bool = False,
               resume_command: str = "lorafit train <recipe.yaml> --sweep ... --resume") -> SweepResult:
     """Run every point of the grid that `sweeps` spans over the recipe (one after another) and write the summary.
 
     With dry_run, only list the grid and what would happen to each point. `resume_command` is shown when a run is
-    interrupted; it re-runs the same sweep with --resume.
+    interrupted; it re-runs the same sweep with --resume. `allow_code` (--allow-code) reaches every run.
     """
     axes = parse_sweeps(sweeps, overrides)
     base = load_recipe(recipe_path, overrides)
@@ -120,12 +121,14 @@ def run_sweep(recipe_path: Path, overrides: list[str], sweeps: list[str], consol
         return result
 
     if os.environ.get("RANK", "0") != "0":  # under torchrun / accelerate launch every rank runs the grid; rank 0 writes
-        return _run_grid(result, recipe_path, console, overwrite=overwrite, quiet=quiet, resume_command=resume_command)
+        return _run_grid(result, recipe_path, console, overwrite=overwrite, quiet=quiet, allow_code=allow_code,
+                         resume_command=resume_command)
     with run_folder.folder_lock(sweep_dir, where=f"output.dir: {sweep_dir}"):  # one sweep per folder
         run_folder.write_marker(sweep_dir, "sweep", files=[run_folder.SWEEP_SUMMARY, run_folder.SWEEP_TABLE],
                                 status="running")
         try:
-            _run_grid(result, recipe_path, console, overwrite=overwrite, quiet=quiet, resume_command=resume_command)
+            _run_grid(result, recipe_path, console, overwrite=overwrite, quiet=quiet, allow_code=allow_code,
+                      resume_command=resume_command)
         except BaseException as exc:
             stopped = isinstance(exc, (Interrupted, KeyboardInterrupt))
             run_folder.update_marker(sweep_dir, status="interrupted" if stopped else "failed")
@@ -135,7 +138,7 @@ def run_sweep(recipe_path: Path, overrides: list[str], sweeps: list[str], consol
 
 
 def _run_grid(result: SweepResult, recipe_path: Path, console: Console, *, overwrite: bool, quiet: bool,
-              resume_command: str) -> SweepResult:
+              allow_code: bool, resume_command: str) -> SweepResult:
     """Each grid point's run, one after another; the summary is rewritten whatever happens."""
     from lorafit.train import run_train
 
@@ -151,7 +154,8 @@ def _run_grid(result: SweepResult, recipe_path: Path, console: Console, *, overw
                 console.rule(f"[{index}/{len(runs)}] {run.name}", style="cyan")
             try:
                 trained = run_train(run.recipe, console, resume=run.plan == "resume",
-                                    overwrite=overwrite, quiet=quiet, resume_command=resume_command)
+                                    overwrite=overwrite, quiet=quiet, allow_code=allow_code,
+                                    resume_command=resume_command)
             except Interrupted:
                 run.status = "interrupted"
                 raise

@@ -70,17 +70,22 @@ class TrainMetrics:
     # preference tasks only: the last logged train and eval rewards, under TRL's names (the task's logged_metrics
     # and their eval_ twins: lorafit/tasks/preference.py)
     preference: dict[str, float | None] | None = None
+    # task grpo / rloo only: the last logged rewards (mean, std, each reward's mean), completion lengths, clipped
+    # share, KL and entropy, under TRL's names (lorafit/tasks/grpo.py)
+    rl: dict[str, float | None] | None = None
     # adapter.method adalora only: each adapted module's rank after pruning (the adapter's rank pattern)
     adapter_ranks: dict[str, int] | None = None
 
     def as_json(self) -> dict[str, Any]:
-        """metrics.json's content: every field, the classification / preference / AdaLoRA ones only for those."""
+        """metrics.json's content: every field, the classification / preference / RL / AdaLoRA ones only for those."""
         values = asdict(self)
         if self.labels is None:
             for key in ("labels", "label_counts", "eval_accuracy", "eval_f1"):
                 del values[key]
         if self.preference is None:
             del values["preference"]
+        if self.rl is None:
+            del values["rl"]
         if self.adapter_ranks is None:
             del values["adapter_ranks"]
         return values
@@ -103,11 +108,12 @@ class TrainResult:
 
 
 def run_train(recipe: Recipe, console: Console, *, dry_run: bool = False, resume: bool = False,
-              overwrite: bool = False, quiet: bool = False,
+              overwrite: bool = False, quiet: bool = False, allow_code: bool = False,
               resume_command: str = "lorafit train <recipe.yaml> --resume") -> TrainResult:
     """Train the recipe's adapter and write the run folder (or, with dry_run, only check and describe it).
 
-    `resume_command` is the exact command line shown when the run is interrupted. The run folder is locked for the
+    `resume_command` is the exact command line shown when the run is interrupted; `allow_code` is --allow-code,
+    the user's consent to run Python the recipe names (custom rewards). The run folder is locked for the
     whole run (one writer per folder) and its marker's status follows the run: running, then finished,
     interrupted or failed.
     """
@@ -115,7 +121,7 @@ def run_train(recipe: Recipe, console: Console, *, dry_run: bool = False, resume
     replace = run_folder.check_run_folder(recipe, resume=resume, overwrite=overwrite, dry_run=dry_run)
     if dry_run or not models.is_main_process():
         return _train(recipe, console, dry_run=dry_run, resume=resume, replace=replace, quiet=quiet,
-                      resume_command=resume_command)
+                      allow_code=allow_code, resume_command=resume_command)
     run_dir = recipe.run_dir
     with run_folder.folder_lock(run_dir, where=f"output.dir: {run_dir}"):
         # Again under the lock: another lorafit may have written here between the first check and the lock.
@@ -123,7 +129,7 @@ def run_train(recipe: Recipe, console: Console, *, dry_run: bool = False, resume
         started_at = _marker_updated(run_dir)
         try:
             return _train(recipe, console, dry_run=dry_run, resume=resume, replace=replace, quiet=quiet,
-                          resume_command=resume_command)
+                          allow_code=allow_code, resume_command=resume_command)
         except BaseException as exc:
             if _marker_updated(run_dir) != started_at:  # this process marked the folder running: say how it ended
                 stopped = isinstance(exc, (Interrupted, KeyboardInterrupt))
@@ -182,10 +188,10 @@ def _marker_updated(run_dir: Path) -> str | None:
 
 
 def _train(recipe: Recipe, console: Console, *, dry_run: bool, resume: bool, replace: bool, quiet: bool,
-           resume_command: str) -> TrainResult:
+           allow_code: bool, resume_command: str) -> TrainResult:
     """`_prepare` (all that a dry run checks and shows), then, unless it is a dry run, `_fit_and_export`."""
     started = time.perf_counter()
-    run = _prepare(recipe, resume=resume, dry_run=dry_run)
+    run = _prepare(recipe, resume=resume, dry_run=dry_run, allow_code=allow_code)
     if not dry_run:
         _fit_and_export(run, console, replace=replace, quiet=quiet, resume_command=resume_command, started=started)
     return run.result
@@ -206,7 +212,7 @@ class _PreparedRun:
     layout: Layout  # how the launcher spread the run over processes
 
 
-def _prepare(recipe: Recipe, *, resume: bool, dry_run: bool) -> _PreparedRun:
+def _prepare(recipe: Recipe, *, resume: bool, dry_run: bool, allow_code: bool = False) -> _PreparedRun:
     """Everything a dry run checks and shows: precision, tokenizer, data, the resume check, the wrapped model."""
     from lorafit import adapter_init, adapters, checkpoints, distributed
 
@@ -221,7 +227,7 @@ def _prepare(recipe: Recipe, *, resume: bool, dry_run: bool) -> _PreparedRun:
 
     # 2. The data, rendered and linted with the template, before spending compute.
     task = tasks.task_of(recipe)
-    prepared = task.prepare_data(recipe, tokenizer)
+    prepared = task.prepare_data(recipe, tokenizer, allow_code=allow_code)
     if prepared.labels is not None:  # the class ids, recorded in the run's recipe.yaml for eval and merge
         recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"labels": prepared.labels})})
     notes.append(f"data: {prepared.report.summary()}")
@@ -461,7 +467,7 @@ def _build_trainer(recipe: Recipe, model, tokenizer, prepared, args, console: Co
         eval_dataset=prepared.eval,
         processing_class=tokenizer,
         callbacks=callbacks,
-        **task.trainer_options(recipe, tokenizer),
+        **task.trainer_options(recipe, tokenizer, prepared),
     )
     # With tqdm disabled HF prints raw log dicts; ProgressCallback already shows the same numbers readably.
     trainer.remove_callback(PrinterCallback)
@@ -506,8 +512,9 @@ def _measured(result: TrainResult, recipe: Recipe, source: str, trainer, output,
 
     history, state, report = trainer.state.log_history, trainer.state, result.report
     task = tasks.task_of(recipe)
+    logged = task.logged_metrics(recipe)
     history_keys = ("loss", "eval_loss", "eval_accuracy", "eval_f1", "learning_rate", "grad_norm",
-                    *task.logged_metrics, *(f"eval_{key}" for key in task.logged_metrics))
+                    *logged, *(f"eval_{key}" for key in logged))
     return TrainMetrics(
         name=recipe.name,
         base_model=source,

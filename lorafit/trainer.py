@@ -1,7 +1,8 @@
 """The trainers lorafit builds and the training loop that runs them (`fit`).
 
 - `SFTTrainer` (causal LM), `ClassifierTrainer` (sequence classification), `DPOTrainer` and `KTOTrainer`
-  (preference tuning, reference model = the adapter switched off: `AdapterReference`; task orpo's trainer, which
+  (preference tuning), `GRPOTrainer` and `RLOOTrainer` (online RL) (reference model = the adapter switched off:
+  `AdapterReference`; task orpo's trainer, which
   has no reference, is in lorafit/orpo_trainer.py, apart because TRL keeps it under `trl.experimental`) are TRL's
   and transformers' trainers with behaviours added at `compute_loss`, the documented extension point: `NonFiniteGuard`
   skips NaN/inf losses and stops after `training.max_nonfinite_steps` in a row; `TrainedPositionsLoss`
@@ -124,6 +125,15 @@ class DPOTrainer(NonFiniteGuard, AdapterReference, trl.DPOTrainer):
 
 class KTOTrainer(NonFiniteGuard, AdapterReference, trl.KTOTrainer):
     """TRL's KTOTrainer with the NaN/inf guard, its reference the adapter switched off (or its frozen start)."""
+
+
+class GRPOTrainer(NonFiniteGuard, AdapterReference, trl.GRPOTrainer):
+    """TRL's GRPOTrainer (online RL from rewards) with the NaN/inf guard; with a KL term its reference is the adapter
+    switched off (or its frozen start). TRL adds the "ref" copy only when rl.beta > 0."""
+
+
+class RLOOTrainer(NonFiniteGuard, AdapterReference, trl.RLOOTrainer):
+    """TRL's RLOOTrainer (leave-one-out baseline) with the NaN/inf guard and the same reference rule as GRPO."""
 
 
 def nonfinite_parameters(model: nn.Module) -> list[str]:

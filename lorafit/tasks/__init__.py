@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from lorafit.tasks import causal_lm, classification, dpo, kto, orpo
+from lorafit.tasks import causal_lm, classification, dpo, grpo, kto, orpo, rloo
 from lorafit.tasks.base import Task
 
 if TYPE_CHECKING:
@@ -22,6 +22,8 @@ TASKS: dict[str, Task] = {task.name: task for task in (
     dpo.TASK,
     kto.TASK,
     orpo.TASK,
+    grpo.TASK,
+    rloo.TASK,
 )}
 DEFAULT = causal_lm.TASK.name  # a recipe without `task`
 

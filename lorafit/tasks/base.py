@@ -32,22 +32,28 @@ class Task(ABC):
     streams: ClassVar[bool] = False  # data.streaming is honoured
     mixes_sources: ClassVar[bool] = False  # weighted data.train entries are drawn by weight
     sections: ClassVar[frozenset[str]] = frozenset()  # optional recipe parts it reads: "preference", "data.labels"
-    logged_metrics: ClassVar[tuple[str, ...]] = ()  # trainer log keys kept in metrics.json (and their eval_ twins)
 
     def check_recipe(self, recipe: Recipe) -> None:
         """Refuse settings this task cannot honour; raise ValueError naming the key path (the schema's validator)."""
 
     @abstractmethod
-    def prepare_data(self, recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> PreparedData:
-        """Read, render, tokenize and lint the recipe's rows for this task's trainer."""
+    def prepare_data(self, recipe: Recipe, tokenizer: PreTrainedTokenizerBase, *,
+                     allow_code: bool = False) -> PreparedData:
+        """Read, render, tokenize and lint the recipe's rows for this task's trainer. `allow_code`: the command line
+        allowed running the recipe's Python (--allow-code), which a task may need (custom rewards)."""
 
     @abstractmethod
     def trainer_classes(self, recipe: Recipe) -> tuple[type, type, dict[str, Any]]:
         """The HF TrainingArguments class, the trainer class, and the arguments only this task sets."""
 
-    def trainer_options(self, recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+    def trainer_options(self, recipe: Recipe, tokenizer: PreTrainedTokenizerBase,
+                        prepared: PreparedData) -> dict[str, Any]:
         """Keyword arguments for the trainer's constructor beyond the shared ones (model, args, data, callbacks)."""
         return {}
+
+    def logged_metrics(self, recipe: Recipe) -> tuple[str, ...]:
+        """Trainer log keys kept in metrics.json's loss history (and their eval_ twins) beyond loss and lr."""
+        return ()
 
     def metric_fields(self, recipe: Recipe, history: list[dict], report: DataReport) -> dict[str, Any]:
         """TrainMetrics fields only this task fills (classes, preference rewards, the supervised token share)."""

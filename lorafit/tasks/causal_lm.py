@@ -24,7 +24,7 @@ class CausalLM(Task):
     streams = True
     mixes_sources = True
 
-    def prepare_data(self, recipe: Recipe, tokenizer):
+    def prepare_data(self, recipe: Recipe, tokenizer, *, allow_code: bool = False):
         from lorafit import data
 
         return data.prepare_data(recipe, tokenizer)
@@ -36,7 +36,7 @@ class CausalLM(Task):
 
         return SFTConfig, trainer.SFTTrainer, {"max_length": recipe.data.max_length, "packing": recipe.data.packing}
 
-    def trainer_options(self, recipe: Recipe, tokenizer) -> dict[str, Any]:
+    def trainer_options(self, recipe: Recipe, tokenizer, prepared) -> dict[str, Any]:
         return {"adapter": recipe.adapter}  # AdaLoRA's schedule (lorafit/adalora.py; inert for the other methods)
 
 

@@ -52,7 +52,7 @@ class SequenceClassification(Task):
             raise ValueError("template: sequence-classification feeds the text column to the model as it is, without "
                              "a prompt template; remove the template section")
 
-    def prepare_data(self, recipe: Recipe, tokenizer):
+    def prepare_data(self, recipe: Recipe, tokenizer, *, allow_code: bool = False):
         from lorafit import data
 
         return data.prepare_classification_data(recipe, tokenizer)
@@ -64,7 +64,7 @@ class SequenceClassification(Task):
 
         return TrainingArguments, trainer.ClassifierTrainer, {}
 
-    def trainer_options(self, recipe: Recipe, tokenizer) -> dict[str, Any]:
+    def trainer_options(self, recipe: Recipe, tokenizer, prepared) -> dict[str, Any]:
         from transformers import DataCollatorWithPadding
 
         # Rows are padded per batch; each evaluation also logs eval_accuracy and eval_f1; AdaLoRA's schedule

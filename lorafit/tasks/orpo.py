@@ -23,7 +23,6 @@ class ORPO(PreferenceTask):
                "model, from the same pairs as dpo (TRL's experimental ORPOTrainer).")
     token_id_rows = True
     reference_free = True
-    logged_metrics = (*PreferenceTask.logged_metrics, *ORPO_METRICS)
 
     def check_preference(self, recipe: Recipe, preference: PreferenceSection) -> None:
         from lorafit.recipe import PreferenceSection
@@ -42,6 +41,9 @@ class ORPO(PreferenceTask):
             raise ValueError(f"preference.{unused[0]}: not used by task orpo, whose loss is the chosen answers' NLL "
                              f"plus beta x the odds-ratio term (only beta applies); remove {unused[0]}")
 
+    def logged_metrics(self, recipe: Recipe) -> tuple[str, ...]:
+        return (*super().logged_metrics(recipe), *ORPO_METRICS)
+
     def adalora_refusal(self) -> str:
         # No reference copy here, but ORPO's loss is computed by TRL from the logits, so AdaLoRA's orthogonal
         # regulariser and rank schedule (lorafit/adalora.py, wired into the SFT and classifier trainers) would not run.
@@ -57,7 +59,7 @@ class ORPO(PreferenceTask):
             "max_length": recipe.data.max_length, "beta": self.preference_of(recipe).beta, "disable_dropout": False,
             "remove_unused_columns": False}
 
-    def trainer_options(self, recipe: Recipe, tokenizer) -> dict[str, Any]:
+    def trainer_options(self, recipe: Recipe, tokenizer, prepared) -> dict[str, Any]:
         return {}  # reference-free: no reference model to choose
 
 

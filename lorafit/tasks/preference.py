@@ -24,7 +24,6 @@ class PreferenceTask(Task):
     """A task that learns from answers judged better or worse (pairs, or kto's labelled answers)."""
 
     sections = frozenset({"preference"})
-    logged_metrics = PREFERENCE_METRICS
     judged_rows: ClassVar[bool] = False  # kto: each answer is one labelled row (pairs are split into two)
     token_id_rows: ClassVar[bool] = False  # orpo: the trainer takes the lint's token ids, not conversations
     reference_free: ClassVar[bool] = False  # orpo: no reference model; its reward is per-token, not vs the base
@@ -61,18 +60,22 @@ class PreferenceTask(Task):
 
         return recipe.preference or PreferenceSection()
 
-    def prepare_data(self, recipe: Recipe, tokenizer):
+    def prepare_data(self, recipe: Recipe, tokenizer, *, allow_code: bool = False):
         from lorafit.preference_data import prepare_preference_data
 
         return prepare_preference_data(recipe, tokenizer)
 
-    def trainer_options(self, recipe: Recipe, tokenizer) -> dict[str, Any]:
+    def trainer_options(self, recipe: Recipe, tokenizer, prepared) -> dict[str, Any]:
         # The reference model: the adapter switched off, or its frozen start (lorafit/trainer.py AdapterReference).
         return {"reference": self.preference_of(recipe).reference}
 
+    def logged_metrics(self, recipe: Recipe) -> tuple[str, ...]:
+        return PREFERENCE_METRICS
+
     def metric_fields(self, recipe: Recipe, history: list[dict], report) -> dict[str, Any]:
         # Preference tuning scores both answers: no SFT supervision share.
-        logged = (*self.logged_metrics, *(f"eval_{key}" for key in self.logged_metrics))
+        logged = self.logged_metrics(recipe)
+        logged = (*logged, *(f"eval_{key}" for key in logged))
         return {"supervised_token_share": None, "preference": {key: last_logged(history, key) for key in logged}}
 
     def eval_plan(self, inputs: EvalInputs) -> EvalPlan:
