@@ -38,6 +38,9 @@ SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a reci
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show full tracebacks and library logs.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON result object on stdout.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print only the result and errors.")]
+AllowCodeOpt = Annotated[bool, typer.Option(
+    "--allow-code", help="Run Python files the recipe names (custom rewards: function: path.py:name). A recipe "
+                         "alone never runs code.")]
 
 Result = TypeVar("Result")
 
@@ -120,13 +123,14 @@ def train(
     sweeps: Annotated[list[str] | None, typer.Option(
         "--sweep", help="Train a grid: KEY=V1,V2,... (repeatable; one run per combination, in "
                         "<output.dir>/<key=value,...>/).")] = None,
+    allow_code: AllowCodeOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Train the recipe's adapter: recipe -> base model -> LoRA/QLoRA -> the task's trainer -> runs/<name>/adapter."""
     console = Console(quiet=quiet or as_json, highlight=False)  # the live progress; --json keeps stdout for the result
-    resume_command = _resume_command(recipe_path, overrides or [], sweeps or [])
+    resume_command = _resume_command(recipe_path, overrides or [], sweeps or [], allow_code=allow_code)
     if sweeps:  # the grid's runs one after another, then the summary table (exit 2 if a run failed)
 
         def sweep():
@@ -134,7 +138,8 @@ def train(
             from lorafit.sweep import run_sweep
 
             result = run_sweep(recipe_path, overrides or [], sweeps, console, dry_run=dry_run, resume=resume,
-                               overwrite=overwrite, quiet=quiet or as_json, resume_command=resume_command)
+                               overwrite=overwrite, quiet=quiet or as_json, allow_code=allow_code,
+                               resume_command=resume_command)
             return result if is_main_process() else None  # under torchrun / accelerate launch, rank 0 alone reports
 
         result = _execute(sweep, payload=render.sweep_payload, show=partial(render.show_sweep, quiet=quiet),
@@ -149,17 +154,20 @@ def train(
         from lorafit.train import run_train
 
         result = run_train(load_recipe(recipe_path, overrides or []), console, dry_run=dry_run, resume=resume,
-                           overwrite=overwrite, quiet=quiet or as_json, resume_command=resume_command)
+                           overwrite=overwrite, quiet=quiet or as_json, allow_code=allow_code,
+                           resume_command=resume_command)
         return result if is_main_process() else None  # under torchrun / accelerate launch, rank 0 alone reports
 
     _execute(work, payload=render.train_payload, show=partial(render.show_train, console=console, quiet=quiet),
              as_json=as_json, debug=debug)
 
 
-def _resume_command(recipe_path: Path, overrides: list[str], sweeps: list[str]) -> str:
-    """The command line shown when a run (or sweep) is interrupted: the same recipe, --set, --sweep, plus --resume."""
+def _resume_command(recipe_path: Path, overrides: list[str], sweeps: list[str], *, allow_code: bool) -> str:
+    """The command line shown when a run (or sweep) is interrupted: the same recipe, --set, --sweep, --allow-code,
+    plus --resume."""
     return shlex.join(["lorafit", "train", str(recipe_path), *[arg for item in overrides for arg in ("--set", item)],
-                       *[arg for item in sweeps for arg in ("--sweep", item)], "--resume"])
+                       *[arg for item in sweeps for arg in ("--sweep", item)],
+                       *(["--allow-code"] if allow_code else []), "--resume"])
 
 
 @app.command()
@@ -307,6 +315,7 @@ def eval_command(
     out: Annotated[Path | None, typer.Option("--out", help="Where report.json and samples.jsonl go; "
                                                            "default: <run dir>/eval.")] = None,
     overrides: SetOpt = None,
+    allow_code: AllowCodeOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -321,7 +330,7 @@ def eval_command(
         recipe = load_recipe(recipe_path, overrides or [])
         with sigterm_as_interrupt():  # `kill` stops it like Ctrl-C: exit 130, staging removed, --out as it was
             return run_eval(recipe, list(adapters), data_file=data, samples=samples, max_new_tokens=max_new_tokens,
-                            batch_size=batch_size, out_dir=out)
+                            batch_size=batch_size, out_dir=out, allow_code=allow_code)
 
     _execute(work, payload=render.eval_payload, show=partial(render.show_eval, quiet=quiet), as_json=as_json,
              debug=debug)
