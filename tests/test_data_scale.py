@@ -15,7 +15,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from lorafit import data_cache
-from lorafit.data import eval_rows, prepare_data
+from lorafit.data import eval_rows, prepare_classification_data, prepare_data
 from lorafit.errors import LorafitError
 from lorafit.recipe import validate_recipe
 
@@ -347,8 +347,8 @@ def test_a_cached_classification_set_equals_the_built_one(tokenizer, tmp_path, o
     rows[3]["text"] = rows[40]["text"] = ""
     path = write_jsonl(tmp_path / "cls.jsonl", rows)
     recipe = data_recipe(path, task="sequence-classification", data={"eval": 0.25})
-    built = prepare_data(recipe, tokenizer)
-    cached = prepare_data(recipe, AutoTokenizer.from_pretrained(tokenizer.name_or_path))
+    built = prepare_classification_data(recipe, tokenizer)
+    cached = prepare_classification_data(recipe, AutoTokenizer.from_pretrained(tokenizer.name_or_path))
     assert (built.report.cache, cached.report.cache) == ("built", "from cache")
     assert built.report.dropped == {"empty or missing text": 2} and built.labels == cached.labels == ["no", "yes"]
     assert built.report.train_examples + built.report.eval_examples == 58
