@@ -241,7 +241,7 @@ def run_merge(options: MergeOptions) -> MergeResult:
 def _result(options: MergeOptions, inputs: _Inputs, attached: _Attached, written: _Written,
             notes: list[str]) -> MergeResult:
     """What merge.json records and the model card says."""
-    sources, chosen, verification, labels = inputs.sources, attached.base_weights, written.verification, inputs.labels
+    sources, chosen, verification = inputs.sources, attached.base_weights, written.verification
     return MergeResult(
         out_dir=options.out_dir, base=sources.source,
         adapters=[{"path": str(s.path), "weight": s.weight, "quantized": t.quantized}
@@ -252,7 +252,7 @@ def _result(options: MergeOptions, inputs: _Inputs, attached: _Attached, written
         top1_agreement=verification.top1_agreement, adapter_effect=attached.effect, prompts=len(inputs.prompts),
         files=sorted({*written.files, run_folder.MODEL_CARD, run_folder.MERGE_RECORD}),
         peak_memory_mb=models.peak_memory_mb(_device()), seconds=0.0, notes=notes,
-        task=tasks.model_kind(sources.trained[0].config.get("task_type")), labels=labels, format=options.fmt,
+        task=tasks.model_kind(sources.trained[0].config.get("task_type")), labels=inputs.labels, format=options.fmt,
         gguf=written.gguf, device=sources.device,
     )
 
