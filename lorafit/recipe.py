@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from lorafit import tasks
 from lorafit.errors import LorafitError
 from lorafit.rewards import RewardSpec
-from lorafit.tasks import dpo, kto
+from lorafit.tasks import dpo, grpo, kto
 
 BUILTIN_MODELS = ("smollm2-135m-instruct",)
 _DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
@@ -363,13 +363,9 @@ class GenerationSection(_Section):
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling: the share of probability mass sampled from.")
 
 
-# TRL 1.16's GRPOConfig.loss_type values (trl/trainer/grpo_config.py).
-GRPO_LOSSES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo")
-
-
 class RLSection(_Section):
-    loss: Literal[GRPO_LOSSES] | None = Field(  # type: ignore[valid-type]
-        None, description=f"grpo: TRL's loss type, one of {', '.join(GRPO_LOSSES)} (default dapo: token-level, "
+    loss: Literal[grpo.GRPO_LOSSES] | None = Field(  # type: ignore[valid-type]
+        None, description=f"grpo: TRL's loss type, one of {', '.join(grpo.GRPO_LOSSES)} (default dapo: token-level, "
         "normalised by the active tokens); rloo has one loss and takes none.")
     beta: float = Field(0.0, ge=0, description="Weight of the KL term to the reference model; 0 (the default) "
                         "computes no reference log-probabilities at all.")

@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     from lorafit.evaluate import EvalInputs, EvalPlan
     from lorafit.recipe import GenerationSection, Recipe, RLSection
 
+# TRL 1.16's GRPOConfig.loss_type values (trl/trainer/grpo_config.py).
+GRPO_LOSSES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo")
 # What TRL's GRPO / RLOO trainers log about the rollouts, kept in metrics.json (with each reward's mean).
 RL_METRICS = ("reward", "reward_std", "frac_reward_zero_std", "completions/mean_length", "completions/clipped_ratio",
               "kl", "entropy")
