@@ -1,4 +1,4 @@
-"""Stage 2: recipe.adapter -> a PEFT config and the wrapped model.
+"""recipe.adapter -> a PEFT config and the wrapped model.
 
 Target presets (`all-linear`, `attention`, `attention+mlp`) are resolved from the module names the model
 actually has, so one recipe works across Llama/Qwen/Mistral/Gemma (q_proj...), GPT-2 (Conv1D c_attn),

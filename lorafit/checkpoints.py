@@ -10,7 +10,7 @@
   complete checkpoint; `record_run` writes the recipe fingerprint it compares against.
 - The names of the folders and markers, and what `--overwrite` may delete, are spelled in `run_folder`.
 
-The training loop that calls `publish` and `rotate` after each save is `lorafit.trainer.fit`.
+The training loop that calls `publish` and `rotate` after each save is `lorafit.training_loop.fit`.
 """
 
 from __future__ import annotations

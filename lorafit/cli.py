@@ -134,7 +134,7 @@ def train(
     if sweeps:  # the grid's runs one after another, then the summary table (exit 2 if a run failed)
 
         def sweep():
-            from lorafit.models import is_main_process
+            from lorafit.distributed import is_main_process
             from lorafit.sweep import run_sweep
 
             result = run_sweep(recipe_path, overrides or [], sweeps, console, dry_run=dry_run, resume=resume,
@@ -149,7 +149,7 @@ def train(
         return
 
     def work():
-        from lorafit.models import is_main_process
+        from lorafit.distributed import is_main_process
         from lorafit.recipe import load_recipe
         from lorafit.train import run_train
 

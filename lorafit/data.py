@@ -1,4 +1,4 @@
-"""Stage 3: data sources -> tokenized Arrow data sets, checked before any compute, prepared once and cached.
+"""SFT data: sources -> tokenized Arrow data sets, checked before any compute, prepared once and cached.
 
 `prepare_data` reads the recipe's sources (data_sources.py), renders every row with the template, tokenizes,
 masks, truncates and drops rows that cannot teach anything in batched `Dataset.map`s over `data.num_proc`

@@ -26,6 +26,11 @@ if TYPE_CHECKING:
     from torch import nn
 
 
+def is_main_process() -> bool:
+    """Rank 0 under torchrun / accelerate launch (RANK is set before any Trainer exists); True when not distributed."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 @dataclass(frozen=True)
 class Layout:
     """The parallel layout of a run, as the launcher asked for it."""

@@ -4,7 +4,7 @@ TRL's `SFTTrainer` computes the loss with a chunked, fused LM head. On CUDA it r
 trained positions only; elsewhere it falls back to torch ops over *every* position, adds entropy and
 top-1 statistics, and recomputes the vocabulary projection in backward. On a CPU that made a SmolLM2-135M
 step ~25% slower than a plain cross-entropy (see docs/performance.md). `SFTTrainer.compute_loss` is the
-documented extension point: the `TrainedPositionsLoss` mixin here (part of `lorafit.trainer.SFTTrainer`) runs
+documented extension point: the `TrainedPositionsLoss` mixin here (part of `lorafit.training_loop.SFTTrainer`) runs
 the LM head on the positions whose next token is a trained label, through transformers' documented
 `logits_to_keep` forward argument, so prompt, padding and packing-boundary positions cost nothing in the
 vocabulary-sized head. The value is the same mean next-token cross-entropy (tests/test_packing.py checks it

@@ -1,4 +1,4 @@
-"""Stage 1: the base model and tokenizer, on the precision the hardware runs best.
+"""The base model and tokenizer, on the precision the hardware runs best.
 
 `resolve_model_source` turns `model.path` into something `from_pretrained` can open (a built-in alias is
 converted once into a local cache); `choose_precision` picks the compute precision; `load_tokenizer` and
@@ -356,11 +356,6 @@ def classifier_config(labels: list[str] | None, pad_token_id: int | None) -> dic
 
 def _local_cuda_device() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
-
-
-def is_main_process() -> bool:
-    """Rank 0 under torchrun / accelerate launch (RANK is set before any Trainer exists); True when not distributed."""
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def peak_memory_mb(device: str) -> float:

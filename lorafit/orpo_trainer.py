@@ -3,7 +3,7 @@
 ORPO (Hong et al. 2024) needs no reference model: its loss is the chosen answers' negative log-likelihood plus
 beta (the paper's lambda) x an odds-ratio term that pushes the chosen answer's odds above the rejected one's. TRL
 keeps it under `trl.experimental`, so it lives in its own module: only task orpo imports it, and a TRL release
-that moves or drops it breaks `task: orpo` alone, never SFT, DPO or KTO (lorafit/trainer.py).
+that moves or drops it breaks `task: orpo` alone, never SFT, DPO or KTO (lorafit/training_loop.py).
 
 Two things TRL's ORPOTrainer does its own way, kept as TRL does them or replaced at a documented point:
 - It tokenizes rendered text itself, adding a BOS and an EOS the chat template may not produce. lorafit hands it
@@ -13,14 +13,14 @@ Two things TRL's ORPOTrainer does its own way, kept as TRL does them or replaced
   code: huggingface/trl#1516, #2527), while the odds-ratio term and the logged rewards use the answers only, each
   the mean log-probability per answer token. That is kept: changing it would mean rewriting TRL's forward pass.
 
-Import this module inside the function that trains, like lorafit/trainer.py.
+Import this module inside the function that trains, like lorafit/training_loop.py.
 """
 
 from __future__ import annotations
 
 from trl.import_utils import suppress_experimental_warning
 
-from lorafit.trainer import NonFiniteGuard
+from lorafit.training_loop import NonFiniteGuard
 
 # trl.experimental warns on first import that its APIs may change without notice. lorafit bounds the TRL versions it
 # supports (pyproject.toml) and its tests cover this trainer, so the notice would only alarm `task: orpo` users about
@@ -36,7 +36,7 @@ __all__ = ["ORPOConfig", "ORPOTrainer"]
 class ORPOTrainer(NonFiniteGuard, _TRLORPOTrainer):
     """TRL's ORPOTrainer with the NaN/inf guard, reading `prompt_ids` / `chosen_ids` / `rejected_ids` rows.
 
-    There is no reference model, so nothing like lorafit.trainer.AdapterReference: the PEFT model is trained alone.
+    There is no reference model, so nothing like lorafit.training_loop.AdapterReference: the PEFT model is trained alone.
     """
 
     def tokenize_row(self, feature, model=None) -> dict[str, list[int]]:

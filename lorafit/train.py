@@ -1,7 +1,7 @@
 """`lorafit train`: recipe -> base model -> adapter -> data -> SFT (or classifier) trainer -> run folder.
 
 Read `run_train` top to bottom: `_prepare` (precision, tokenizer, data, model with its adapter: all that
-`--dry-run` checks and shows), then `_fit_and_export` (the trainer, the training loop in lorafit/trainer.py, the
+`--dry-run` checks and shows), then `_fit_and_export` (the trainer, the training loop in lorafit/training_loop.py, the
 run folder); each step in them is one call into the module that owns it.
 """
 
@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lorafit import models, run_folder, tasks
+from lorafit import distributed, models, run_folder, tasks
 from lorafit.errors import Interrupted, LorafitError, RunFailed
 from lorafit.tasks.base import last_logged
 from lorafit.recipe import Recipe, TrainingSection, dump_recipe
@@ -119,7 +119,7 @@ def run_train(recipe: Recipe, console: Console, *, dry_run: bool = False, resume
     """
     check_settings(recipe)
     replace = run_folder.check_run_folder(recipe, resume=resume, overwrite=overwrite, dry_run=dry_run)
-    if dry_run or not models.is_main_process():
+    if dry_run or not distributed.is_main_process():
         return _train(recipe, console, dry_run=dry_run, resume=resume, replace=replace, quiet=quiet,
                       allow_code=allow_code, resume_command=resume_command)
     run_dir = recipe.run_dir
@@ -214,7 +214,7 @@ class _PreparedRun:
 
 def _prepare(recipe: Recipe, *, resume: bool, dry_run: bool, allow_code: bool = False) -> _PreparedRun:
     """Everything a dry run checks and shows: precision, tokenizer, data, the resume check, the wrapped model."""
-    from lorafit import adapter_init, adapters, checkpoints, distributed
+    from lorafit import adapter_init, adapters, checkpoints
 
     notes: list[str] = []
     # 1. Everything that can be checked without loading weights.
@@ -283,14 +283,14 @@ def _fit_and_export(run: _PreparedRun, console: Console, *, replace: bool, quiet
                     started: float) -> None:
     """Train (atomic checkpoints, clean Ctrl-C, out-of-memory / disk-full explained), then write the run folder;
     `run.result.metrics` is filled in."""
-    from lorafit import checkpoints, distributed, export
-    from lorafit.trainer import ThroughputMeter, explained_failures, fit, nonfinite_parameters, on_any_rank
+    from lorafit import checkpoints, run_record
+    from lorafit.training_loop import ThroughputMeter, explained_failures, fit, nonfinite_parameters, on_any_rank
 
     result, recipe = run.result, run.result.recipe
     run_dir = recipe.run_dir
     # 4. Train.
     _prepare_run_dir(run_dir, replace=replace)
-    if models.is_main_process():
+    if distributed.is_main_process():
         checkpoints.record_run(run_dir, recipe, run.data.report.fingerprint)
         # Written now, not only at export: `lorafit train runs/x/recipe.yaml --overwrite` must not lose the file it
         # runs from if training then fails, and an interrupted run can be resumed from its own folder.
@@ -321,13 +321,13 @@ def _fit_and_export(run: _PreparedRun, console: Console, *, replace: bool, quiet
     adapter_state = distributed.gathered_state_dict(trainer.model, trainer)
     if trainer.is_world_process_zero():
         with explained():
-            export.export_run(run_dir, run.model, run.tokenizer, recipe, result.metrics, notes=result.notes,
+            run_record.export_run(run_dir, run.model, run.tokenizer, recipe, result.metrics, notes=result.notes,
                               state_dict=adapter_state)
 
 
 def _prepare_run_dir(run_dir: Path, *, replace: bool) -> None:
     """Claim the folder with the run marker (status running), after removing an earlier run's entries if replaced."""
-    if not models.is_main_process():
+    if not distributed.is_main_process():
         run_dir.mkdir(parents=True, exist_ok=True)
         return
     marker = run_folder.read_marker(run_dir)
@@ -450,7 +450,7 @@ def _build_trainer(recipe: Recipe, model, tokenizer, prepared, args, console: Co
     from transformers import PrinterCallback
 
     from lorafit.progress import ProgressCallback
-    from lorafit.trainer import EvaluateAtEnd
+    from lorafit.training_loop import EvaluateAtEnd
 
     task = tasks.task_of(recipe)
     _arguments, trainer_class, _task_options = task.trainer_classes(recipe)
@@ -496,7 +496,7 @@ def _tensorboard_callbacks(recipe: Recipe) -> list:
     wanted = recipe.output.report_to
     if wanted == "auto":
         wanted = ["tensorboard"] if importlib.util.find_spec("tensorboard") else []
-    if "tensorboard" not in wanted or not models.is_main_process():
+    if "tensorboard" not in wanted or not distributed.is_main_process():
         return []
     from torch.utils.tensorboard import SummaryWriter
     from transformers.integrations import TensorBoardCallback
@@ -508,7 +508,7 @@ def _tensorboard_callbacks(recipe: Recipe) -> list:
 def _measured(result: TrainResult, recipe: Recipe, source: str, trainer, output, throughput, layout: Layout, *,
               train_seconds: float, wall_seconds: float) -> TrainMetrics:
     """The finished run's TrainMetrics, from the trainer's log history and state."""
-    from lorafit import adalora, distributed, export
+    from lorafit import adalora, run_record
 
     history, state, report = trainer.state.log_history, trainer.state, result.report
     task = tasks.task_of(recipe)
@@ -544,8 +544,8 @@ def _measured(result: TrainResult, recipe: Recipe, source: str, trainer, output,
         data_fingerprint=report.fingerprint,
         data_sources=report.sources,
         data_cache={"state": report.cache, "path": report.cache_path, "prepare_seconds": report.prepare_seconds},
-        recipe_git_commit=export.git_commit_of(Path.cwd()),
-        **export.environment_info(),
+        recipe_git_commit=run_record.git_commit_of(Path.cwd()),
+        **run_record.environment_info(),
         **task.metric_fields(recipe, history, report),
         adapter_ranks=adalora.final_ranks(trainer.model) if adalora.is_adalora(trainer.model) else None,
     )

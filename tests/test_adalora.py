@@ -244,7 +244,7 @@ def test_the_regulariser_is_added_to_lorafits_own_loss(make_recipe, tiny_llama, 
     from lorafit.adapters import build_peft_config
     from lorafit.data import prepare_data
     from lorafit.loss import trained_positions_loss
-    from lorafit.trainer import SFTTrainer
+    from lorafit.training_loop import SFTTrainer
 
     recipe = validate_recipe(make_recipe(tiny_llama, toy_data, tmp_path / "run", ADALORA,
                                          training={"grad_accum": 2}))
@@ -442,14 +442,14 @@ def test_a_run_that_died_during_the_export_resumes_to_the_pruned_adapter(adalora
                                                                          monkeypatch):
     """A crash after the last step's checkpoint (during the export): --resume only exports, with the final rank
     pattern read back from the checkpoint, so the adapter equals the uninterrupted run's, pruned the same way."""
-    from lorafit import export
+    from lorafit import run_record
 
     recipe = validate_recipe(make_recipe(adalora_run["model"], adalora_run["data"], tmp_path / "run", ADALORA))
 
     def crash(*args, **kwargs):
         raise RuntimeError("the machine went away")
 
-    monkeypatch.setattr(export, "export_run", crash)
+    monkeypatch.setattr(run_record, "export_run", crash)
     with pytest.raises(RuntimeError, match="went away"):
         run_train(recipe, QUIET)
     monkeypatch.undo()

@@ -173,10 +173,10 @@ def test_resume_with_a_different_recipe_is_refused_with_the_diff(make_recipe, ti
 _KILL_AT = """
 import os, signal, sys
 point, recipe = sys.argv[1], sys.argv[2]
-from lorafit import export
+from lorafit import run_record
 from lorafit.progress import ProgressCallback
 if point == "export":  # after the last step and its checkpoint: while the run folder is being exported
-    export.export_run = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)
+    run_record.export_run = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)
 else:  # at the end of optimizer step N, before that step's checkpoint (if any) is saved
     step, original = int(point), ProgressCallback.on_step_end
     def on_step_end(self, args, state, control, **kwargs):

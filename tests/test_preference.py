@@ -157,7 +157,7 @@ def test_the_reference_is_the_adapter_switched_off_not_a_second_model(tiny_llama
     assert list(trainer.model.peft_config) == ["default"]
     assert {id(p) for p in trainer.model.parameters()} == base_params  # one set of weights, nothing copied
 
-    from lorafit.trainer import AdapterReference, DPOTrainer, NonFiniteGuard
+    from lorafit.training_loop import AdapterReference, DPOTrainer, NonFiniteGuard
 
     assert isinstance(trainer, DPOTrainer) and isinstance(trainer, (AdapterReference, NonFiniteGuard))
 
@@ -228,7 +228,7 @@ def test_dpo_with_group_by_length_trains(dpo_run, tmp_path, monkeypatch, make_re
     rows have no input_ids to measure), and the run trains."""
     from transformers.trainer_pt_utils import LengthGroupedSampler
 
-    from lorafit.trainer import DPOTrainer
+    from lorafit.training_loop import DPOTrainer
 
     seen = {}
     real = DPOTrainer._get_train_sampler
@@ -300,7 +300,7 @@ def test_orpo_trains_on_the_linted_token_ids_without_a_reference(orpo_run, tmp_p
     from lorafit import adapters, models, preference_data
     from lorafit.orpo_trainer import ORPOTrainer
     from lorafit.train import _build_trainer, _training_arguments
-    from lorafit.trainer import AdapterReference, NonFiniteGuard
+    from lorafit.training_loop import AdapterReference, NonFiniteGuard
 
     recipe = validate_recipe(make_recipe(orpo_run["model"], orpo_run["pairs"], tmp_path / "run", DPO, task="orpo",
                                          data={"group_by_length": True}))

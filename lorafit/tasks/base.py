@@ -2,7 +2,7 @@
 
 A task module (lorafit/tasks/<name>.py) defines one subclass of `Task` and one instance of it, `TASK`; the table in
 lorafit/tasks/__init__.py maps the recipe's `task` value to it. The shared pipeline (train.py, evaluate.py, data.py,
-export.py ...) never compares the task name: it asks the task. The defaults here are those of a task that trains a
+run_record.py ...) never compares the task name: it asks the task. The defaults here are those of a task that trains a
 causal LM on text rows; a task overrides what it does differently. Module-level imports stay light (no torch, no
 recipe): the recipe schema imports this package to list the tasks.
 """

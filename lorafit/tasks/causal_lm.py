@@ -1,7 +1,7 @@
 """Task causal-lm (SFT): learn to write the completions of chat, alpaca, prompt/completion or text rows.
 
 The shared pipeline's defaults are this task's (lorafit/tasks/base.py): rows are read, rendered with the template
-and linted by lorafit/data.py, trained by TRL's SFTTrainer with lorafit's guards (lorafit/trainer.py), and scored
+and linted by lorafit/data.py, trained by TRL's SFTTrainer with lorafit's guards (lorafit/training_loop.py), and scored
 in eval by completion loss and greedy answers (lorafit/evaluate.py).
 """
 
@@ -32,9 +32,9 @@ class CausalLM(Task):
     def trainer_classes(self, recipe: Recipe) -> tuple[type, type, dict[str, Any]]:
         from trl import SFTConfig
 
-        from lorafit import trainer
+        from lorafit import training_loop
 
-        return SFTConfig, trainer.SFTTrainer, {"max_length": recipe.data.max_length, "packing": recipe.data.packing}
+        return SFTConfig, training_loop.SFTTrainer, {"max_length": recipe.data.max_length, "packing": recipe.data.packing}
 
     def trainer_options(self, recipe: Recipe, tokenizer, prepared) -> dict[str, Any]:
         return {"adapter": recipe.adapter}  # AdaLoRA's schedule (lorafit/adalora.py; inert for the other methods)

@@ -60,9 +60,9 @@ class SequenceClassification(Task):
     def trainer_classes(self, recipe: Recipe) -> tuple[type, type, dict[str, Any]]:
         from transformers import TrainingArguments
 
-        from lorafit import trainer
+        from lorafit import training_loop
 
-        return TrainingArguments, trainer.ClassifierTrainer, {}
+        return TrainingArguments, training_loop.ClassifierTrainer, {}
 
     def trainer_options(self, recipe: Recipe, tokenizer, prepared) -> dict[str, Any]:
         from transformers import DataCollatorWithPadding

@@ -62,13 +62,13 @@ class DPO(PreferenceTask):
     def trainer_classes(self, recipe: Recipe) -> tuple[type, type, dict[str, Any]]:
         from trl import DPOConfig
 
-        from lorafit import trainer
+        from lorafit import training_loop
 
         preference = self.preference_of(recipe)
         losses, weights = [preference.loss or "sigmoid"], [1.0]
         if preference.sft_weight:  # RPO: TRL sums the listed losses with these weights
             losses, weights = [*losses, "sft"], [*weights, preference.sft_weight]
-        return DPOConfig, trainer.DPOTrainer, {**reference_trainer_options(recipe, preference), "loss_type": losses,
+        return DPOConfig, training_loop.DPOTrainer, {**reference_trainer_options(recipe, preference), "loss_type": losses,
                                                "loss_weights": weights, "label_smoothing": preference.label_smoothing}
 
 

@@ -86,10 +86,10 @@ class GRPO(Task):
     def trainer_classes(self, recipe: Recipe) -> tuple[type, type, dict[str, Any]]:
         from trl import GRPOConfig
 
-        from lorafit import trainer
+        from lorafit import training_loop
 
         rl = rl_of(recipe)
-        return GRPOConfig, trainer.GRPOTrainer, {**self.rollout_options(recipe), "loss_type": rl.loss or "dapo",
+        return GRPOConfig, training_loop.GRPOTrainer, {**self.rollout_options(recipe), "loss_type": rl.loss or "dapo",
                                                  "scale_rewards": rl.scale_rewards or "group"}
 
     def rollout_options(self, recipe: Recipe) -> dict[str, Any]:

@@ -42,11 +42,11 @@ class KTO(PreferenceTask):
     def trainer_classes(self, recipe: Recipe) -> tuple[type, type, dict[str, Any]]:
         from trl import KTOConfig
 
-        from lorafit import trainer
+        from lorafit import training_loop
 
         preference = self.preference_of(recipe)
         # The rows are read in order (shuffled once when prepared): the KL term pairs neighbours.
-        return KTOConfig, trainer.KTOTrainer, {**reference_trainer_options(recipe, preference),
+        return KTOConfig, training_loop.KTOTrainer, {**reference_trainer_options(recipe, preference),
                                                "loss_type": preference.loss or "kto",
                                                "desirable_weight": preference.desirable_weight,
                                                "undesirable_weight": preference.undesirable_weight,

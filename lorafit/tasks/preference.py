@@ -66,7 +66,7 @@ class PreferenceTask(Task):
         return prepare_preference_data(recipe, tokenizer)
 
     def trainer_options(self, recipe: Recipe, tokenizer, prepared) -> dict[str, Any]:
-        # The reference model: the adapter switched off, or its frozen start (lorafit/trainer.py AdapterReference).
+        # The reference model: the adapter switched off, or its frozen start (lorafit/training_loop.py AdapterReference).
         return {"reference": self.preference_of(recipe).reference}
 
     def logged_metrics(self, recipe: Recipe) -> tuple[str, ...]:

@@ -23,11 +23,11 @@ class RLOO(GRPO):
     def trainer_classes(self, recipe: Recipe) -> tuple[type, type, dict[str, Any]]:
         from trl import RLOOConfig
 
-        from lorafit import trainer
+        from lorafit import training_loop
 
         options = self.rollout_options(recipe)
         options.pop("cast_lm_head_to_fp32")  # a GRPOConfig setting RLOOConfig does not have
-        return RLOOConfig, trainer.RLOOTrainer, options
+        return RLOOConfig, training_loop.RLOOTrainer, options
 
 
 TASK = RLOO()

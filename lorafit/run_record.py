@@ -1,4 +1,4 @@
-"""Stage 5: the run folder, which is the record of a run.
+"""What a finished run writes into its folder, the record of the run: adapter, recipe.yaml, metrics.json, model card.
 
     runs/<name>/
       adapter/         PEFT format (adapter_config.json, adapter_model.safetensors) + tokenizer + chat template
