@@ -1,4 +1,4 @@
-"""`lorafit train`: recipe -> base model -> adapter -> data -> SFT (or classifier) trainer -> run folder.
+"""`lorafit train`: recipe -> base model -> adapter -> the task's rows -> the task's trainer -> run folder.
 
 Read `run_train` top to bottom: `_prepare` (precision, tokenizer, data, model with its adapter: all that
 `--dry-run` checks and shows), then `_fit_and_export` (the trainer, the training loop in lorafit/training_loop.py, the
@@ -260,7 +260,7 @@ def _prepare(recipe: Recipe, *, resume: bool, dry_run: bool, allow_code: bool = 
 
     set_seed(recipe.training.seed)
     base = models.load_base_model(recipe, source, precision, pad_token_id=tokenizer.pad_token_id,
-                                  sharded=layout.shards_weights)
+                                  sharded=layout.shards_weights, zero3=layout.zero3)
     # adapter.init eva / corda start the adapter from the first training batches (lorafit/adapter_init.py).
     batches = adapter_init.init_batches(recipe, tokenizer, prepared.train) if (
         recipe.adapter.init in adapter_init.DATA_DRIVEN) else None
