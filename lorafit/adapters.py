@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -273,6 +275,27 @@ def wrap_model(recipe: Recipe, model: nn.Module, *, gradient_checkpointing: bool
             if parameter.requires_grad and parameter.dtype != torch.float32:
                 parameter.data = parameter.data.float()
     return wrapped
+
+
+@contextmanager
+def trainable_dtypes_kept(model: nn.Module) -> Iterator[None]:
+    """Whatever runs inside leaves every trainable parameter in the dtype `wrap_model` gave it.
+
+    One rule for LoRA and QLoRA: the trainable parameters are fp32 master copies (PEFT's autocast_adapter_dtype,
+    "typically required for stable training", peft/mapping_func.py), except under ZeRO-3 on a 16-bit base, where
+    DeepSpeed keeps the fp32 copies itself (`wrap_model`). TRL's trainers (SFT, DPO, KTO, GRPO, RLOO 1.16) cast every
+    trainable parameter of a quantized model to bf16 when they are built, following the QLoRA paper's bf16 adapters
+    (trl/trainer/sft_trainer.py, "the PEFT adapter weights are converted to bf16"): on fp16 GPUs (T4, V100) that
+    would leave bf16 weights under fp16 autocast and a bf16 classifier head; on bf16 GPUs it drops the fp32 master
+    copy that plain LoRA keeps; on a CPU the adapter runs in emulated bf16. The adapter is 0.1-1% of the model, so
+    its fp32 copy and optimizer state cost little. The cast happens in the constructor, before any optimizer
+    exists, so restoring the dtype right after is safe (the same `.data` swap TRL does).
+    """
+    before = {name: parameter.dtype for name, parameter in model.named_parameters() if parameter.requires_grad}
+    yield
+    for name, parameter in model.named_parameters():
+        if name in before and parameter.dtype != before[name]:
+            parameter.data = parameter.data.to(before[name])
 
 
 def freeze_adalora_ranknum(model: PeftModel) -> None:

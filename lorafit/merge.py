@@ -22,7 +22,7 @@ import gc
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -233,7 +233,7 @@ def run_merge(options: MergeOptions) -> MergeResult:
         result.seconds = time.perf_counter() - started
         run_folder.write_atomic(staging / run_folder.MODEL_CARD, _model_card(result))
         run_folder.write_json_atomic(staging / run_folder.MERGE_RECORD, asdict(result))
-    result.peak_memory_mb = models.peak_memory_mb(_device())
+    result.peak_memory_mb = _peak_memory_mb(inputs.sources.device)
     result.seconds = time.perf_counter() - started
     return result
 
@@ -251,7 +251,7 @@ def _result(options: MergeOptions, inputs: _Inputs, attached: _Attached, written
         max_logit_diff=verification.max_logit_diff, tolerance=verification.tolerance,
         top1_agreement=verification.top1_agreement, adapter_effect=attached.effect, prompts=len(inputs.prompts),
         files=sorted({*written.files, run_folder.MODEL_CARD, run_folder.MERGE_RECORD}),
-        peak_memory_mb=models.peak_memory_mb(_device()), seconds=0.0, notes=notes,
+        peak_memory_mb=_peak_memory_mb(sources.device), seconds=0.0, notes=notes,
         task=tasks.model_kind(sources.trained[0].config.get("task_type")), labels=inputs.labels, format=options.fmt,
         gguf=written.gguf, device=sources.device,
     )
@@ -290,7 +290,8 @@ def _check_against_base(trained: list[TrainedAdapter], options: MergeOptions, no
     del meta_model
     torch_dtype = _torch_dtype(options.dtype, config)
     if options.fmt == "safetensors":
-        device, device_reason = merge_device(parameter_count, torch_dtype)
+        four_bit = any(t.quantized for t in trained) and not options.as_adapter  # _qlora_base holds a 4-bit copy too
+        device, device_reason = merge_device(parameter_count, torch_dtype, four_bit_copy=four_bit)
     else:  # the GGUF exporters read and write the weights in host memory
         device, device_reason = "cpu", f"{options.fmt} export"
     notes.append(f"merged on {device} ({device_reason})")
@@ -527,12 +528,14 @@ def _classifier_prompts(adapter: TrainedAdapter, tokenizer: PreTrainedTokenizerB
 # Models
 
 
-def merge_device(parameter_count: int, dtype: torch.dtype) -> tuple[str, str]:
+def merge_device(parameter_count: int, dtype: torch.dtype, *, four_bit_copy: bool = False) -> tuple[str, str]:
     """Where to merge: the current GPU when there is one and the model fits its free memory, else the CPU; and why.
 
     Merging is one addition per adapted weight, memory-bound: on a GPU it takes seconds where a CPU takes minutes,
     and the verification forward passes run there too. The 25% margin covers the adapter, the delta being added
     and the verification activations; a model that does not fit is merged in host memory, as before.
+    `four_bit_copy`: a QLoRA adapter's merge also holds the 4-bit base (the reference, then de-quantized in place)
+    beside a full copy (_qlora_base), about 0.55 bytes per parameter (4-bit values and their scales).
     """
     import torch
 
@@ -540,7 +543,7 @@ def merge_device(parameter_count: int, dtype: torch.dtype) -> tuple[str, str]:
         return "cpu", "no GPU"
     index = torch.cuda.current_device()
     free, _total = torch.cuda.mem_get_info(index)
-    needed = parameter_count * torch.empty((), dtype=dtype).element_size() * 1.25
+    needed = parameter_count * (torch.empty((), dtype=dtype).element_size() * 1.25 + (0.55 if four_bit_copy else 0))
     name = torch.cuda.get_device_name(index)
     if needed <= free:
         return f"cuda:{index}", f"{name}, {free / 2**30:.1f} GiB free for a {needed / 2**30:.1f} GiB need"
@@ -629,6 +632,9 @@ def _qlora_base(sources: _Adapters, adapter: TrainedAdapter, prompts: list[list[
     """
     recipe = adapter.recipe.model_copy(update={"model": sources.section})
     precision, _ = models.choose_precision(recipe.training.precision)
+    # The 4-bit base goes where the merge runs, because it is de-quantized where it sits: on a GPU machine that
+    # merges on the CPU (a GGUF export, or a model too large for the GPU) it would otherwise load on the GPU.
+    precision = replace(precision, device=sources.device.split(":")[0])
     pad = sources.classifier.get("pad_token_id") if sources.classifier else None
     quantized_base = models.load_base_model(recipe, sources.source, precision, pad_token_id=pad)
     qlora = sources.attached_to(quantized_base)  # 4-bit layers as trained: see models.keep_4bit_layers_as_trained
@@ -819,11 +825,10 @@ def _stop_on_end_of_turn(model, tokenizer) -> None:
 # Output
 
 
-def _device() -> str:
-    """Where merging runs: weights are placed on CUDA when there is one."""
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
+def _peak_memory_mb(device: str) -> float:
+    """The peak memory of the device the merge ran on (cpu, or cuda:N): host memory for a CPU merge even when the
+    machine has a GPU, whose allocator would report the little or nothing the merge put there."""
+    return models.peak_memory_mb("cuda" if device.startswith("cuda") else "cpu")
 
 
 def _model_card(result: MergeResult) -> str:

@@ -273,7 +273,7 @@ def generation_stop_ids(recipe: Recipe, source: str) -> set[int]:
 
 
 def load_base_model(recipe: Recipe, source: str, precision: Precision, *,
-                    pad_token_id: int | None = None, sharded: bool = False) -> PreTrainedModel:
+                    pad_token_id: int | None = None, sharded: bool = False, zero3: bool = False) -> PreTrainedModel:
     """The base model for training, quantized with bitsandbytes when the recipe has a quantization section.
 
     For task sequence-classification it is loaded with a classifier head for `recipe.data.labels` (fresh when the
@@ -281,6 +281,10 @@ def load_base_model(recipe: Recipe, source: str, precision: Precision, *,
     that FSDP or ZeRO-3 will split the weights across processes (see lorafit/distributed.py); call this after the
     training arguments exist, so that under ZeRO-3 transformers builds the model partitioned and reads the
     checkpoint on rank 0 only.
+
+    A quantized model is placed on `precision.device` (a 4-bit base is de-quantized where it sits, so merge asks for
+    the device it merges on), except under DeepSpeed ZeRO-3 (`zero3`), where transformers refuses any device_map and
+    the bitsandbytes quantizer places the model on the current GPU, which accelerate has set to this process's.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, BitsAndBytesConfig
@@ -309,8 +313,7 @@ def load_base_model(recipe: Recipe, source: str, precision: Precision, *,
             )
         else:
             kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
-        if precision.device == "cuda":
-            kwargs["device_map"] = {"": _local_cuda_device()}
+        kwargs.update(_quantized_placement(precision.device, zero3=zero3))
     auto_class = AutoModelForCausalLM
     if classify:
         auto_class = AutoModelForSequenceClassification
@@ -352,6 +355,23 @@ def classifier_config(labels: list[str] | None, pad_token_id: int | None) -> dic
         raise LorafitError("a sequence classifier needs its class names", where="data.labels")
     values = {"id2label": dict(enumerate(labels)), "label2id": {name: i for i, name in enumerate(labels)}}
     return values if pad_token_id is None else {**values, "pad_token_id": pad_token_id}
+
+
+def _quantized_placement(device: str, *, zero3: bool) -> dict:
+    """from_pretrained's device_map for a bitsandbytes-quantized model.
+
+    - ZeRO-3: none. transformers raises "DeepSpeed Zero-3 is not compatible with passing a `device_map`"
+      (transformers/integrations/accelerate.py, check_and_set_device_map), and without one the 4-bit quantizer picks
+      torch.cuda.current_device() (quantizer_bnb_4bit.update_device_map), which accelerate's PartialState has set to
+      this process's GPU (accelerate/state.py, set_device) before the training arguments switch to DeepSpeed.
+    - CUDA: this process's GPU (LOCAL_RANK) under torchrun, DDP and FSDP.
+    - elsewhere the CPU, said explicitly: without a device_map the quantizer picks a GPU whenever one exists.
+    """
+    if zero3:
+        return {}
+    if device == "cuda":
+        return {"device_map": {"": _local_cuda_device()}}
+    return {"device_map": {"": "cpu"}}
 
 
 def _local_cuda_device() -> int:

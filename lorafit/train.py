@@ -449,6 +449,7 @@ def _build_trainer(recipe: Recipe, model, tokenizer, prepared, args, console: Co
     """The task's trainer over the wrapped model, with `args` from `_training_arguments`."""
     from transformers import PrinterCallback
 
+    from lorafit import adapters
     from lorafit.progress import ProgressCallback
     from lorafit.training_loop import EvaluateAtEnd
 
@@ -459,16 +460,17 @@ def _build_trainer(recipe: Recipe, model, tokenizer, prepared, args, console: Co
     callbacks.append(ProgressCallback(console, quiet=quiet))
     if prepared.eval is not None:
         callbacks.append(EvaluateAtEnd())
-    trainer = trainer_class(
-        max_nonfinite_steps=t.max_nonfinite_steps,
-        model=model,
-        args=args,
-        train_dataset=prepared.train,
-        eval_dataset=prepared.eval,
-        processing_class=tokenizer,
-        callbacks=callbacks,
-        **task.trainer_options(recipe, tokenizer, prepared),
-    )
+    with adapters.trainable_dtypes_kept(model):  # TRL casts a quantized model's trainable parameters to bf16
+        trainer = trainer_class(
+            max_nonfinite_steps=t.max_nonfinite_steps,
+            model=model,
+            args=args,
+            train_dataset=prepared.train,
+            eval_dataset=prepared.eval,
+            processing_class=tokenizer,
+            callbacks=callbacks,
+            **task.trainer_options(recipe, tokenizer, prepared),
+        )
     # With tqdm disabled HF prints raw log dicts; ProgressCallback already shows the same numbers readably.
     trainer.remove_callback(PrinterCallback)
     return trainer
