@@ -434,7 +434,9 @@ def _write(result: EvalResult) -> None:
     from lorafit.plots import write_eval_chart
 
     out_dir = result.report_path.parent
-    with run_folder.staged_output(out_dir, "eval", where=f"--out {out_dir}") as staging:
+    # eval replaces its own earlier report without asking (overwrite=True), but never another kind of output or a
+    # file of the user's that appeared while the models were scored.
+    with run_folder.staged_output(out_dir, "eval", where=f"--out {out_dir}", overwrite=True) as staging:
         scores = result.scores  # each task fills its own scores; the chart leaves out those no model has
         warning = write_eval_chart(
             {s.name: s.loss for s in scores},

@@ -227,7 +227,8 @@ def run_merge(options: MergeOptions) -> MergeResult:
     attached = _attach_to_base(inputs, options, notes)
     # 3. The format's writer merges (or not), verifies against base+adapter and writes; published when complete.
     write = _write_peft_adapter if options.as_adapter else _WRITERS[options.fmt]
-    with run_folder.staged_output(options.out_dir, "merge", where=f"--out {options.out_dir}") as staging:
+    with run_folder.staged_output(options.out_dir, "merge", where=f"--out {options.out_dir}",
+                                  overwrite=options.overwrite) as staging:
         written = write(attached, inputs, options, staging)
         result = _result(options, inputs, attached, written, notes)
         result.seconds = time.perf_counter() - started

@@ -210,11 +210,16 @@ def write_atomic(path: Path, content: str | bytes) -> None:
     """Write a file so readers (and a crash or power loss) see either the old or the complete new content."""
     data = content.encode("utf-8") if isinstance(content, str) else content
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, no permission, Ctrl-C: the old content stays and no temporary file is left
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
     fsync_path(path.parent)
 
 
@@ -281,8 +286,8 @@ def _remove_own_checkpoints(folder: Path) -> None:
 
 
 def is_empty(folder: Path) -> bool:
-    """True for a folder holding nothing (a leftover lock file of a crashed lorafit counts as nothing)."""
-    return not any(entry.name != LOCK for entry in folder.iterdir())
+    """True for a folder holding nothing (a crashed lorafit's leftover lock file or staging folder counts as nothing)."""
+    return not any(entry.name not in (LOCK, STAGING) for entry in folder.iterdir())
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -461,6 +466,13 @@ def check_output_folder(out_dir: Path, kind: Kind, *, overwrite: bool, where: st
     check_output_path(out_dir, where=where)
     check_not_inside_an_output(out_dir, kind, where=where)
     check_not_locked(out_dir, where=where)  # before the work: the lock itself is taken when the output is written
+    _check_output_contents(out_dir, kind, overwrite=overwrite, where=where, names=names)
+
+
+def _check_output_contents(out_dir: Path, kind: Kind, *, overwrite: bool, where: str, names: Iterable[str] = ()
+                           ) -> None:
+    """What is in `out_dir` now may be replaced by a `kind` output: checked before the work, and again under the
+    folder's lock when the output is published (another command may have finished an output there meanwhile)."""
     if not out_dir.exists() or is_empty(out_dir):
         return
     marker = read_marker(out_dir)
@@ -515,7 +527,7 @@ def _check_kind(marker: Marker | None, kind: Kind, *, where: str) -> None:
         raise LorafitError("this folder holds a single run; a sweep puts its runs in folders inside its own",
                            where=where,
                            hint="give the sweep another output.dir (--set output.dir=runs/<name>-sweep) or name")
-    raise LorafitError(f"this folder holds a lorafit {marker.kind} output, not a {kind}", where=where,
+    raise LorafitError(f"this folder holds a lorafit {marker.kind} output, not {'an' if kind == 'eval' else 'a'} {kind}", where=where,
                        hint=f"choose another {_folder_setting(kind)}")
 
 
@@ -607,15 +619,18 @@ def check_not_inside_an_output(path: Path, kind: Kind, *, where: str) -> None:
 
 
 @contextlib.contextmanager
-def staged_output(out_dir: Path, kind: Kind, *, where: str) -> Iterator[Path]:
+def staged_output(out_dir: Path, kind: Kind, *, where: str, overwrite: bool) -> Iterator[Path]:
     """A staging folder to write a complete `kind` output into; published into `out_dir` when the block succeeds.
 
-    The caller has checked the folder (`check_output_folder`). Holds the folder's lock throughout. On success the
+    The caller has checked the folder (`check_output_folder`) before its work; the folder is checked again once the
+    lock is held, with the same `overwrite`, so an output another command finished there meanwhile is never replaced
+    without it (the check and the write happen under one lock). Holds the folder's lock throughout. On success the
     entries of an earlier output of the same kind are replaced (only those its marker lists) and the marker lists
     the new ones. On Ctrl-C / SIGTERM the staging folder is removed, the output is left as it was, and the command
     ends with exit 130; on any failure the staging folder is removed.
     """
     with folder_lock(out_dir, where=where), sigterm_as_interrupt():
+        _check_output_contents(out_dir, kind, overwrite=overwrite, where=where)
         staging = out_dir / STAGING
         shutil.rmtree(staging, ignore_errors=True)  # a crashed earlier attempt's (we hold the lock)
         staging.mkdir()

@@ -260,3 +260,75 @@ def test_eval_never_overwrites_its_own_data_file(make_recipe, tiny_llama, tmp_pa
     assert_one_line_error(*cli("eval", str(recipe), "--adapter", str(adapter), "--data", str(data_file),
                                "--out", str(data_dir)), "samples.jsonl", "which lorafit did not write")
     assert data_file.read_bytes() == before
+
+
+def test_a_merge_finished_by_another_command_meanwhile_is_not_replaced(tmp_path, tiny_llama, monkeypatch):
+    """Two merges aimed at one --out: the second checked the folder (empty) before its model load, the first
+    finished meanwhile; the folder is checked again under the lock, so the finished merge stays, byte for byte, and
+    the second exits naming --overwrite."""
+    from lorafit import merge as merge_module
+    from lorafit.merge import AdapterSpec, MergeOptions, run_merge
+
+    adapter = save_untrained_adapter(tiny_llama, tmp_path / "adapter")
+    out = tmp_path / "merged"
+    attach = merge_module._attach_to_base
+    raced = []
+
+    def other_merge_finishes_first(*args, **kwargs):
+        if not raced:  # the minutes-long load of the second merge: the first one completes in the meantime
+            raced.append(True)
+            run_merge(MergeOptions([AdapterSpec(adapter)], out))
+        return attach(*args, **kwargs)
+
+    monkeypatch.setattr(merge_module, "_attach_to_base", other_merge_finishes_first)
+    with pytest.raises(LorafitError, match="earlier merge.*--overwrite"):
+        run_merge(MergeOptions([AdapterSpec(adapter)], out))
+    finished = digest_tree(out)
+    assert run_folder.read_marker(out).status == "finished" and not (out / run_folder.STAGING).exists()
+    raced.clear()
+    with pytest.raises(LorafitError, match="earlier merge"):
+        run_merge(MergeOptions([AdapterSpec(adapter)], out))
+    assert digest_tree(out) == finished
+
+
+def test_an_eval_never_claims_an_output_written_there_while_it_scored(make_recipe, tiny_llama, toy_data, tmp_path,
+                                                                      monkeypatch):
+    """Eval checked --out (empty) before loading the models; a merge was published there while it scored. Under the
+    lock the folder is checked again: the eval exits 1 naming the merge, and the merge's files and marker stay."""
+    from lorafit import evaluate
+    from lorafit.evaluate import run_eval
+
+    adapter = save_untrained_adapter(tiny_llama, tmp_path / "adapter")
+    recipe = validate_recipe(make_recipe(tiny_llama, toy_data, tmp_path / "run", QUICK))
+    out = tmp_path / "report"
+    write = evaluate._write
+
+    def a_merge_lands_first(result):
+        out.mkdir()
+        (out / "model.safetensors").write_text("the merge's weights")
+        run_folder.write_marker(out, "merge", files=["model.safetensors"], status="finished")
+        return write(result)
+
+    monkeypatch.setattr(evaluate, "_write", a_merge_lands_first)
+    with pytest.raises(LorafitError, match="lorafit merge output, not an eval"):
+        run_eval(recipe, [adapter], data_file=toy_data, out_dir=out, samples=2)
+    assert run_folder.read_marker(out).kind == "merge"
+    assert sorted(p.name for p in out.iterdir()) == ["lorafit.json", "model.safetensors"]
+
+
+def test_a_failed_atomic_write_leaves_the_old_file_and_no_temporary_file(tmp_path, monkeypatch):
+    """write_atomic that fails half-way (a full disk at fsync) raises, keeps the previous content and removes its
+    temporary file, so nothing half-written is left beside the output."""
+    import errno
+
+    target = tmp_path / "metrics.json"
+    target.write_text("old")
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError):
+        run_folder.write_json_atomic(target, {"new": 1})
+    assert target.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
