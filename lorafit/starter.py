@@ -132,8 +132,11 @@ def _render(name: str, path: str, values: dict[str, dict[str, Any]], *, include_
     task = values.get("", {}).get("task", tasks.DEFAULT)
     lines.append(f"task: {task}  # {Recipe.model_fields['task'].description}")
     for section, model in SECTIONS.items():
-        # preference applies to dpo / kto / orpo only; a starter recipe is SFT (its data format was detected as such).
-        if not section or (section == "quantization" and not include_quantization) or section == "preference":
+        # The task's own optional sections only (preference for dpo / kto / orpo, rewards and rl for grpo...).
+        task_only = section in Recipe.model_fields and Recipe.model_fields[section].default is None and (
+            section != "quantization")
+        if not section or (section == "quantization" and not include_quantization) or (
+                task_only and section not in tasks.TASKS[task].sections):
             continue
         lines.append(f"{section}:")
         if section == "adapter" and resolved:
