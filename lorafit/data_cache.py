@@ -17,6 +17,7 @@ ranks of a `torchrun`, or a second run started meanwhile) wait and then read wha
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -30,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lorafit.errors import LorafitError
+
 if TYPE_CHECKING:
     import numpy as np
     from datasets import Dataset
@@ -39,10 +42,31 @@ _FORMAT_VERSION = 2  # bump when the layout or the meaning of the prepared colum
 
 
 def data_cache_dir() -> Path:
-    """Where prepared data is kept: $LORAFIT_DATA_CACHE, else <lorafit cache>/data (models.cache_dir)."""
+    """Where prepared data is kept: $LORAFIT_DATA_CACHE, else <lorafit cache>/data (models.cache_dir); created if
+    missing. A place that cannot be a writable folder (a file in the way, no permission, a read-only disk) is a
+    user error naming the variable that chose it, before any data is read."""
     from lorafit.models import cache_dir
 
-    return Path(os.environ.get("LORAFIT_DATA_CACHE") or cache_dir() / "data").expanduser()
+    folder = Path(os.environ.get("LORAFIT_DATA_CACHE") or cache_dir() / "data").expanduser()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, "permission denied", str(folder))
+    except OSError as exc:
+        from lorafit.run_folder import path_error
+
+        problem = path_error(exc, "")
+        raise LorafitError(f"the prepared-data cache {folder} {problem.message}", where=_cache_setting(),
+                           hint=f"{problem.hint}, or turn the cache off with data.cache: false") from None
+    return folder
+
+
+def _cache_setting() -> str:
+    """What chose the cache folder, as the user would set it."""
+    for name in ("LORAFIT_DATA_CACHE", "LORAFIT_CACHE"):
+        if os.environ.get(name):
+            return f"{name}={os.environ[name]}"
+    return "LORAFIT_DATA_CACHE (unset: ~/.cache/lorafit/data)"
 
 
 def cache_key(inputs: dict[str, Any]) -> str:

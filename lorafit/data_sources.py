@@ -4,6 +4,8 @@
 stay in memory-mapped Arrow tables, never in a Python list. Reading errors keep their precision: a malformed
 JSON line is reported as `file:line`, a `.json` file that wraps its rows in an object is read from its one
 list (or the candidates are named), a BOM is skipped, CSV fields keep their quoted newlines and read as text.
+Compressed files (`data.jsonl.gz`, `.bz2`, `.xz`, `.zst`) are read as the kind of file they hold, as `datasets`
+decompresses them.
 
 `detect_format` decides a source's row format from its columns (ShareGPT `conversations` included), and
 `row_to_messages` turns one row into chat messages: content given as a list of text parts is joined,
@@ -15,12 +17,15 @@ from __future__ import annotations
 import codecs
 import contextlib
 import hashlib
+import importlib
+import io
 import json
+import lzma
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from lorafit.errors import LorafitError, first_line
 from lorafit.recipe import DataSection, DataSource
@@ -39,6 +44,8 @@ FORMAT_COLUMNS = {
 }
 _ROLE_ALIASES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant"}
 _FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+# Compression suffixes `datasets` decompresses, with the module that reads each (zstandard is an optional package).
+_CODECS = {".gz": "gzip", ".bz2": "bz2", ".xz": "lzma", ".zst": "zstandard"}
 
 
 @dataclass(frozen=True)
@@ -115,7 +122,7 @@ def read_source(source: Source, *, streaming: bool = False, cache_dir: Path | No
                                hint="list them as entries: [{path: org/a}, {path: org/b}]")
         return _read_hub(source, streaming=streaming)
     paths = [_checked_file(Path(s).expanduser(), source.where) for s in specs]
-    builders = {_FILE_BUILDERS.get(path.suffix.lower(), "json") for path in paths}
+    builders = {_FILE_BUILDERS.get(data_suffix(path), "json") for path in paths}
     if len(builders) > 1:
         raise LorafitError("lists files of different kinds (" + ", ".join(sorted(builders)) + ")", where=source.where,
                            hint="convert them to one kind, or list them as weighted entries")
@@ -145,7 +152,41 @@ def source_fingerprint(source: Source, hash_memo: Path | None = None) -> dict[st
 
 def _is_local(spec: str) -> bool:
     path = Path(spec).expanduser()
-    return path.exists() or path.suffix.lower() in (*_FILE_BUILDERS, ".txt") or "/" not in spec
+    return path.exists() or data_suffix(path) in (*_FILE_BUILDERS, ".txt") or "/" not in spec
+
+
+def data_suffix(path: Path) -> str:
+    """The kind of data a file holds, by its name, without a compression suffix: `.jsonl` for `train.jsonl.gz`."""
+    if path.suffix.lower() in _CODECS:
+        return Path(path.stem).suffix.lower()
+    return path.suffix.lower()
+
+
+def open_data_file(path: Path, *, text: bool = False, newline: str | None = None) -> IO:
+    """A data file opened for reading, decompressed when its name says it is compressed (text: UTF-8, BOM skipped).
+
+    A compressed file that cannot be decompressed is refused with the codec's reason when it is read
+    (`_decompression_error`)."""
+    module = _CODECS.get(path.suffix.lower())
+    if module is None:
+        handle: IO = path.open("rb")
+    else:
+        try:
+            handle = importlib.import_module(module).open(path, "rb")
+        except ImportError:
+            raise LorafitError(f"is {path.suffix[1:]}-compressed, and the {module} package that reads it is not "
+                               "installed", where=str(path),
+                               hint=f"pip install {module}, or decompress the file") from None
+    return io.TextIOWrapper(handle, encoding="utf-8-sig", newline=newline) if text else handle
+
+
+def _decompression_error(path: Path, exc: Exception) -> LorafitError:
+    return LorafitError(f"cannot be decompressed ({first_line(exc)})", where=str(path),
+                        hint="the file is damaged or not what its name says; check it with the codec's own tool")
+
+
+# What a damaged compressed file raises when read (gzip.BadGzipFile is an OSError, a cut file an EOFError).
+_DECOMPRESSION_ERRORS = (OSError, EOFError, lzma.LZMAError)
 
 
 def _checked_file(path: Path, where: str) -> Path:
@@ -161,13 +202,15 @@ def _checked_file(path: Path, where: str) -> Path:
 def file_sha256(path: Path, memo: Path | None = None) -> str:
     """The file's sha256, read in blocks (a 1 GB file is never held in memory).
 
-    With a memo folder, a hash computed before is reused while the file's size, modification time (ns) and inode
-    are unchanged, as git's index trusts a file's stat: hashing 1.4 GB takes over a second, which is most of a
-    cached run's start. A file modified in the last 2 seconds is hashed anyway and not memoised, since a second
-    write within the same clock tick would keep its mtime.
+    With a memo folder, a hash computed before is reused while the file's size, modification time (ns), change
+    time (ns) and inode are unchanged, as git's index trusts a file's stat: hashing 1.4 GB takes over a second,
+    which is most of a cached run's start. The change time is what `cp -p`, `rsync -t` or an archive extraction
+    cannot set back when they rewrite a file in place and restore its mtime. A file modified in the last 2 seconds
+    is hashed anyway and not memoised, since a second write within the same clock tick would keep its mtime.
     """
     stat = path.stat()
-    stamp = {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "inode": stat.st_ino}
+    stamp = {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+             "ctime_ns": stat.st_ctime_ns, "inode": stat.st_ino}
     settled = time.time_ns() - stat.st_mtime_ns > 2_000_000_000
     record = memo / (hashlib.sha256(stamp["path"].encode()).hexdigest()[:24] + ".json") if memo else None
     known = _read_hash_memo(record) if record is not None else None
@@ -218,10 +261,12 @@ def _csv_text_features(paths: list[Path], where: str):
     headers = set()
     for path in paths:
         try:
-            with path.open(encoding="utf-8-sig", newline="") as handle:
+            with open_data_file(path, text=True, newline="") as handle:
                 headers.add(tuple(next(csv.reader(handle), [])))
         except UnicodeDecodeError as error:
             raise LorafitError(f"not UTF-8 text (byte {error.start})", where=str(path)) from None
+        except _DECOMPRESSION_ERRORS as error:
+            raise _decompression_error(path, error) from None
     if len(headers) > 1:
         raise LorafitError("the CSV files have different header rows", where=where,
                            hint="give every file the same columns, or list them as separate entries")
@@ -235,7 +280,7 @@ def _json_options(paths: list[Path], where: str) -> dict[str, Any]:
     """How to read .json/.jsonl: one object per line, an array, or an object wrapping the rows in one list."""
     for path in paths:
         _check_rows_are_objects(path)
-    fields = {_wrapping_field(path) for path in paths if path.suffix.lower() == ".json"} - {None}
+    fields = {_wrapping_field(path) for path in paths if data_suffix(path) == ".json"} - {None}
     if len(fields) > 1:
         raise LorafitError(f"the .json files wrap their rows under different keys ({', '.join(sorted(fields))})",
                            where=where)
@@ -244,9 +289,8 @@ def _json_options(paths: list[Path], where: str) -> dict[str, Any]:
 
 def _check_rows_are_objects(path: Path) -> None:
     """JSON lines (or a .json array) must hold objects; `datasets` would read [1, 2] as a text column."""
-    with path.open("rb") as handle:
-        head = handle.read(1 << 16).removeprefix(codecs.BOM_UTF8).lstrip()
-    if head.startswith(b"[") and path.suffix.lower() == ".json":
+    head = _head(path).removeprefix(codecs.BOM_UTF8).lstrip()
+    if head.startswith(b"[") and data_suffix(path) == ".json":
         if head[1:].lstrip()[:1] not in (b"{", b"]", b""):
             raise LorafitError("expected a JSON object", where=f"{path}: item 0",
                                hint="a .json file must be an array of objects, one per row")
@@ -256,9 +300,7 @@ def _check_rows_are_objects(path: Path) -> None:
 
 def _wrapping_field(path: Path) -> str | None:
     """For a .json document like {"data": [...]}, the key of its list of rows; None for arrays and JSON lines."""
-    with path.open("rb") as handle:
-        head = handle.read(1 << 16)
-    text = head.removeprefix(codecs.BOM_UTF8).lstrip()
+    text = _head(path).removeprefix(codecs.BOM_UTF8).lstrip()
     if not text.startswith(b"{"):
         return None
     first_line = text.split(b"\n", 1)[0]
@@ -270,7 +312,8 @@ def _wrapping_field(path: Path) -> str | None:
     if obj is not None and not one_line_document:
         return None  # JSON lines: the first line is a whole object and more follow
     try:
-        document = json.loads(path.read_bytes().removeprefix(codecs.BOM_UTF8))
+        with open_data_file(path) as handle:
+            document = json.loads(handle.read().removeprefix(codecs.BOM_UTF8))
     except ValueError:
         return None  # reported with its line by _explain_failure
     if not isinstance(document, dict):
@@ -285,6 +328,15 @@ def _wrapping_field(path: Path) -> str | None:
         "is one JSON object, not rows: " + (f"it holds several lists of rows ({', '.join(lists)})" if lists else
                                             f"none of its keys ({', '.join(map(str, document)) or 'none'}) holds a list of rows"),
         where=str(path), hint="write one JSON object per line (.jsonl), or a .json array of objects")
+
+
+def _head(path: Path) -> bytes:
+    """The first 64 KiB of the file's (decompressed) content."""
+    try:
+        with open_data_file(path) as handle:
+            return handle.read(1 << 16)
+    except _DECOMPRESSION_ERRORS as error:
+        raise _decompression_error(path, error) from None
 
 
 def _load(builder: str, paths: list[Path], options: dict[str, Any], where: str, *, streaming: bool,
@@ -308,8 +360,8 @@ def _explain_failure(paths: list[Path], builder: str, exc: Exception) -> None:
     """Raise the precise error (file:line) behind a failed load, found by re-reading the files in Python."""
     for path in paths:
         try:
-            with path.open(encoding="utf-8-sig") as handle:
-                if builder == "json" and path.suffix.lower() == ".json" and handle.read(1 << 16).lstrip()[:1] == "[":
+            with open_data_file(path, text=True) as handle:
+                if builder == "json" and data_suffix(path) == ".json" and handle.read(1 << 16).lstrip()[:1] == "[":
                     handle.seek(0)
                     try:
                         rows = json.loads(handle.read())
@@ -333,6 +385,8 @@ def _explain_failure(paths: list[Path], builder: str, exc: Exception) -> None:
                     _require_object(row, f"{path}:{number}")
         except UnicodeDecodeError as error:
             raise LorafitError(f"not UTF-8 text (byte {error.start})", where=str(path)) from None
+        except _DECOMPRESSION_ERRORS as error:
+            raise _decompression_error(path, error) from None
     message = _first_line(exc)
     if "ArrowInvalid" in repr(exc.__cause__) or "column" in message.lower():
         raise LorafitError(f"the files' columns do not agree: {message}", where=", ".join(map(str, paths)),

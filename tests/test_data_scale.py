@@ -56,6 +56,45 @@ QA = [{"prompt": f"colour {i}", "completion": f"answer {i}"} for i in range(12)]
 # What the user meant
 
 
+@pytest.mark.parametrize("name", ["qa.jsonl.gz", "qa.jsonl.bz2", "qa.jsonl.xz", "qa.json.gz", "qa.csv.gz"])
+def test_compressed_data_files_are_read_as_what_they_hold(tokenizer, tmp_path, data_recipe, name):
+    """A .jsonl / .json / .csv file compressed with gzip, bzip2 or xz (as data sets are shipped) gives the same
+    prepared rows as the plain file, also streamed, instead of "not UTF-8 text"."""
+    import bz2
+    import gzip
+    import lzma
+
+    plain = tmp_path / name.rsplit(".", 1)[0]
+    if plain.suffix == ".csv":
+        with plain.open("w", encoding="utf-8", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=["prompt", "completion"])
+            writer.writeheader()
+            writer.writerows(QA)
+    elif plain.suffix == ".json":
+        plain.write_text(json.dumps(QA), encoding="utf-8")
+    else:
+        write_jsonl(plain, QA)
+    packed = tmp_path / name
+    codec = {".gz": gzip, ".bz2": bz2, ".xz": lzma}[packed.suffix]
+    packed.write_bytes(codec.compress(plain.read_bytes()))
+    expected = prepare_data(data_recipe(plain, data={"cache": False}), tokenizer)
+    got = prepare_data(data_recipe(packed, data={"cache": False}), tokenizer)
+    assert got.train["input_ids"] == expected.train["input_ids"] and got.train["labels"] == expected.train["labels"]
+    streamed = prepare_data(data_recipe(packed, data={"streaming": True}, training={"max_steps": 2}), tokenizer)
+    assert next(iter(streamed.train))["input_ids"] in expected.train["input_ids"]
+
+
+def test_a_damaged_compressed_file_is_named_with_the_codecs_reason(tokenizer, tmp_path, data_recipe):
+    """A .jsonl.gz cut short is one user error naming the file and that it cannot be decompressed."""
+    import gzip
+
+    packed = tmp_path / "qa.jsonl.gz"
+    packed.write_bytes(gzip.compress(("\n".join(json.dumps(r) for r in QA)).encode())[:40])
+    with pytest.raises(LorafitError, match="cannot be decompressed") as caught:
+        prepare_data(data_recipe(packed), tokenizer)
+    assert caught.value.where == str(packed)
+
+
 def test_csv_fields_with_quoted_newlines_keep_them_and_numbers_stay_text(tokenizer, tmp_path, data_recipe):
     """A quoted CSV field holding newlines stays one field with its newlines; '007' is not turned into 7."""
     path = tmp_path / "qa.csv"
@@ -200,6 +239,57 @@ def test_a_files_hash_is_reused_only_while_its_size_mtime_and_inode_are_unchange
     write_jsonl(path, [{**QA[0], "completion": "changed"}, *QA[1:]])
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns - 5 * 10**9))
     assert prepare_data(recipe, tokenizer).report.cache == "built"
+
+
+def test_a_file_rewritten_in_place_with_its_mtime_restored_is_not_served_from_the_cache(tokenizer, tmp_path,
+                                                                                       own_cache, data_recipe):
+    """A data file rewritten in place to the same size with its mtime set back (what `cp -p`, `rsync -t` or an
+    archive extraction do) keeps size, mtime and inode; its change time differs, so it is hashed again and the
+    prepared data is built from the new rows, not read from the cache."""
+    import time
+
+    path = write_jsonl(tmp_path / "qa.jsonl", QA)
+    recipe = data_recipe(path)
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns - 10**10))
+    old = path.stat()
+    first = prepare_data(recipe, tokenizer)
+    assert len(list((own_cache / "hashes").glob("*.json"))) == 1  # settled: its hash is memoised by stat
+    time.sleep(0.05)  # the file system's clock tick: the rewrite below gets a later change time, as any later one does
+    text = path.read_text()
+    changed = text.replace(QA[0]["completion"], QA[0]["completion"][::-1], 1)
+    assert changed != text and len(changed) == len(text)
+    with path.open("r+", encoding="utf-8") as handle:  # in place: same inode
+        handle.write(changed)
+    os.utime(path, ns=(old.st_atime_ns, old.st_mtime_ns))
+    now = path.stat()
+    assert (now.st_size, now.st_mtime_ns, now.st_ino) == (old.st_size, old.st_mtime_ns, old.st_ino)
+    second = prepare_data(recipe, tokenizer)
+    assert second.report.cache == "built" and second.report.fingerprint != first.report.fingerprint
+
+
+@pytest.mark.parametrize("case", ["file", "under a file", "lorafit cache is a file", "no permission"])
+def test_an_unusable_cache_location_is_a_user_error_naming_the_variable(tokenizer, tmp_path, monkeypatch,
+                                                                        data_recipe, case):
+    """LORAFIT_DATA_CACHE (or LORAFIT_CACHE, which it defaults under) pointing at a file, below a file, or at a
+    folder that cannot be written is one user error naming the variable and data.cache: false, never an internal
+    error; the same data prepares with the cache off."""
+    if case == "no permission" and os.geteuid() == 0:
+        pytest.skip("root writes anywhere")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    locked = tmp_path / "read-only"
+    locked.mkdir(mode=0o500)
+    variable, value = {"file": ("LORAFIT_DATA_CACHE", blocker), "under a file": ("LORAFIT_DATA_CACHE", blocker / "c"),
+                       "lorafit cache is a file": ("LORAFIT_CACHE", blocker),
+                       "no permission": ("LORAFIT_DATA_CACHE", locked)}[case]
+    monkeypatch.delenv("LORAFIT_DATA_CACHE")
+    monkeypatch.setenv(variable, str(value))
+    path = write_jsonl(tmp_path / "qa.jsonl", QA)
+    with pytest.raises(LorafitError) as caught:
+        prepare_data(data_recipe(path), tokenizer)
+    assert type(caught.value) is LorafitError and caught.value.where == f"{variable}={value}"
+    assert "data.cache: false" in caught.value.hint
+    assert prepare_data(data_recipe(path, data={"cache": False}), tokenizer).report.train_examples == 12
 
 
 def test_the_hash_memo_writes_only_its_own_files(tmp_path):
