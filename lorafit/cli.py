@@ -314,6 +314,11 @@ def eval_command(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Rows per forward pass.")] = 8,
     out: Annotated[Path | None, typer.Option("--out", help="Where report.json and samples.jsonl go; "
                                                            "default: <run dir>/eval.")] = None,
+    benchmarks: Annotated[list[str] | None, typer.Option(
+        "--benchmark", help="Also run lm-evaluation-harness tasks on the base and each adapter: names and/or task "
+                            "YAML files, comma-separated (repeatable); needs lorafit[bench].")] = None,
+    limit: Annotated[int | None, typer.Option("--limit", help="--benchmark: score the first N documents of each "
+                                                              "task.")] = None,
     overrides: SetOpt = None,
     allow_code: AllowCodeOpt = False,
     as_json: JsonOpt = False,
@@ -330,7 +335,8 @@ def eval_command(
         recipe = load_recipe(recipe_path, overrides or [])
         with sigterm_as_interrupt():  # `kill` stops it like Ctrl-C: exit 130, staging removed, --out as it was
             return run_eval(recipe, list(adapters), data_file=data, samples=samples, max_new_tokens=max_new_tokens,
-                            batch_size=batch_size, out_dir=out, allow_code=allow_code)
+                            batch_size=batch_size, out_dir=out, allow_code=allow_code, benchmarks=benchmarks,
+                            limit=limit)
 
     _execute(work, payload=render.eval_payload, show=partial(render.show_eval, quiet=quiet), as_json=as_json,
              debug=debug)

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lorafit import adapters, data, models, run_folder, tasks
+from lorafit import adapters, benchmark, data, models, run_folder, tasks
 from lorafit.errors import LorafitError
 from lorafit.recipe import Recipe
 from lorafit.rewards import normalize_answer, rouge_l
@@ -77,6 +77,7 @@ class EvalResult:
     task: str = tasks.DEFAULT
     labels: list[str] | None = None  # sequence classification: the class names, in id order
     chart_path: Path | None = None  # scores.png next to report.json: base vs adapters (None if it could not be drawn)
+    benchmarks: list[benchmark.BenchmarkRow] = field(default_factory=list)  # --benchmark: lm-eval's tasks, base first
 
 
 @dataclass
@@ -119,10 +120,13 @@ class EvalPlan:
 
 def run_eval(recipe: Recipe, adapter_dirs: list[str | Path], *, data_file: str | Path | None = None,
              samples: int | None = None, max_new_tokens: int | None = None, batch_size: int = 8,
-             out_dir: str | Path | None = None, allow_code: bool = False) -> EvalResult:
+             out_dir: str | Path | None = None, allow_code: bool = False, benchmarks: list[str] | None = None,
+             limit: int | None = None) -> EvalResult:
     """Score the recipe's base model and each adapter on the eval rows; writes report.json and samples.jsonl.
 
-    `allow_code` is --allow-code: the recipe's Python (custom rewards) may run."""
+    `allow_code` is --allow-code: the recipe's Python (custom rewards) may run. `benchmarks` (--benchmark) are
+    lm-evaluation-harness tasks run on the base and each adapter after the eval rows, each on its first `limit`
+    documents (lorafit/benchmark.py)."""
     started = time.perf_counter()
     notes: list[str] = []
     if not adapter_dirs:
@@ -137,6 +141,9 @@ def run_eval(recipe: Recipe, adapter_dirs: list[str | Path], *, data_file: str |
                            "beside one base", where="--adapter",
                            hint="run lorafit eval once per method; each report scores the base beside its adapters")
     names = _adapter_names(trained)
+    if limit is not None and not benchmarks:
+        raise LorafitError("applies to --benchmark only", where="--limit", hint="--samples limits the eval rows")
+    bench = benchmark.check_benchmarks(benchmarks, limit) if benchmarks else None  # before any model loads
     out_dir = Path(out_dir).expanduser() if out_dir else recipe.run_dir / run_folder.EVAL
     data_file = Path(data_file).expanduser() if data_file is not None else None
     # Before any model loads: the report replaces only an earlier report of lorafit's, never a file of the user's
@@ -184,13 +191,18 @@ def run_eval(recipe: Recipe, adapter_dirs: list[str | Path], *, data_file: str |
         with context:
             score, outputs[name] = plan.measure(model, name, adapter)
         scores.append(score)
+    benchmark_rows = []
+    if bench is not None:  # the harness loads each model itself: this one goes first
+        del model
+        benchmark_rows = benchmark.run_benchmarks(bench, recipe, source, precision, trained, names, batch_size)
+        notes.extend(benchmark.regressions(benchmark_rows))
 
     # 4. The report, and each row with every model's answer (or predicted label).
     result = EvalResult(
         recipe=recipe.name, base=source, data=plan.described, template=plan.template, examples=len(plan.examples),
         max_new_tokens=plan.max_new_tokens, scores=scores, report_path=out_dir / run_folder.EVAL_REPORT,
         samples_path=out_dir / run_folder.EVAL_SAMPLES, samples=plan.sample_rows(outputs), notes=notes,
-        task=recipe.task, labels=labels,
+        task=recipe.task, labels=labels, benchmarks=benchmark_rows,
     )
     result.seconds = time.perf_counter() - started
     _write(result)
@@ -442,7 +454,9 @@ def _write(result: EvalResult) -> None:
             {s.name: s.loss for s in scores},
             {"exact match": [s.exact_match for s in scores],
              "norm. exact match": [s.normalized_exact_match for s in scores], "ROUGE-L": [s.rouge_l for s in scores],
-             "accuracy": [s.accuracy for s in scores], "macro-F1": [s.f1 for s in scores]},
+             "accuracy": [s.accuracy for s in scores], "macro-F1": [s.f1 for s in scores],
+             **{f"{row.task} {row.metric}": [m.value for m in row.models] for row in result.benchmarks
+                if all(m.value is None or 0 <= m.value <= 1 for m in row.models)}},
             staging / run_folder.EVAL_CHART, title=result.recipe, rows=result.examples)
         if warning:
             result.notes.append(warning)

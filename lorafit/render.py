@@ -18,6 +18,7 @@ from rich.text import Text
 from lorafit.errors import EXIT_RUN_FAILED
 
 if TYPE_CHECKING:
+    from lorafit.benchmark import BenchmarkRow
     from lorafit.evaluate import EvalResult, Scores
     from lorafit.inspect_modules import InspectResult
     from lorafit.merge import MergeResult
@@ -298,6 +299,7 @@ def show_eval(result: EvalResult, *, quiet: bool = False) -> None:
         console.print(Text(note, style="yellow" if note.startswith("warning") else "dim"))
     if result.labels is not None:
         _classification_eval(console, result, quiet=quiet)
+        _benchmarks(console, result.benchmarks)
         return
     table = Table(title=f"{result.recipe}: {result.examples} eval rows from {result.data}", title_justify="left")
     for column in ("model", "loss", "perplexity", "exact match", "norm. exact match", "ROUGE-L", "time"):
@@ -310,6 +312,7 @@ def show_eval(result: EvalResult, *, quiet: bool = False) -> None:
         _preferences(console, result.scores)
     if any(s.rewards for s in result.scores):  # grpo / rloo: the recipe's rewards on the greedy answers
         _rewards(console, result.scores)
+    _benchmarks(console, result.benchmarks)
     if quiet:
         return
     for row in result.samples[:3]:
@@ -324,6 +327,27 @@ def show_eval(result: EvalResult, *, quiet: bool = False) -> None:
 
 # ----------------------------------------------------------------------------------------------------
 # Pieces
+
+
+def _benchmarks(console: Console, rows: list[BenchmarkRow]) -> None:
+    """--benchmark: each task's metric per model; an adapter's cell adds its difference from the base and that
+    difference's standard error, in red when the drop is larger than the noise."""
+    if not rows:
+        return
+    table = Table(title="benchmarks (lm-evaluation-harness): value (difference from the base ± its standard error)",
+                  title_justify="left")
+    for column in ("task", "metric", "docs", *(m.name for m in rows[0].models)):
+        table.add_column(column, justify="left" if column in ("task", "metric") else "right")
+    for row in rows:
+        cells = []
+        for m in row.models:
+            cell = _fmt(m.value)
+            if m.difference is not None:
+                spread = f" ± {m.difference_stderr:.4f}" if m.difference_stderr is not None else ""
+                cell += f" ({m.difference:+.4f}{spread})"
+            cells.append(Text(cell + (" worse" if m.regression else ""), style="red" if m.regression else ""))
+        table.add_row(row.task, row.metric, str(row.documents), *cells)
+    console.print(table)
 
 
 def _rewards(console: Console, scores) -> None:
@@ -458,8 +482,9 @@ def _runs_table(console: Console, rows: list[RunInfo], *, quiet: bool) -> None:
     if not console.is_terminal:  # piped or redirected: whole values beat a table cut to 80 columns
         console.width = max(console.width, 160)
     table = Table(title=None if quiet else f"{len(rows)} run{'s' if len(rows) != 1 else ''}", title_justify="left")
+    benchmarks = any(row.benchmarks for row in rows)
     for column in ("run", "base", "method", "r", "alpha", "lr", "steps", "train loss", "eval loss", "eval",
-                   "tok/s", "time", "status"):
+                   *(["benchmarks"] if benchmarks else []), "tok/s", "time", "status"):
         table.add_column(column, justify="left" if column in ("run", "base", "method", "status") else "right")
     short_metric = {"exact_match": "EM", "accuracy": "acc"}
     for row in rows:
@@ -468,9 +493,17 @@ def _runs_table(console: Console, rows: list[RunInfo], *, quiet: bool) -> None:
         style = {"failed": "red", "interrupted": "yellow", "running": "cyan"}.get(row.status, "")
         table.add_row(row.name, _short_base(row.base), cell(row.method), cell(row.r), cell(row.alpha),
                       cell(row.lr), steps, _fmt(row.train_loss), _fmt(row.eval_loss), score,
+                      *([_benchmark_cell(row)] if benchmarks else []),
                       f"{row.tokens_per_second:,.0f}" if row.tokens_per_second else "-",
                       f"{row.train_seconds:.0f} s" if row.train_seconds else "-", row.status, style=style)
     console.print(table)
+
+
+def _benchmark_cell(row: RunInfo) -> str:
+    """How many benchmark metrics the run's adapter was scored on, and how many dropped beyond the noise."""
+    if not row.benchmarks:
+        return "-"
+    return f"{row.benchmark_regressions} worse / {len(row.benchmarks)}"
 
 
 def _short_base(base: str | None) -> str:

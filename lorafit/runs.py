@@ -44,6 +44,8 @@ class RunInfo:
     eval_metric: str | None = None  # exact_match (generation) or accuracy (classifier), from `lorafit eval`
     eval_score: float | None = None  # the adapter's
     eval_base_score: float | None = None  # the base model's, same metric
+    benchmarks: dict[str, float | None] | None = None  # `lorafit eval --benchmark`: "task metric" -> adapter - base
+    benchmark_regressions: int | None = None  # how many of those dropped by more than the noise
     tokens_per_second: float | None = None
     train_seconds: float | None = None
     history: list[dict[str, float]] = field(default_factory=list, repr=False)  # step, loss, eval_loss, learning_rate
@@ -220,6 +222,18 @@ def _from_eval_report(info: RunInfo, folder: Path) -> None:
     info.eval_metric = "accuracy" if mine.get("accuracy") is not None else "exact_match"
     info.eval_score = _number(mine.get(info.eval_metric))
     info.eval_base_score = _number(base.get(info.eval_metric)) if base else None
+    _from_benchmarks(info, report.get("benchmarks"), mine.get("name"))
+
+
+def _from_benchmarks(info: RunInfo, rows: Any, name: Any) -> None:
+    """This run's adapter in the report's --benchmark rows: each metric's difference from the base."""
+    if not isinstance(rows, list) or not rows:
+        return
+    mine = [(row, model) for row in rows if isinstance(row, dict) for model in row.get("models") or []
+            if isinstance(model, dict) and model.get("name") == name]
+    info.benchmarks = {f"{row.get('task')} {row.get('metric')}": _number(model.get("difference"))
+                       for row, model in mine}
+    info.benchmark_regressions = sum(bool(model.get("regression")) for _, model in mine)
 
 
 def _number(value: Any) -> float | None:
