@@ -51,13 +51,16 @@ class NonFiniteGuard:
 
     A non-finite loss is replaced by a zero loss (zero gradients, so the weights stay finite); after
     `max_nonfinite_steps` in a row the run stops, leaving the last good checkpoint (`fit` never saves while
-    `nonfinite_in_a_row` is above zero, nor non-finite weights).
+    `nonfinite_in_a_row` is above zero, nor non-finite weights). Under FSDP the whole optimizer step's gradients
+    are zeroed instead, on every rank (`nonfinite_fallback`).
     """
 
     def __init__(self, *args, max_nonfinite_steps: int = 3, **kwargs):
         super().__init__(*args, **kwargs)
         self.max_nonfinite_steps = max_nonfinite_steps
         self.nonfinite_in_a_row = 0
+        self.nonfinite_step = False  # a NaN/inf loss was backpropagated in this optimizer step (FSDP)
+        self.add_callback(_DropNonFiniteStep(self))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         result = super().compute_loss(model, inputs, return_outputs=return_outputs,
@@ -77,11 +80,53 @@ class NonFiniteGuard:
                 where="training", hint=f"lower training.learning_rate (now {self.args.learning_rate:g}) or check "
                 "the data; training.max_nonfinite_steps sets how many are tolerated",
             )
-        # Not `loss * 0`: backpropagating through a NaN graph still gives NaN gradients (0 * NaN). A zero built
-        # from the trainable weights alone has exact zero gradients, so this batch pushes nothing into them;
-        # the detached loss is added only so the logs show the NaN/inf honestly.
-        zero = sum((p * 0.0).sum() for p in model.parameters() if p.requires_grad) + loss.detach()
-        return (zero, *result[1:]) if return_outputs else zero
+        if self.is_fsdp_enabled:
+            self.nonfinite_step = True
+        fallback = nonfinite_fallback(model, loss, sharded=self.is_fsdp_enabled)
+        return (fallback, *result[1:]) if return_outputs else fallback
+
+
+def nonfinite_fallback(model: nn.Module, loss, *, sharded: bool):
+    """The loss to backpropagate in place of a NaN/inf `loss`.
+
+    Unsharded: not `loss * 0`, since backpropagating through a NaN graph still gives NaN gradients (0 * NaN). A zero
+    built from the trainable weights alone has exact zero gradients, so this batch pushes nothing into them; the
+    detached loss is added only so the logs show the NaN/inf honestly.
+    Sharded (FSDP): `loss` itself. FSDP2 reduce-scatters each layer's gradients from hooks on the forward graph, and
+    its parameters outside forward are DTensor shards: a loss built from them leaves this rank out of the
+    collectives the other ranks wait in, and every rank hangs (reproduced with 2 CPU processes,
+    tests/test_gpu_paths.py). The NaN gradients of the step are zeroed on every rank before the optimizer step
+    instead (`_DropNonFiniteStep`), the way fp16 loss scaling drops an overflowed step.
+    """
+    if sharded:
+        return loss
+    return sum((p * 0.0).sum() for p in model.parameters() if p.requires_grad) + loss.detach()
+
+
+def drop_gradients_on_every_rank(model: nn.Module, dropped: bool, args) -> bool:
+    """Zero every gradient of `model` on all ranks when `dropped` is true on any of them; says whether it did.
+
+    Every rank must call it (one all-reduce)."""
+    if not on_any_rank(dropped, args):
+        return False
+    for parameter in model.parameters():
+        if parameter.grad is not None:
+            parameter.grad.zero_()
+    return True
+
+
+class _DropNonFiniteStep(transformers.TrainerCallback):
+    """NonFiniteGuard's FSDP half: before each optimizer step, the gradients are zeroed on every rank when any rank
+    backpropagated a NaN/inf loss during the step (after clipping, which NaN gradients turn into NaN too)."""
+
+    def __init__(self, guard: NonFiniteGuard):
+        self.guard = guard
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if not self.guard.is_fsdp_enabled:
+            return
+        dropped, self.guard.nonfinite_step = self.guard.nonfinite_step, False
+        drop_gradients_on_every_rank(model, dropped, args)
 
 
 class SFTTrainer(NonFiniteGuard, AdaLoraTraining, TrainedPositionsLoss, trl.SFTTrainer):

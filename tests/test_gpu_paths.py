@@ -143,3 +143,47 @@ def test_trl_casts_quantized_trainable_parameters_to_bf16(make_recipe, tiny_llam
         SFTTrainer(model=model, args=args, train_dataset=rows)
         assert lora_dtypes() == {torch.bfloat16}  # TRL's cast
     assert lora_dtypes() == {torch.float32}
+
+
+_FSDP2_NAN_ON_ONE_RANK = '''
+import sys, types, torch, torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from lorafit.training_loop import drop_gradients_on_every_rank, nonfinite_fallback
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+model[0].weight.requires_grad_(False)  # a frozen base weight beside trainable ones, as under LoRA
+mesh = init_device_mesh("cpu", (2,))
+for layer in model:
+    fully_shard(layer, mesh=mesh)
+fully_shard(model, mesh=mesh)
+loss = model(torch.randn(2, 4)).sum() * (float("nan") if rank == 0 else 1.0)
+nonfinite = not torch.isfinite(loss).item()
+if nonfinite:
+    loss = nonfinite_fallback(model, loss, sharded=True)
+loss.backward()
+dropped = drop_gradients_on_every_rank(model, nonfinite, types.SimpleNamespace(device=torch.device("cpu")))
+grads = [p.grad.full_tensor() for p in model.parameters() if p.requires_grad]
+assert dropped and all(bool((g == 0).all()) for g in grads), grads
+print(f"rank {rank}: step dropped, gradients zero", flush=True)
+dist.destroy_process_group()
+'''
+
+
+def test_a_nan_loss_on_one_fsdp2_rank_drops_the_step_on_every_rank(tmp_path):
+    """FSDP2, 2 CPU processes (gloo), rank 0's loss NaN: its backward still goes through the forward graph (FSDP2's
+    reduce-scatter hooks live there; the old fallback built the loss from the DTensor shards instead, and both ranks
+    hung in backward), and both ranks then zero the step's gradients, so neither optimizer applies NaN."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "nan_on_one_rank.py"
+    script.write_text(_FSDP2_NAN_ON_ONE_RANK)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           "--master-port", "29561", str(script)], capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(line for line in done.stdout.splitlines() if line.startswith("rank")) == [
+        "rank 0: step dropped, gradients zero", "rank 1: step dropped, gradients zero"]
