@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lorafit import adapters, models, run_folder, tasks
+from lorafit import adapters, models, run_folder, tasks, vllm_rules
 from lorafit.errors import LorafitError, RunFailed, first_line
 
 if TYPE_CHECKING:
@@ -230,6 +230,7 @@ def run_merge(options: MergeOptions) -> MergeResult:
     with run_folder.staged_output(options.out_dir, "merge", where=f"--out {options.out_dir}",
                                   overwrite=options.overwrite) as staging:
         written = write(attached, inputs, options, staging)
+        notes.extend(_vllm_notes(trained, options, staging))
         result = _result(options, inputs, attached, written, notes)
         result.seconds = time.perf_counter() - started
         run_folder.write_atomic(staging / run_folder.MODEL_CARD, _model_card(result))
@@ -237,6 +238,23 @@ def run_merge(options: MergeOptions) -> MergeResult:
     result.peak_memory_mb = _peak_memory_mb(inputs.sources.device)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _vllm_notes(trained: list[TrainedAdapter], options: MergeOptions, staging: Path) -> list[str]:
+    """Whether what was written serves in vLLM (lorafit/vllm_rules.py): a combined adapter by vLLM's LoRA rules; a
+    merged model loads as a plain model, which is also the way out for an adapter vLLM refuses as a LoRA."""
+    import json
+
+    if options.as_adapter:
+        check = vllm_rules.check_adapter(json.loads((staging / "adapter_config.json").read_text(encoding="utf-8")))
+        if check.loads:
+            return [f"vLLM: the combined adapter loads as a LoRA (max_lora_rank={check.max_lora_rank})"]
+        return [f"vLLM: the combined adapter {check.refusal()}; merge without --as-adapter to serve it as a model"]
+    if options.fmt != "safetensors":
+        return []
+    checks = [(adapter, vllm_rules.check_adapter(adapter.config)) for adapter in trained]
+    return [f"vLLM: {adapter.path} {check.refusal()}; this merged model serves without it: "
+            f"`vllm serve {options.out_dir}`" for adapter, check in checks if not check.loads]
 
 
 def _result(options: MergeOptions, inputs: _Inputs, attached: _Attached, written: _Written,

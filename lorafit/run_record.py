@@ -20,7 +20,7 @@ import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lorafit import adapter_init, run_folder, tasks
+from lorafit import adapter_init, run_folder, tasks, vllm_rules
 from lorafit.recipe import AdapterSection, Recipe, dump_recipe
 
 if TYPE_CHECKING:
@@ -202,18 +202,17 @@ def model_card(recipe: Recipe, metrics: TrainMetrics, adapter_dir: Path, *,
         f"As a full model for plain transformers: `lorafit merge {adapter_dir} --out merged/`, then "
         '`AutoModelForCausalLM.from_pretrained("merged/")`.',
         "",
-        "With vLLM (LoRA serving):",
-        "",
-        "```python",
-        "from vllm import LLM",
-        "from vllm.lora.request import LoRARequest",
-        "",
-        f'llm = LLM(model="{base}", enable_lora=True)',
-        f'outputs = llm.chat(messages, lora_request=LoRARequest("{recipe.name}", 1, "{adapter_dir}"))',
-        "```",
-        "",
+        # vLLM's LoRA rules checked first: the snippet only for an adapter vLLM loads (lorafit/vllm_rules.py)
+        *vllm_rules.lora_snippet(base, recipe.name, str(adapter_dir), _vllm_check(adapter_dir)),
     ]
     return "\n".join(lines)
+
+
+def _vllm_check(adapter_dir: Path) -> vllm_rules.VllmCheck:
+    import json
+
+    path = adapter_dir / "adapter_config.json"
+    return vllm_rules.check_adapter(json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {})
 
 
 def _percent_row(name: str, value: Any) -> str:
