@@ -128,6 +128,28 @@ def device_kind(device: str) -> str:
     return device
 
 
+class TrainableOnlyCheckpoints:
+    """Trainer mixin: under FSDP2 a checkpoint gathers the trainable tensors only, not the whole model.
+
+    With FULL_STATE_DICT (configs/accelerate/fsdp.yaml) Trainer.save_model gathers `accelerator.get_state_dict`
+    (transformers/trainer.py, save_model), which for FSDP2 is every parameter, frozen ones included, offloaded into
+    rank 0's host memory (accelerate/accelerator.py, get_state_dict: full_state_dict, cpu_offload): 16 GB for an 8B
+    model at every save, of which PEFT's save_pretrained then keeps only the adapter. `gathered_state_dict` gives the
+    same adapter tensors (so the checkpoint files, and resuming from them, are unchanged) from the trainable
+    parameters alone. Other layouts keep the Trainer's own save (ZeRO-3 already excludes frozen parameters).
+    """
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        from torch.distributed.fsdp import FSDPModule
+
+        fsdp2 = self.is_fsdp_enabled and any(isinstance(module, FSDPModule) for module in self.model.modules())
+        if not (_internal_call and fsdp2):
+            return super().save_model(output_dir, _internal_call)
+        state_dict = gathered_state_dict(self.model, self)  # every rank sends its shards
+        self._save(output_dir or self.args.output_dir, state_dict=state_dict)
+        return None
+
+
 def gathered_state_dict(model: nn.Module, trainer=None) -> dict[str, torch.Tensor] | None:
     """The model's full, unsharded state dict on rank 0 when its weights are sharded; None when they are whole.
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from trl.import_utils import suppress_experimental_warning
 
+from lorafit.distributed import TrainableOnlyCheckpoints
 from lorafit.training_loop import NonFiniteGuard
 
 # trl.experimental warns on first import that its APIs may change without notice. lorafit bounds the TRL versions it
@@ -33,7 +34,7 @@ with suppress_experimental_warning():
 __all__ = ["ORPOConfig", "ORPOTrainer"]
 
 
-class ORPOTrainer(NonFiniteGuard, _TRLORPOTrainer):
+class ORPOTrainer(NonFiniteGuard, TrainableOnlyCheckpoints, _TRLORPOTrainer):
     """TRL's ORPOTrainer with the NaN/inf guard, reading `prompt_ids` / `chosen_ids` / `rejected_ids` rows.
 
     There is no reference model, so nothing like lorafit.training_loop.AdapterReference: the PEFT model is trained alone.

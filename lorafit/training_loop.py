@@ -38,6 +38,7 @@ import trl
 
 from lorafit import adalora, checkpoints
 from lorafit.adalora import AdaLoraTraining
+from lorafit.distributed import TrainableOnlyCheckpoints
 from lorafit.errors import Interrupted, LorafitError, RunFailed, first_line
 from lorafit.loss import TrainedPositionsLoss
 from lorafit.recipe import Recipe
@@ -129,11 +130,11 @@ class _DropNonFiniteStep(transformers.TrainerCallback):
         drop_gradients_on_every_rank(model, dropped, args)
 
 
-class SFTTrainer(NonFiniteGuard, AdaLoraTraining, TrainedPositionsLoss, trl.SFTTrainer):
+class SFTTrainer(NonFiniteGuard, TrainableOnlyCheckpoints, AdaLoraTraining, TrainedPositionsLoss, trl.SFTTrainer):
     """TRL's SFTTrainer with the NaN/inf guard, AdaLoRA's schedule and, off CUDA, the trained-positions loss."""
 
 
-class ClassifierTrainer(NonFiniteGuard, AdaLoraTraining, transformers.Trainer):
+class ClassifierTrainer(NonFiniteGuard, TrainableOnlyCheckpoints, AdaLoraTraining, transformers.Trainer):
     """The transformers Trainer (sequence classification) with the NaN/inf guard and AdaLoRA's schedule."""
 
     # Its loss is the model's own (from `labels`), to which AdaLoraModel.forward adds the regulariser.
@@ -156,7 +157,7 @@ class AdapterReference:
             self.model.delete_adapter("ref")
 
 
-class DPOTrainer(NonFiniteGuard, AdapterReference, trl.DPOTrainer):
+class DPOTrainer(NonFiniteGuard, TrainableOnlyCheckpoints, AdapterReference, trl.DPOTrainer):
     """TRL's DPOTrainer with the NaN/inf guard, its reference the adapter switched off (or its frozen start)."""
 
     def _set_signature_columns_if_needed(self):
@@ -168,16 +169,16 @@ class DPOTrainer(NonFiniteGuard, AdapterReference, trl.DPOTrainer):
             self._signature_columns = [*self._signature_columns, "length"]
 
 
-class KTOTrainer(NonFiniteGuard, AdapterReference, trl.KTOTrainer):
+class KTOTrainer(NonFiniteGuard, TrainableOnlyCheckpoints, AdapterReference, trl.KTOTrainer):
     """TRL's KTOTrainer with the NaN/inf guard, its reference the adapter switched off (or its frozen start)."""
 
 
-class GRPOTrainer(NonFiniteGuard, AdapterReference, trl.GRPOTrainer):
+class GRPOTrainer(NonFiniteGuard, TrainableOnlyCheckpoints, AdapterReference, trl.GRPOTrainer):
     """TRL's GRPOTrainer (online RL from rewards) with the NaN/inf guard; with a KL term its reference is the adapter
     switched off (or its frozen start). TRL adds the "ref" copy only when rl.beta > 0."""
 
 
-class RLOOTrainer(NonFiniteGuard, AdapterReference, trl.RLOOTrainer):
+class RLOOTrainer(NonFiniteGuard, TrainableOnlyCheckpoints, AdapterReference, trl.RLOOTrainer):
     """TRL's RLOOTrainer (leave-one-out baseline) with the NaN/inf guard and the same reference rule as GRPO."""
 
 
