@@ -228,7 +228,8 @@ def wrap_model(recipe: Recipe, model: nn.Module, *, gradient_checkpointing: bool
     start = read_trained_adapter(recipe.adapter.init_from) if recipe.adapter.init_from else None
     if start is not None:
         _check_same_adapter(start, config)
-        check_adapter_fits(start, model, model.config, source=model.config.name_or_path or recipe.model.path)
+        check_adapter_fits(start, model, model.config, source=model.config.name_or_path or recipe.model.path,
+                           base_setting="model.path")
     quantized = recipe.quantization is not None
     checkpointing = {"use_reentrant": zero3}
     if quantized:
@@ -412,8 +413,11 @@ def load_adapter_tokenizer(adapter: TrainedAdapter, *,
 
 
 def check_adapter_fits(adapter: TrainedAdapter, model: nn.Module, config: Any, *, source: str,
-                       tokenizer: PreTrainedTokenizerBase | None = None) -> None:
+                       base_setting: str, tokenizer: PreTrainedTokenizerBase | None = None) -> None:
     """Refuse an adapter whose base (architecture, vocabulary, module shapes) differs from this model.
+
+    `base_setting` is where the caller's user chose the base (merge: --base, eval and train: model.path), for the
+    hint.
 
     Checked on the adapter file's header and a (meta-device) model, before any weights are read, so a
     mismatch is one clear line instead of a size-mismatch traceback from deep inside PEFT.
@@ -426,15 +430,16 @@ def check_adapter_fits(adapter: TrainedAdapter, model: nn.Module, config: Any, *
             if key in trained and trained[key] != getattr(config, key, None):
                 raise LorafitError(
                     f"was trained on {adapter.base} ({key} {trained[key]}), but the base given has {key} "
-                    f"{getattr(config, key, None)}", where=where, hint="use the base model it was trained on (--base)")
+                    f"{getattr(config, key, None)}", where=where,
+                    hint=f"use the base model it was trained on ({base_setting})")
     mismatch = _shape_mismatch(adapter, model)
     if mismatch:
         raise LorafitError(f"does not fit base {source}: {mismatch}", where=where,
-                           hint="use the base model it was trained on (--base)")
+                           hint=f"use the base model it was trained on ({base_setting})")
     vocab = getattr(config.get_text_config(), "vocab_size", None)
     if tokenizer is not None and vocab and len(tokenizer) > vocab:
         raise LorafitError(f"its tokenizer has {len(tokenizer)} tokens but base {source} has a vocabulary of "
-                           f"{vocab}", where=where, hint="use the base model it was trained on (--base)")
+                           f"{vocab}", where=where, hint=f"use the base model it was trained on ({base_setting})")
 
 
 def _shape_mismatch(adapter: TrainedAdapter, model: nn.Module) -> str | None:

@@ -165,7 +165,8 @@ def run_eval(recipe: Recipe, adapter_dirs: list[str | Path], *, data_file: str |
                         for a in trained]
     for adapter, name, own in zip(trained, names, saved_tokenizers, strict=True):
         tasks.check_adapter_task(adapter, recipe)
-        adapters.check_adapter_fits(adapter, meta_model, config, source=source, tokenizer=own)
+        adapters.check_adapter_fits(adapter, meta_model, config, source=source, base_setting="model.path",
+                                    tokenizer=own)
         if adapter.recipe is not None and adapter.recipe.model.path != recipe.model.path:
             notes.append(f"warning: {name} was trained on {adapter.recipe.model.path}, "
                          f"evaluated on {recipe.model.path}")

@@ -303,7 +303,8 @@ def _check_against_base(trained: list[TrainedAdapter], options: MergeOptions, no
     for i, adapter in enumerate(trained):
         own = tokenizer if i == 0 else adapters.load_adapter_tokenizer(
             adapter, trust_remote_code=section.trust_remote_code)
-        adapters.check_adapter_fits(adapter, meta_model, config, source=source, tokenizer=own)
+        adapters.check_adapter_fits(adapter, meta_model, config, source=source, base_setting="--base",
+                                    tokenizer=own)
     model_class = type(meta_model)
     parameter_count = sum(p.numel() for p in meta_model.parameters())
     del meta_model

@@ -286,7 +286,7 @@ def _remove_own_checkpoints(folder: Path) -> None:
 
 
 def is_empty(folder: Path) -> bool:
-    """True for a folder holding nothing (a crashed lorafit's leftover lock file or staging folder counts as nothing)."""
+    """True for a folder holding nothing (a crashed lorafit's leftover lock file or staging folder is nothing)."""
     return not any(entry.name not in (LOCK, STAGING) for entry in folder.iterdir())
 
 
@@ -527,7 +527,8 @@ def _check_kind(marker: Marker | None, kind: Kind, *, where: str) -> None:
         raise LorafitError("this folder holds a single run; a sweep puts its runs in folders inside its own",
                            where=where,
                            hint="give the sweep another output.dir (--set output.dir=runs/<name>-sweep) or name")
-    raise LorafitError(f"this folder holds a lorafit {marker.kind} output, not {'an' if kind == 'eval' else 'a'} {kind}", where=where,
+    article = "an" if kind == "eval" else "a"
+    raise LorafitError(f"this folder holds a lorafit {marker.kind} output, not {article} {kind}", where=where,
                        hint=f"choose another {_folder_setting(kind)}")
 
 
