@@ -236,7 +236,9 @@ class DataSection(_Section):
         False, description="Pack several examples per row without cross-attention (padding-free); faster on ragged data."
     )
     num_proc: int | None = Field(
-        None, gt=0, description="Processes that tokenize the data; default: the CPU cores available (at most 8)."
+        None, gt=0, description="Processes that tokenize the data; default: the CPU cores available (at most 8). "
+        f"Task {tasks.names_where(lambda t: not t.prepares_in_parallel)} prepares its rows in one process and "
+        "refuses it."
     )
     cache: bool = Field(
         True, description="Keep the prepared (tokenized) data in the lorafit cache folder and reuse it while nothing "
@@ -464,6 +466,13 @@ class Recipe(_Section):
                 users = tasks.names_where(lambda t, part=part: part in t.sections)
                 raise ValueError(f"data.labels: class names only apply to task: {users}" if part == "data.labels"
                                  else f"{part}: only applies to task: {users}")
+        if self.data.num_proc is not None and not task.prepares_in_parallel:
+            raise ValueError(f"data.num_proc: task {self.task} prepares its rows in this process (only task "
+                             f"{tasks.names_where(lambda t: t.prepares_in_parallel)} tokenize in processes); remove "
+                             "data.num_proc")
+        if self.training.eval_steps is not None and self.data.eval is None:
+            raise ValueError("training.eval_steps: evaluates the data.eval rows, and the recipe has none; set "
+                             "data.eval (a file or a held-out fraction) or remove eval_steps")
         task.check_recipe(self)
         if self.adapter.init_from is not None and self.adapter.method == "prefix":
             raise ValueError("adapter.init_from: continuing a prefix-tuning adapter is not supported; use method: lora")

@@ -31,6 +31,7 @@ class Task(ABC):
     data_driven_init: ClassVar[bool] = False  # its rows can start adapter.init eva / corda (SFT rows)
     streams: ClassVar[bool] = False  # data.streaming is honoured
     mixes_sources: ClassVar[bool] = False  # weighted data.train entries are drawn by weight
+    prepares_in_parallel: ClassVar[bool] = True  # data.num_proc is honoured (its rows are tokenized in processes)
     sections: ClassVar[frozenset[str]] = frozenset()  # optional recipe parts it reads: "preference", "data.labels"
 
     def check_recipe(self, recipe: Recipe) -> None:

@@ -15,6 +15,11 @@ if TYPE_CHECKING:
     from lorafit.recipe import Recipe
 
 
+# The columns data.fields may rename under this task: those of each row format (lorafit/data_sources.py), alpaca's
+# optional input among them.
+SFT_COLUMNS = ("messages", "prompt", "completion", "instruction", "input", "output", "text")
+
+
 class CausalLM(Task):
     """Supervised fine-tuning on completions."""
 
@@ -23,6 +28,15 @@ class CausalLM(Task):
     data_driven_init = True
     streams = True
     mixes_sources = True
+
+    def check_recipe(self, recipe: Recipe) -> None:
+        # A mapping for a column no row format reads would be ignored: a typo such as {promt: question} is refused.
+        entries = recipe.data.train if isinstance(recipe.data.train, list) else []
+        mappings = [recipe.data.fields, *(getattr(entry, "fields", None) or {} for entry in entries)]
+        unknown = sorted({key for mapping in mappings for key in mapping} - set(SFT_COLUMNS))
+        if unknown:
+            raise ValueError(f"data.fields: {', '.join(unknown)} is not a column any {self.name} row format reads; "
+                             f"map {', '.join(SFT_COLUMNS)} to your column names, e.g. {{prompt: question}}")
 
     def prepare_data(self, recipe: Recipe, tokenizer, *, allow_code: bool = False):
         from lorafit import data

@@ -48,9 +48,11 @@ class SequenceClassification(Task):
         if unknown:
             raise ValueError(f"data.fields: {', '.join(unknown)} is not a sequence-classification column; "
                              "map text, text_pair (optional) and label to your column names")
-        if recipe.template != TemplateSection():
-            raise ValueError("template: sequence-classification feeds the text column to the model as it is, without "
-                             "a prompt template; remove the template section")
+        changed = [key for key in TemplateSection.model_fields
+                   if getattr(recipe.template, key) != getattr(TemplateSection(), key)]
+        if changed:
+            raise ValueError(f"{', '.join(f'template.{key}' for key in changed)}: sequence-classification feeds the text column to the model as "
+                             "it is, without a prompt template; remove the template section")
 
     def prepare_data(self, recipe: Recipe, tokenizer, *, allow_code: bool = False):
         from lorafit import data

@@ -40,8 +40,9 @@ def reference_trainer_options(recipe: Recipe, preference: PreferenceSection) -> 
     """TRL DPOConfig / KTOConfig settings both tasks take from the recipe."""
     # Dropout stays as adapter.dropout says (TRL would switch it off); the reference is never precomputed, so a
     # resumed run scores it exactly as an uninterrupted one.
+    # data.num_proc: the processes TRL tokenizes the conversations in.
     return {"max_length": recipe.data.max_length, "beta": preference.beta, "disable_dropout": False,
-            "precompute_ref_log_probs": False}
+            "precompute_ref_log_probs": False, "dataset_num_proc": recipe.data.num_proc}
 
 
 class DPO(PreferenceTask):

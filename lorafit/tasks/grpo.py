@@ -36,6 +36,7 @@ class GRPO(Task):
     summary = ("grpo: online RL: sample completions of each prompt, score them with the recipe's rewards and learn "
                "from the ones that beat their group (TRL's GRPOTrainer).")
     sections = frozenset({"rewards", "generation", "rl"})
+    prepares_in_parallel = False  # prompts are rendered once, in this process; completions are sampled in training
     takes_loss: ClassVar[bool] = True  # rl.loss and rl.scale_rewards apply (rloo has one loss, unscaled)
 
     def check_recipe(self, recipe: Recipe) -> None:

@@ -23,6 +23,7 @@ class ORPO(PreferenceTask):
                "model, from the same pairs as dpo (TRL's experimental ORPOTrainer).")
     token_id_rows = True
     reference_free = True
+    prepares_in_parallel = False  # the trainer takes the lint's token ids: nothing is tokenized in processes
 
     def check_preference(self, recipe: Recipe, preference: PreferenceSection) -> None:
         from lorafit.recipe import PreferenceSection
