@@ -130,6 +130,7 @@ class PreparedData:
 def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> PreparedData:
     """Read, render, tokenize and lint the recipe's SFT rows (chat, alpaca, prompt/completion, text): from the cache
     when nothing changed, else built; streamed when data.streaming says so."""
+    check_sources(recipe)
     if recipe.data.streaming:
         return _prepare_stream(recipe, tokenizer)
     return _prepared(recipe, tokenizer, _build_causal)
@@ -137,17 +138,62 @@ def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> Prepared
 
 def prepare_classification_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> PreparedData:
     """Read and tokenize the recipe's text + label rows (task sequence-classification), cached like `prepare_data`."""
-    refuse_weighted_sources(recipe)
+    check_sources(recipe)
     return _prepared(recipe, tokenizer, _build_classification)
 
 
-def refuse_weighted_sources(recipe: Recipe) -> None:
-    """Weighted data.train entries under a task that cannot draw rows by weight: refused, never joined silently."""
+def check_sources(recipe: Recipe) -> None:
+    """Source settings the task or the files cannot honour, refused before any row is read: weighted entries under a
+    task that cannot draw rows by weight (never joined silently), a split named for local files (which have none)."""
     from lorafit import tasks
 
     if is_mixture(recipe.data) and not tasks.task_of(recipe).mixes_sources:
         raise LorafitError(f"weighted sources are for task {tasks.names_where(lambda t: t.mixes_sources)}",
                            where="data.train", hint="list the files as plain paths, read as one data set")
+    for source in train_sources(recipe.data):
+        if source.split != "train" and all(Path(path).expanduser().is_file() for path in source.paths):
+            raise LorafitError(f"split {source.split!r} is for hub data sets; {', '.join(source.paths)} is a local "
+                               "file, read whole", where="data.split",
+                               hint="remove data.split (or the entry's split), or give the split's own file")
+
+
+def refuse_empty_train(section: DataSection, *, read: int, held: int, dropped: Counter, what: str,
+                       hint: str) -> None:
+    """Raise the error for a training set left empty, naming where its rows went: none read, all held out by the
+    data.eval fraction, or every one dropped (by reason). `read` counts the train rows read, `held` those held out."""
+    if read and held >= read:
+        raise LorafitError(f"a held-out fraction of {section.eval:g} takes all {read} row(s) of data.train, leaving "
+                           "none to train on", where="data.eval",
+                           hint="lower the fraction, add rows, or give data.eval as a file")
+    reasons = _reasons(dropped)
+    problem = f" ({reasons}: all {read - held} training row(s) dropped)" if reasons else ": data.train has no rows"
+    raise LorafitError(f"no {what} remain{problem}", where="data.train", hint=hint)
+
+
+def refuse_empty_eval(section: DataSection, *, read: int, dropped: Counter) -> None:
+    """Raise the error for a recipe that asked for eval (data.eval) and has no eval rows left, naming the file or the
+    held-out share and why: training without the eval it asked for is never silent. `read`: the eval rows read or
+    held out, before drops."""
+    if isinstance(section.eval, str):
+        where = f"data.eval: {section.eval}"
+        problem = (f"all {read} row(s) of the eval file were dropped ({_reasons(dropped)})" if read
+                   else "the eval file has no rows")
+    else:
+        where = f"data.eval: {section.eval:g} held out of data.train"
+        problem = (f"all {read} held-out row(s) were dropped ({_reasons(dropped)})" if read
+                   else "the held-out fraction takes no row of data.train (too few rows)")
+    raise LorafitError(f"no eval rows remain: {problem}", where=where,
+                       hint="fix or replace those rows (data.max_length may cut them), or set data.eval: null to "
+                       "train without eval")
+
+
+def _reasons(dropped: Counter) -> str:
+    return ", ".join(f"{n} {reason}" for reason, n in dropped.items() if n)
+
+
+def _drop_counts(drop) -> Counter:
+    """A map's drop column (one reason per row, '' for kept) as counts by reason."""
+    return Counter(reason for reason in drop.tolist() if reason)
 
 
 def _prepared(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, build) -> PreparedData:
@@ -245,7 +291,7 @@ class _Encoder:
                 if self.train_on == "completions" and not any(m["role"] == "assistant" for m in messages):
                     drop[i] = "no assistant turn to train on"
                     continue
-                special = next((t for m in messages for t in self.special_texts if t in m["content"]), None)
+                special = special_text_in(messages, self.special_texts)
                 if special is not None:
                     # The tokenizer would read it as the real token: a turn would end mid-answer and be trained so.
                     drop[i] = f"{_SPECIAL_TEXT} {special!r}"
@@ -303,14 +349,34 @@ def _encoded_features():
                      "_eos": Value("bool"), "_source": Value("int16")})
 
 
-def _encoder(recipe: Recipe, tokenizer, source: Source, index: int = 0, *, as_lists: bool = False) -> _Encoder:
-    # Special tokens that a template writes (end of turn, start of turn, eos): as text inside a message they would
-    # be tokenized as the real token.
+def special_texts(tokenizer) -> tuple[str, ...]:
+    """The special tokens a template writes (end of turn, start of turn, eos) as text: inside a message the tokenizer
+    would read them as the real token. Every task's rows are checked for them (`special_text_in`)."""
     specials = {t for t in tokenizer.all_special_tokens if t and len(t) > 1}
     specials |= {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values()
                  if getattr(t, "special", False) and len(t.content) > 1}
+    return tuple(sorted(specials))
+
+
+def special_text_in(value: Any, specials: tuple[str, ...]) -> str | None:
+    """The first special-token text inside `value`: a text, chat messages, or any nesting of lists and dicts."""
+    if isinstance(value, str):
+        return next((t for t in specials if t in value), None)
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ()
+    return next((found for item in items if (found := special_text_in(item, specials)) is not None), None)
+
+
+def special_text_reason(special: str, rows: list[int], where: str) -> str:
+    """The drop reason of rows holding special-token text, naming the token, where they are and their row numbers
+    (1-based); the SFT lint and every other task's lint report them so."""
+    shown = ", ".join(map(str, rows[:10])) + (f" and {len(rows) - 10} more" if len(rows) > 10 else "")
+    return (f"{_SPECIAL_TEXT} {special!r} (it would be read as the real token and end the turn mid-answer): "
+            f"{where} row(s) {shown}; write it differently or remove those rows")
+
+
+def _encoder(recipe: Recipe, tokenizer, source: Source, index: int = 0, *, as_lists: bool = False) -> _Encoder:
     return _Encoder(source, tokenizer, recipe.template.train_on, recipe.template.system_prompt,
-                    recipe.data.max_length, tuple(sorted(specials)), index, as_lists)
+                    recipe.data.max_length, special_texts(tokenizer), index, as_lists)
 
 
 def _map_encoder(rows: Dataset, encoder: _Encoder, section: DataSection, cache_file: Path | None,
@@ -348,6 +414,7 @@ def _build_causal(recipe: Recipe, tokenizer, sources: list[Source], evaluation: 
     # Every map output is kept whole (held-out and dropped rows too); the sets are positions into them, so
     # nothing is copied and the cache stores the files the map wrote.
     parts, train_rows, eval_rows, offset = [], [], [], 0
+    train_read, held_read, train_dropped, eval_read_rows, eval_dropped = 0, 0, Counter(), 0, Counter()
     for index, (source_data, source) in enumerate(zip(read, resolved, strict=True)):
         encoder = _encoder(recipe, tokenizer, source, index)
         encoded = _map_encoder(source_data.rows, encoder, section, work / f"train-{index}.arrow" if work else None,
@@ -362,8 +429,11 @@ def _build_causal(recipe: Recipe, tokenizer, sources: list[Source], evaluation: 
         _count_drops(report, drop, source)
         parts.append(encoded)
         train_rows.append(offset + (order[drop[order] == ""] if len(order) else order))
+        train_read, held_read = train_read + len(encoded), held_read + len(held)
+        train_dropped += _drop_counts(drop[order]) if len(order) else Counter()
         if len(held):
             eval_rows.append(offset + held[drop[held] == ""])
+            eval_read_rows, eval_dropped = eval_read_rows + len(held), eval_dropped + _drop_counts(drop[held])
         offset += len(encoded)
     if evaluation is not None:
         eval_read = read_source(evaluation, cache_dir=_raw_cache_dir(section))
@@ -376,14 +446,16 @@ def _build_causal(recipe: Recipe, tokenizer, sources: list[Source], evaluation: 
         _count_drops(report, drop, eval_src)
         parts.append(encoded)
         eval_rows.append(offset + np.flatnonzero(drop == ""))
+        eval_read_rows, eval_dropped = len(encoded), _drop_counts(drop)
     order = _mixed_order(train_rows, resolved, seed) if is_mixture(section) else np.concatenate(train_rows)
     stored = data_cache.StoredSets(parts, order, np.concatenate(eval_rows) if eval_rows else None,
                                    tuple(_LINT_COLUMNS))
     train, evaluation_set = stored.datasets(with_build_columns=True)
     if not len(train):
-        reasons = ", ".join(f"{n} {reason}" for reason, n in report.dropped.items()) or "the file has no rows"
-        raise LorafitError(f"no trainable rows remain ({reasons})", where="data.train",
+        refuse_empty_train(section, read=train_read, held=held_read, dropped=train_dropped, what="trainable rows",
                            hint="check data.format, data.fields, data.max_length and template.train_on")
+    if section.eval is not None and (evaluation_set is None or not len(evaluation_set)):
+        refuse_empty_eval(section, read=eval_read_rows, dropped=eval_dropped)
     lint = _lint_table(train)
     report.train_examples = len(train)
     report.total_tokens = int(pc.sum(lint.column("_length")).as_py() or 0)
@@ -412,10 +484,8 @@ def _count_drops(report: DataReport, drop, source: Source) -> None:
     reasons, counts = np.unique(drop[drop != ""], return_counts=True)
     for reason, count in zip(reasons.tolist(), counts.tolist(), strict=True):
         if reason.startswith(_SPECIAL_TEXT):
-            rows = (np.flatnonzero(drop == reason) + 1).tolist()
-            shown = ", ".join(map(str, rows[:10])) + (f" and {len(rows) - 10} more" if len(rows) > 10 else "")
-            reason = (f"{reason} (it would be read as the real token and end the turn mid-answer): "
-                      f"{source.where} row(s) {shown}; write it differently or remove those rows")
+            special = reason[len(_SPECIAL_TEXT) + 1:].strip("'\"")  # the drop column holds the token's repr
+            reason = special_text_reason(special, (np.flatnonzero(drop == reason) + 1).tolist(), source.where)
         report.dropped[reason] += count
 
 
@@ -526,6 +596,8 @@ def _prepare_stream(recipe: Recipe, tokenizer) -> PreparedData:
         drop = np.asarray(encoded.data.column("_drop").to_numpy(zero_copy_only=False))
         _count_drops(report, drop, eval_src)
         evaluation = encoded.select(np.flatnonzero(drop == "")).remove_columns(_LINT_COLUMNS)
+        if not len(evaluation):
+            refuse_empty_eval(section, read=len(encoded), dropped=_drop_counts(drop))
         report.eval_examples = len(evaluation)
     return PreparedData(train, evaluation, report)
 
@@ -690,17 +762,21 @@ def _build_classification(recipe: Recipe, tokenizer, sources: list[Source], eval
     empty = np.concatenate([np.asarray(p.data.column("_empty").to_numpy(zero_copy_only=False), dtype=bool)
                             for p in parts])
 
-    def non_empty(rows: np.ndarray) -> np.ndarray:
-        if empty[rows].any():
-            report.dropped["empty or missing text"] += int(empty[rows].sum())
-        return rows[~empty[rows]]
+    def non_empty(rows: np.ndarray) -> tuple[np.ndarray, Counter]:
+        dropped = Counter({"empty or missing text": int(empty[rows].sum())} if empty[rows].any() else {})
+        report.dropped.update(dropped)
+        return rows[~empty[rows]], dropped
 
-    stored = data_cache.StoredSets(parts, non_empty(train_rows),
-                                   non_empty(eval_rows) if eval_rows is not None else None, ("_empty",))
+    kept_train, train_dropped = non_empty(train_rows)
+    kept_eval, eval_dropped = non_empty(eval_rows) if eval_rows is not None else (None, Counter())
+    stored = data_cache.StoredSets(parts, kept_train, kept_eval, ("_empty",))
     train, evaluation_set = stored.datasets()
     if not len(train):
-        raise LorafitError(f"no trainable rows remain ({report.dropped['empty or missing text']} with an empty or "
-                           "missing text)", where="data.train", hint="check data.fields.text")
+        refuse_empty_train(section, read=len(train_all), held=len(eval_rows) if evaluation is None and eval_rows
+                           is not None else 0, dropped=train_dropped, what="trainable rows",
+                           hint="check data.fields.text")
+    if section.eval is not None and (evaluation_set is None or not len(evaluation_set)):
+        refuse_empty_eval(section, read=len(eval_rows) if eval_rows is not None else 0, dropped=eval_dropped)
     table = train.select_columns(["labels", "input_ids"]).flatten_indices(keep_in_memory=True).data.table
     counts = pc.value_counts(table.column("labels")).to_pylist()
     for item in counts:

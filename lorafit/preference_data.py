@@ -85,18 +85,22 @@ def prepare_preference_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) 
     from datasets import Dataset
 
     task = tasks.task_of(recipe)
-    data.refuse_weighted_sources(recipe)
+    data.check_sources(recipe)
     train_rows, eval_rows, fingerprint = data.split_rows(recipe)
     template = apply_template(recipe.template, tokenizer)
-    report = PreferenceReport(format=row_format(train_rows, recipe), template=template,
+    report = PreferenceReport(format=row_format(train_rows or eval_rows, recipe), template=template,
                               rows_read=len(train_rows) + len(eval_rows), eos_token=tokenizer.eos_token,
                               fingerprint=fingerprint)
     train = encode_rows(train_rows, recipe, tokenizer, report, is_train=True)
+    train_dropped = Counter(report.dropped)
     evaluation = encode_rows(eval_rows, recipe, tokenizer, report, is_train=False) if eval_rows else []
     if not train:
-        reasons = ", ".join(f"{n} {reason}" for reason, n in report.dropped.items()) or "the file has no rows"
-        raise LorafitError(f"no usable preference rows remain ({reasons})", where="data.train",
-                           hint="rows need prompt, chosen and rejected (kto: prompt, completion, label); see data.fields")
+        held = len(eval_rows) if isinstance(recipe.data.eval, float) else 0
+        data.refuse_empty_train(recipe.data, read=len(train_rows) + held, held=held, dropped=train_dropped,
+                                what="usable preference rows", hint="rows need prompt, chosen and rejected (kto: "
+                                "prompt, completion, label); see data.fields")
+    if recipe.data.eval is not None and not evaluation:
+        data.refuse_empty_eval(recipe.data, read=len(eval_rows), dropped=report.dropped - train_dropped)
     if task.judged_rows:
         # TRL's KTO pairs each row with its neighbour for the KL term and so reads rows in order: shuffled here, once.
         random.Random(recipe.training.seed).shuffle(train)
@@ -135,9 +139,19 @@ def row_format(rows: list[dict[str, Any]], recipe: Recipe, where: str = "data.tr
 def encode_rows(rows: list[dict[str, Any]], recipe: Recipe, tokenizer: PreTrainedTokenizerBase,
                 report: PreferenceReport, *, is_train: bool) -> list[Pair] | list[Judged]:
     """Normalise and tokenize rows, counting each dropped one by reason in `report`."""
-    fmt = row_format(rows, recipe, "data.train" if is_train else "data.eval") if rows else PAIRS
+    where = "data.train" if is_train else "data.eval"
+    fmt = row_format(rows, recipe, where) if rows else PAIRS
+    # The SFT lint's special-token check (lorafit/data.py): such text in a prompt or an answer would be tokenized as
+    # the real token and end a turn mid-answer, so those rows are dropped and named, never trained.
+    specials = data.special_texts(tokenizer)
+    columns = [_column(recipe.data, name) for name in ("prompt", "chosen", "rejected", "completion")]
+    special_rows: dict[str, list[int]] = {}
     out: list = []
-    for row in rows:
+    for number, row in enumerate(rows, start=1):
+        special = data.special_text_in([recipe.template.system_prompt, *(row.get(c) for c in columns)], specials)
+        if special is not None:
+            special_rows.setdefault(special, []).append(number)
+            continue
         if fmt == LABELLED:
             judged = _judged(row, recipe, tokenizer, report)
             out.extend([judged] if judged else [])
@@ -152,6 +166,8 @@ def encode_rows(rows: list[dict[str, Any]], recipe: Recipe, tokenizer: PreTraine
             out.append(pair)
         if is_train:
             _count(report, tokenizer, pair)
+    for special, numbers in special_rows.items():
+        report.dropped[data.special_text_reason(special, numbers, where)] += len(numbers)
     if is_train and fmt == LABELLED:
         for judged in out:
             _count_judged(report, tokenizer, judged)

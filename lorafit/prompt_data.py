@@ -12,6 +12,7 @@ is dropped and counted, and every row must have the same columns (the rewards re
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -54,21 +55,22 @@ def prepare_prompt_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, max_
     `allow_code`, its signature checked) — all before any model loads."""
     from datasets import Dataset
 
-    data.refuse_weighted_sources(recipe)
+    data.check_sources(recipe)
     train_rows, eval_rows, fingerprint = data.split_rows(recipe)
     template = apply_template(recipe.template, tokenizer)
     report = RLReport(format=PROMPTS, template=template, rows_read=len(train_rows) + len(eval_rows),
                       eos_token=tokenizer.eos_token, fingerprint=fingerprint)
     train = prompt_rows(train_rows, recipe, tokenizer, report, max_completion_length, where="data.train")
+    train_dropped = Counter(report.dropped)
     evaluation = prompt_rows(eval_rows, recipe, tokenizer, report, max_completion_length,
                              where="data.eval") if eval_rows else []
     if not train:
-        reasons = ", ".join(f"{n} {reason}" for reason, n in report.dropped.items()) or "the file has no rows"
-        raise LorafitError(f"no usable prompts remain ({reasons})", where="data.train",
-                           hint="rows need a prompt (text or messages), or messages ending in an assistant answer")
+        held = len(eval_rows) if isinstance(recipe.data.eval, float) else 0
+        data.refuse_empty_train(recipe.data, read=len(train_rows) + held, held=held, dropped=train_dropped,
+                                what="usable prompts", hint="rows need a prompt (text or messages), or messages "
+                                "ending in an assistant answer")
     if recipe.data.eval is not None and not evaluation:
-        raise LorafitError("no usable eval prompts remain (all were dropped: see the reasons above)",
-                           where="data.eval", hint="raise data.max_length, or give eval rows with prompts")
+        data.refuse_empty_eval(recipe.data, read=len(eval_rows), dropped=report.dropped - train_dropped)
     columns = sorted(train[0])
     rewards.check_reward_columns(recipe.rewards, columns)
     # The loader made every file a reward names absolute (relative to the recipe that named it).
@@ -86,9 +88,11 @@ def prompt_rows(rows: list[dict[str, Any]], recipe: Recipe, tokenizer, report: R
     fields = recipe.data.fields
     limit = recipe.data.max_length - max_completion_length
     system = recipe.template.system_prompt
+    specials = data.special_texts(tokenizer)
+    special_rows: dict[str, list[int]] = {}
     kept: list[dict[str, Any]] = []
     longest = 0
-    for row in rows:
+    for number, row in enumerate(rows, start=1):
         row = {**row, **{name: row[column] for name, column in fields.items() if column in row}}
         prompt, extra = _prompt_of(row)
         if prompt is None:
@@ -96,6 +100,12 @@ def prompt_rows(rows: list[dict[str, Any]], recipe: Recipe, tokenizer, report: R
             continue
         if system and not any(m.get("role") == "system" for m in prompt):
             prompt = [{"role": "system", "content": system}, *prompt]
+        # The SFT lint's special-token check (lorafit/data.py): in a prompt it would end the turn before the model
+        # answers; in the answer column it would be scored (and shown in eval) as a real end of turn.
+        special = data.special_text_in([prompt, extra.get(ANSWER)], specials)
+        if special is not None:
+            special_rows.setdefault(special, []).append(number)
+            continue
         tokens = len(tokenizer(render(tokenizer, prompt, add_generation_prompt=True),
                                add_special_tokens=False)["input_ids"])
         if tokens > limit:
@@ -106,6 +116,8 @@ def prompt_rows(rows: list[dict[str, Any]], recipe: Recipe, tokenizer, report: R
         kept.append({**extra, "prompt": prompt})
         if len(report.samples) < 2:
             report.samples.append([(render(tokenizer, prompt, add_generation_prompt=True), False)])
+    for special, numbers in special_rows.items():
+        report.dropped[data.special_text_reason(special, numbers, where)] += len(numbers)
     report.prompt_tokens_max = max(report.prompt_tokens_max, longest)
     columns = [sorted(row) for row in kept[:1]]
     mismatched = next((i for i, row in enumerate(kept) if sorted(row) != columns[0]), None)
