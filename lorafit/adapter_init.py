@@ -38,6 +38,9 @@ if TYPE_CHECKING:
     from lorafit.recipe import Recipe
 
 DATA_DRIVEN = ("eva", "corda")  # the inits that read training batches
+# The inits that compute on the base weights as the adapter is attached (SVDs, QR, forward passes): on a GPU machine
+# the base must already sit on the GPU then, not wait for the Trainer to move it (models.load_base_model).
+COMPUTED_ON_THE_WEIGHTS = ("pissa", "olora", "eva", "corda", "loftq")
 # EVA stops once every layer's components are stable between batches; it cycles over the batches until then. This
 # bounds the cycles, so that a data set too uniform to converge stops with a message instead of running forever.
 _EVA_MAX_PASSES = 40
@@ -206,9 +209,12 @@ def initialize_loftq(model: PeftModel, source: str) -> LoftqReport:
         if not isinstance(module, Linear4bit) or adapter not in module.lora_A:
             continue
         key = name.removeprefix("base_model.model.") + ".weight"
-        original = read(key).float()
         weight = module.get_base_layer().weight
-        quantized = dequantize_4bit(weight.data, weight.quant_state).float().to(original.device)
+        # On the 4-bit weight's device (the training GPU): a full SVD per layer is seconds there, minutes on a CPU.
+        # A full SVD, not a randomized rank-r one: the quantization error's spectrum is flat, where a randomized
+        # estimate of its top r directions is at its least accurate (PEFT's own LoftQ uses the full SVD too).
+        original = read(key).to(weight.device).float()
+        quantized = dequantize_4bit(weight.data, weight.quant_state).float()
         u, s, vh = torch.linalg.svd(original - quantized, full_matrices=False)
         rank = module.r[adapter]
         # scaling * B A must equal the truncated error, so each factor carries sqrt(S / scaling).

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lorafit import tasks
+from lorafit import adapter_init, tasks
 from lorafit.errors import LorafitError, first_line
 from lorafit.recipe import BUILTIN_MODELS, ModelSection, Recipe
 
@@ -338,6 +338,10 @@ def load_base_model(recipe: Recipe, source: str, precision: Precision, *,
         else:
             kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
         kwargs.update(_quantized_placement(precision.device, zero3=zero3))
+    elif precision.device == "cuda" and not sharded and recipe.adapter.init in adapter_init.COMPUTED_ON_THE_WEIGHTS:
+        # PiSSA/OLoRA decompose every adapted weight and EVA/CorDA run forward passes as the adapter is attached,
+        # before the Trainer would move the model: load it on this process's GPU so they run there.
+        kwargs["device_map"] = {"": _local_cuda_device()}
     auto_class = AutoModelForCausalLM
     if classify:
         auto_class = AutoModelForSequenceClassification

@@ -55,6 +55,20 @@ def test_qlora_under_zero3_is_loaded_without_a_device_map(monkeypatch, make_reci
     assert _loaded_kwargs(monkeypatch, recipe, models.Precision("fp32", "cpu", "cpu"))["device_map"] == {"": "cpu"}
 
 
+@pytest.mark.parametrize(("init", "sharded", "placed"), [("pissa", False, True), ("olora", False, True),
+                                                      ("eva", False, True), ("corda", False, True),
+                                                      ("default", False, False), ("pissa", True, False)])
+def test_inits_that_compute_on_the_weights_load_the_base_on_the_gpu(monkeypatch, make_recipe, tiny_llama, toy_data,
+                                                                    init, sharded, placed):
+    """PiSSA/OLoRA (a decomposition per adapted weight) and EVA/CorDA (forward passes) run as the adapter is attached,
+    before the Trainer moves the model: on a GPU the base is loaded straight onto this process's GPU for them (not
+    when FSDP / ZeRO-3 shard it), and left to the Trainer otherwise. LoftQ's 4-bit base is on the GPU already."""
+    recipe = validate_recipe(make_recipe(tiny_llama, toy_data, adapter={"init": init}))
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    kwargs = _loaded_kwargs(monkeypatch, recipe, models.Precision("bf16", "cuda", "mocked GPU"), sharded=sharded)
+    assert kwargs.get("device_map") == ({"": 1} if placed else None)
+
+
 @pytest.fixture(scope="module")
 def qlora_run(tmp_path_factory):
     """A tiny Llama and a QLoRA adapter for it (a run folder recording quantization bits 4)."""
