@@ -34,7 +34,7 @@ MODULE_COMMANDS = {
 # Functions (or classes) only some of those commands call.
 FUNCTION_COMMANDS = {
     ("adapters", "base_model_section"): {"merge"},  # the adapter's recorded base, or merge --base
-    ("data", "eval_rows"): {"eval"},  # --data FILE: the eval command's file (merge reads rows only when data.eval is set)
+    ("data", "eval_rows"): {"eval"},  # --data FILE: eval's file (merge reads rows only when data.eval is set)
     ("recipe", "Recipe"): {"train", "eval"},  # the rewards' --allow-code: the commands that run reward code
     ("run_folder", "check_run_folder"): {"train"}, ("run_folder", "check_sweep_folder"): {"train"},
     ("run_folder", "_check_resume_or_overwrite"): {"train"},
