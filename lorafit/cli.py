@@ -342,6 +342,33 @@ def eval_command(
              debug=debug)
 
 
+@app.command()
+def push(
+    folder: Annotated[Path, typer.Argument(help="A run folder (runs/<name>) or a `lorafit merge` output folder.",
+                                           show_default=False)],
+    repo: Annotated[str, typer.Option("--repo", help="Hub repo to upload to: user/name or org/name.",
+                                      show_default=False)],
+    what: Annotated[str, typer.Option("--what", help="adapter (a run folder), merged or gguf (a merge output "
+                                                     "folder).")] = "adapter",
+    private: Annotated[bool, typer.Option("--private", help="Create the repo private.")] = False,
+    base_model: Annotated[str | None, typer.Option(
+        "--base-model", help="The base model's hub id, when the run trained on a local folder.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List and check the files; upload nothing.")] = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Share an adapter (or merged model, or GGUF) on the Hugging Face Hub with its model card, in one commit."""
+
+    def work():
+        from lorafit.push import run_push
+
+        return run_push(folder, repo, what=what, private=private, dry_run=dry_run, base_model=base_model)
+
+    _execute(work, payload=render.push_payload, show=partial(render.show_push, quiet=quiet), as_json=as_json,
+             debug=debug)
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from lorafit.evaluate import EvalResult, Scores
     from lorafit.inspect_modules import InspectResult
     from lorafit.merge import MergeResult
+    from lorafit.push import PushResult
     from lorafit.recipe import Recipe
     from lorafit.runs import RunInfo
     from lorafit.starter import StarterResult
@@ -108,6 +109,11 @@ def inspect_payload(result: InspectResult) -> dict[str, Any]:
 def merge_payload(result: MergeResult) -> dict[str, Any]:
     """`merge --json`: what was merged, how it was verified, the files written."""
     return {"command": "merge", "ok": True, **asdict(result)}
+
+
+def push_payload(result: PushResult) -> dict[str, Any]:
+    """`push --json`: the repo, the files (path -> bytes), the commit URL (None with --dry-run)."""
+    return {"command": "push", "ok": True, **asdict(result)}
 
 
 def eval_payload(result: EvalResult) -> dict[str, Any]:
@@ -290,6 +296,23 @@ def show_merge(result: MergeResult, *, quiet: bool = False) -> None:
     table.add_row("peak memory", f"{result.peak_memory_mb:,.0f} MiB")
     table.add_row("time", f"{result.seconds:.1f} s")
     console.print(table)
+
+
+def show_push(result: PushResult, *, quiet: bool = False) -> None:
+    """The files (checked: nothing names this machine), then where they went, or that --dry-run sent nothing."""
+    console = Console(highlight=False)
+    if not quiet:
+        table = Table(title=f"{result.what} for {result.repo} (base model {result.base_model})", title_justify="left")
+        table.add_column("file")
+        table.add_column("size", justify="right")
+        for name, size in result.files.items():
+            table.add_row(name, _bytes(size))
+        console.print(table)
+    if result.dry_run:
+        console.print(f"dry run: {len(result.files)} files checked (no local paths, user name or token); "
+                      "nothing uploaded")
+    else:
+        console.print(f"pushed {len(result.files)} files in one commit: {result.url}")
 
 
 def show_eval(result: EvalResult, *, quiet: bool = False) -> None:
