@@ -168,6 +168,22 @@ def run_inspect(target: str | Path, overrides: list[str] | tuple[str, ...] = ())
     )
 
 
+def check_adapter(recipe: Recipe, source: str, labels: list[str] | None = None) -> None:
+    """The recipe's adapter against the model's config on the meta device, no weight read: target modules,
+    modules_to_save and layers_to_transform resolve as training would resolve them (a LorafitError naming the key
+    otherwise). `labels`: a classifier's classes (its head is part of the model)."""
+    from lorafit import models
+
+    config = models.load_config(recipe.model, source)
+    classes = (labels or recipe.data.labels) if tasks.task_of(recipe).classifier else None
+    model, task_type = models.build_meta_model(config, trust_remote_code=recipe.model.trust_remote_code,
+                                               labels=list(classes) if classes else None)
+    section = recipe.adapter
+    if section.init in ("eva", "corda"):  # shaped from training batches; the targets are resolved the same way
+        section = section.model_copy(update={"init": "default"})
+    adapters.build_peft_config(section, model, task_type=task_type or "CAUSAL_LM")
+
+
 def _recipe_for(target: str | Path, overrides: list[str] | tuple[str, ...]) -> tuple[Recipe, bool]:
     """The recipe to inspect: the file given, or a minimal one around a bare model name."""
     text = str(target)

@@ -7,8 +7,9 @@
       sweep.md                   the same as a table to paste anywhere
 
 Every grid point is a `--set` override list, so its values are typed and checked by the recipe schema
-exactly like `--set`; the whole grid is validated, and every run folder checked, before the first run
-starts. A run that fails (NaN loss, out of memory) is recorded and the sweep goes on; Ctrl-C stops the
+exactly like `--set`; the whole grid is validated, every run folder checked, and every point checked as deeply
+as `--dry-run` can without loading weights (model, data and template, target modules on the meta device) before
+the first run starts. A run that fails (NaN loss, out of memory) is recorded and the sweep goes on; Ctrl-C stops the
 sweep after writing the interrupted run's checkpoint. `--resume` skips finished runs and resumes the rest.
 """
 
@@ -115,6 +116,7 @@ def run_sweep(recipe_path: Path, overrides: list[str], sweeps: list[str], consol
             run.plan = f"refused: {exc.message}"  # a dry run shows every refusal at once
             continue
         run.plan = _plan(run.before, resume=resume, overwrite=overwrite)
+    _check_points(runs, allow_code=allow_code, dry_run=dry_run)
     result = SweepResult(sweep_dir, {axis.key: _typed_values(axis, runs) for axis in axes}, runs, dry_run,
                          short_keys={axis.key: axis.short for axis in axes})
     if dry_run:
@@ -177,6 +179,26 @@ def _run_grid(result: SweepResult, recipe_path: Path, console: Console, *, overw
         if os.environ.get("RANK", "0") == "0":
             result.summary_path, result.table_path = _write_summary(result, recipe_path)
     return result
+
+
+def _check_points(runs: list[SweepRun], *, allow_code: bool, dry_run: bool) -> None:
+    """Every grid point that will train, checked as deeply as --dry-run can without loading weights (settings, model,
+    data and template, target modules on the meta device), before the first one trains: a typo in the last point
+    stops the sweep now, not hours in. A dry run shows each point's refusal instead."""
+    from lorafit.train import check_plan
+
+    seen: dict[str, Any] = {}  # points that share their data prepare it once
+    for run in runs:
+        if run.plan == "skip" or run.plan.startswith("refused"):
+            continue
+        try:
+            check_plan(run.recipe, allow_code=allow_code, seen=seen)
+        except LorafitError as exc:
+            if dry_run:
+                run.plan = f"refused: {exc.message}" + (f" ({exc.where})" if exc.where else "")
+                continue
+            where = f"--sweep {' '.join(run.overrides)}" + (f": {exc.where}" if exc.where else "")
+            raise LorafitError(exc.message, where=where, hint=exc.hint) from None
 
 
 def _plan(before: str, *, resume: bool, overwrite: bool) -> str:

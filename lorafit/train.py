@@ -182,6 +182,28 @@ def check_settings(recipe: Recipe) -> None:
                                hint="pip install flash-attn (CUDA GPUs only), or use sdpa / auto")
 
 
+def check_plan(recipe: Recipe, *, allow_code: bool = False, seen: dict[str, Any] | None = None) -> None:
+    """Everything a dry run checks that needs no weights: the settings, the model source and tokenizer, the data
+    read, rendered and linted with the template as training will, and the adapter's target modules against the
+    model's config on the meta device. `lorafit train --sweep` runs it for every grid point before the first one
+    trains; `seen` remembers the data prepared for earlier points (the same data is checked once)."""
+    import json
+
+    from lorafit import inspect_modules
+
+    check_settings(recipe)
+    source = models.resolve_model_source(recipe.model)
+    parts = ("model", "data", "template", "task", "rewards", "generation")
+    key = json.dumps([recipe.model_dump(mode="json", include=set(parts)), recipe.training.seed], sort_keys=True)
+    if seen is None or key not in seen:
+        tokenizer = models.load_tokenizer(recipe, source)
+        prepared = tasks.task_of(recipe).prepare_data(recipe, tokenizer, allow_code=allow_code)
+        if seen is not None:
+            seen[key] = prepared.labels
+    labels = seen[key] if seen is not None else prepared.labels
+    inspect_modules.check_adapter(recipe, source, labels)
+
+
 def _marker_updated(run_dir: Path) -> str | None:
     marker = run_folder.read_marker(run_dir)
     return None if marker is None else f"{marker.updated}/{marker.status}"

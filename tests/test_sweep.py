@@ -95,6 +95,27 @@ def test_every_grid_point_is_checked_before_any_run_starts(write_recipe, tmp_pat
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_typo_only_the_model_or_data_reveals_stops_the_sweep_before_the_first_point_trains(write_recipe, tmp_path,
+                                                                                            no_model_load):
+    """Every grid point is checked as deeply as --dry-run can without weights before any trains: a target module the
+    model does not have (found on the meta device), or a data.fields mapping that leaves no prompt, in the LAST point
+    is a one-line error naming that point, and no model is loaded, no run folder made."""
+    recipe = write_recipe()
+    code, _, lines = cli("train", str(recipe), "--sweep", "adapter.target_modules=[q_proj],[q_prj]")
+    assert code == EXIT_USER_ERROR and len(lines) == 1, lines
+    assert "--sweep adapter.target_modules=[q_prj]: adapter.target_modules" in lines[0]
+    assert "q_prj match no module of this model" in lines[0]
+    code, _, lines = cli("train", str(recipe), "--sweep", "data.max_length=48,2")
+    assert code == EXIT_USER_ERROR and len(lines) == 1, lines
+    assert "--sweep data.max_length=2: data.train: no trainable rows remain" in lines[0]
+    assert not (tmp_path / "runs").exists()
+    code, out, lines = cli("train", str(recipe), "--sweep", "adapter.target_modules=[q_proj],[q_prj]", "--dry-run",
+                           "--json")
+    assert code == 0, lines
+    plans = [run["plan"] for run in json.loads(out)["runs"]]
+    assert plans[0] == "train" and plans[1].startswith("refused: q_prj match no module"), plans
+
+
 def test_dry_run_lists_the_grid_and_writes_nothing(write_recipe, tmp_path):
     """--dry-run --json: every grid point with its folder and typed values; no folder is created."""
     recipe = write_recipe()
