@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticUndefined
 
 from lorafit import tasks
 from lorafit.errors import LorafitError
@@ -596,9 +597,39 @@ def validate_recipe(raw: dict[str, Any], source: str = "recipe") -> Recipe:
 
 
 def dump_recipe(recipe: Recipe) -> str:
-    """The resolved recipe as YAML (defaults filled in), ready to write next to a run."""
-    header = "# Resolved recipe written by lorafit; re-run with: lorafit train recipe.yaml\n"
-    return header + yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+    """The resolved recipe as YAML, as it applies, ready to write next to a run (and shown by --dry-run).
+
+    Every key the run's adapter method and task use is listed, `# default` marking the values the recipe left at
+    their defaults; the keys the method cannot use (which validation holds at their defaults, _NOT_USED_BY) and the
+    optional sections the run has none of (quantization, preference, rewards, generation, rl) are left out. Loading
+    it gives back the same Recipe, so `lorafit train recipe.yaml` re-runs the run and --resume fingerprints match.
+    """
+    lines = ["# Resolved recipe written by lorafit; re-run with: lorafit train recipe.yaml",
+             f"# Only the keys method {recipe.adapter.method} and task {recipe.task} use; '# default' marks a value "
+             "lorafit filled in."]
+    for key, field in Recipe.model_fields.items():
+        value = getattr(recipe, key)
+        if isinstance(value, BaseModel):
+            lines.append(f"{key}:")
+            unused = _NOT_USED_BY[value.method] if isinstance(value, AdapterSection) else ()
+            for inner in type(value).model_fields:
+                if inner not in unused:
+                    default = (_default_of(value, inner) if isinstance(value, AdapterSection)
+                               else type(value).model_fields[inner].get_default(call_default_factory=True))
+                    lines.append("  " + _yaml_line(inner, value.model_dump(mode="json")[inner],
+                                                   default=getattr(value, inner) == default))
+        elif value is not None:
+            lines.append(_yaml_line(key, value, default=field.default is not PydanticUndefined
+                                    and value == field.default))
+        elif key in tasks.task_of(recipe).sections:  # left unset (not written: the run record keeps it unset)
+            lines.append(f"# {key}: not set; task {recipe.task} uses this section's defaults")
+    return "\n".join(lines) + "\n"
+
+
+def _yaml_line(key: str, value: Any, *, default: bool) -> str:
+    """`key: value` on one line (flow style), with a `# default` comment when the value is the default."""
+    text = yaml.safe_dump({key: value}, default_flow_style=True, allow_unicode=True, width=2**31 - 1).strip()[1:-1]
+    return text + ("  # default" if default else "")
 
 
 def read_yaml_file(path: Path) -> dict[str, Any]:
