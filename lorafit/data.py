@@ -166,7 +166,7 @@ def refuse_empty_train(section: DataSection, *, read: int, held: int, dropped: C
                            "none to train on", where="data.eval",
                            hint="lower the fraction, add rows, or give data.eval as a file")
     reasons = _reasons(dropped)
-    problem = f" ({reasons}: all {read - held} training row(s) dropped)" if reasons else ": data.train has no rows"
+    problem = f" ({reasons}): all {read - held} training row(s) dropped" if reasons else ": data.train has no rows"
     raise LorafitError(f"no {what} remain{problem}", where="data.train", hint=hint)
 
 
