@@ -619,8 +619,8 @@ def dump_recipe(recipe: Recipe) -> str:
                     lines.append("  " + _yaml_line(inner, value.model_dump(mode="json")[inner],
                                                    default=getattr(value, inner) == default))
         elif value is not None:
-            lines.append(_yaml_line(key, value, default=field.default is not PydanticUndefined
-                                    and value == field.default))
+            lines.append(_yaml_line(key, recipe.model_dump(mode="json")[key],  # rewards: a list of models
+                                    default=field.default is not PydanticUndefined and value == field.default))
         elif key in tasks.task_of(recipe).sections:  # left unset (not written: the run record keeps it unset)
             lines.append(f"# {key}: not set; task {recipe.task} uses this section's defaults")
     return "\n".join(lines) + "\n"
