@@ -157,6 +157,23 @@ def check_sources(recipe: Recipe) -> None:
                                hint="remove data.split (or the entry's split), or give the split's own file")
 
 
+def encode_train_and_eval(recipe: Recipe, train_rows: list, eval_rows: list, report: DataReport, encode, *,
+                          what: str, hint: str) -> tuple[list, list]:
+    """Rows read as lists (preference pairs, prompts) encoded by `encode(rows, is_train)`, which counts its drops in
+    `report`; a train set that lost every row, or an eval the recipe asked for that lost every row, is refused naming
+    where the rows went (`what` names the rows, `hint` what a usable row holds)."""
+    train = encode(train_rows, True)
+    train_dropped = Counter(report.dropped)
+    evaluation = encode(eval_rows, False) if eval_rows else []
+    if not train:
+        held = len(eval_rows) if isinstance(recipe.data.eval, float) else 0
+        refuse_empty_train(recipe.data, read=len(train_rows) + held, held=held, dropped=train_dropped, what=what,
+                           hint=hint)
+    if recipe.data.eval is not None and not evaluation:
+        refuse_empty_eval(recipe.data, read=len(eval_rows), dropped=report.dropped - train_dropped)
+    return train, evaluation
+
+
 def refuse_empty_train(section: DataSection, *, read: int, held: int, dropped: Counter, what: str,
                        hint: str) -> None:
     """Raise the error for a training set left empty, naming where its rows went: none read, all held out by the

@@ -91,16 +91,11 @@ def prepare_preference_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) 
     report = PreferenceReport(format=row_format(train_rows or eval_rows, recipe), template=template,
                               rows_read=len(train_rows) + len(eval_rows), eos_token=tokenizer.eos_token,
                               fingerprint=fingerprint)
-    train = encode_rows(train_rows, recipe, tokenizer, report, is_train=True)
-    train_dropped = Counter(report.dropped)
-    evaluation = encode_rows(eval_rows, recipe, tokenizer, report, is_train=False) if eval_rows else []
-    if not train:
-        held = len(eval_rows) if isinstance(recipe.data.eval, float) else 0
-        data.refuse_empty_train(recipe.data, read=len(train_rows) + held, held=held, dropped=train_dropped,
-                                what="usable preference rows", hint="rows need prompt, chosen and rejected (kto: "
-                                "prompt, completion, label); see data.fields")
-    if recipe.data.eval is not None and not evaluation:
-        data.refuse_empty_eval(recipe.data, read=len(eval_rows), dropped=report.dropped - train_dropped)
+    train, evaluation = data.encode_train_and_eval(
+        recipe, train_rows, eval_rows, report,
+        lambda rows, is_train: encode_rows(rows, recipe, tokenizer, report, is_train=is_train),
+        what="usable preference rows", hint="rows need prompt, chosen and rejected (kto: prompt, completion, label); "
+        "see data.fields")
     if task.judged_rows:
         # TRL's KTO pairs each row with its neighbour for the KL term and so reads rows in order: shuffled here, once.
         random.Random(recipe.training.seed).shuffle(train)

@@ -12,7 +12,6 @@ is dropped and counted, and every row must have the same columns (the rewards re
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -60,17 +59,11 @@ def prepare_prompt_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, max_
     template = apply_template(recipe.template, tokenizer)
     report = RLReport(format=PROMPTS, template=template, rows_read=len(train_rows) + len(eval_rows),
                       eos_token=tokenizer.eos_token, fingerprint=fingerprint)
-    train = prompt_rows(train_rows, recipe, tokenizer, report, max_completion_length, where="data.train")
-    train_dropped = Counter(report.dropped)
-    evaluation = prompt_rows(eval_rows, recipe, tokenizer, report, max_completion_length,
-                             where="data.eval") if eval_rows else []
-    if not train:
-        held = len(eval_rows) if isinstance(recipe.data.eval, float) else 0
-        data.refuse_empty_train(recipe.data, read=len(train_rows) + held, held=held, dropped=train_dropped,
-                                what="usable prompts", hint="rows need a prompt (text or messages), or messages "
-                                "ending in an assistant answer")
-    if recipe.data.eval is not None and not evaluation:
-        data.refuse_empty_eval(recipe.data, read=len(eval_rows), dropped=report.dropped - train_dropped)
+    train, evaluation = data.encode_train_and_eval(
+        recipe, train_rows, eval_rows, report,
+        lambda rows, is_train: prompt_rows(rows, recipe, tokenizer, report, max_completion_length,
+                                           where="data.train" if is_train else "data.eval"),
+        what="usable prompts", hint="rows need a prompt (text or messages), or messages ending in an assistant answer")
     columns = sorted(train[0])
     rewards.check_reward_columns(recipe.rewards, columns)
     # The loader made every file a reward names absolute (relative to the recipe that named it).
