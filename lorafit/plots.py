@@ -5,7 +5,7 @@ no window), imported only when a chart is drawn so `lorafit --help` and `validat
 never worth a failed run: each function returns a warning instead of raising. They take plain data (names,
 numbers, log histories), not the results of the modules that call them.
 
-    write_loss_chart   runs/<name>/loss.png     train loss, eval loss and learning rate against step
+    write_loss_chart   runs/<name>/loss.png     train loss, eval loss, (RL) rewards and learning rate against step
     write_eval_chart   <eval out>/scores.png    base vs each adapter: loss and scores
     write_runs_chart   lorafit runs --plot F    train and eval loss of every listed run
 """
@@ -24,18 +24,34 @@ _DPI = 100
 
 
 def write_loss_chart(history: Sequence[dict[str, Any]], path: Path, *, title: str) -> str | None:
-    """Train loss, eval loss (top) and learning rate (bottom) against step, from the trainer's log history.
+    """Train loss, eval loss (top), the rewards of an RL run (middle, when logged) and learning rate (bottom)
+    against step, from the trainer's log history.
 
-    `history` holds {"step", "loss" | "eval_loss" | "learning_rate", ...} entries. Returns a warning, or None.
+    `history` holds {"step", "loss" | "eval_loss" | "learning_rate" | "reward" | "rewards/<name>/mean", ...}
+    entries. Returns a warning, or None.
     """
     try:
         train = _series(history, "loss")
         evals = _series(history, "eval_loss")
         rates = _series(history, "learning_rate")
+        keys = dict.fromkeys(k for entry in history for k in entry
+                             if k == "reward" or (k.startswith("rewards/") and k.endswith("/mean")))
+        rewards = {key: _series(history, key) for key in keys}
         if not train and not evals:
             return f"warning: {path.name} not drawn: no loss was logged"
-        figure = _figure(7, 5)
-        loss_axes, rate_axes = figure.subplots(2, 1, sharex=True, height_ratios=[3, 1])
+        figure = _figure(7, 7 if rewards else 5)
+        if rewards:
+            loss_axes, reward_axes, rate_axes = figure.subplots(3, 1, sharex=True, height_ratios=[3, 2, 1])
+            for index, (key, series) in enumerate(rewards.items()):
+                name = key.removeprefix("rewards/").removesuffix("/mean")
+                label = "reward (weighted sum)" if key == "reward" else name
+                reward_axes.plot(*zip(*series, strict=True), color=f"C{3 + index}", label=label,
+                                 linewidth=2 if key == "reward" else 1)
+            reward_axes.set_ylabel("mean reward")
+            reward_axes.legend(fontsize="small")
+            reward_axes.grid(alpha=0.3)
+        else:
+            loss_axes, rate_axes = figure.subplots(2, 1, sharex=True, height_ratios=[3, 1])
         if train:
             loss_axes.plot(*zip(*train, strict=True), color="C0", label="train loss", marker="." if len(train) < 30
                            else None)

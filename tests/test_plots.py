@@ -34,6 +34,21 @@ def history(steps: int = 20) -> list[dict]:
     return sorted(entries, key=lambda e: e["step"])
 
 
+def test_an_rl_run_gets_a_reward_panel_between_loss_and_learning_rate(tmp_path):
+    """loss.png of a grpo / rloo run: the weighted reward (C3) and each reward's mean (C4...) in a middle panel; a run
+    without rewards keeps the two-panel chart."""
+    rl = [{**entry, "reward": 0.05 * entry["step"], "rewards/exact_match/mean": 0.02 * entry["step"]}
+          for entry in history() if "loss" in entry]
+    plain, with_rewards = tmp_path / "plain.png", tmp_path / "rl.png"
+    assert write_loss_chart(history(), plain, title="sft") is None
+    assert write_loss_chart(rl, with_rewards, title="grpo") is None
+    rgb = pixels(with_rewards)
+    assert rgb.shape[0] > pixels(plain).shape[0]
+    middle = rgb[rgb.shape[0] * 3 // 7: rgb.shape[0] * 5 // 7]
+    assert share_of(middle, (214, 39, 40)) > 0.0005  # C3: the weighted reward
+    assert share_of(middle, (214, 39, 40)) > share_of(rgb[: rgb.shape[0] * 3 // 7], (214, 39, 40))
+
+
 def test_loss_chart_draws_train_loss_eval_loss_and_learning_rate(tmp_path):
     """loss.png: a real PNG with the train loss (C0), eval loss (C1) and learning rate (C2) curves on it."""
     path = tmp_path / "loss.png"
