@@ -452,6 +452,13 @@ def _train_summary(console: Console, result: TrainResult, *, quiet: bool = False
         if p.get("eval_nll_loss") is not None:  # orpo: its loss is the chosen answers' NLL + beta x odds-ratio term
             table.add_row("eval NLL (chosen) / log odds ratio",
                           f"{_fmt(p['eval_nll_loss'])} / {_fmt(p.get('eval_log_odds_chosen'))}")
+    if m.rl is not None:  # grpo / rloo: the last logged rollouts' rewards and completions
+        rewards = {k.removeprefix("rewards/").removesuffix("/mean"): v for k, v in m.rl.items()
+                   if k.startswith("rewards/")}
+        table.add_row("reward (weighted) / std", f"{_fmt(m.rl.get('reward'))} / {_fmt(m.rl.get('reward_std'))}")
+        table.add_row("each reward (mean)", ", ".join(f"{k} {_fmt(v)}" for k, v in rewards.items()))
+        table.add_row("completion length / clipped", f"{_fmt(m.rl.get('completions/mean_length'))} / "
+                      f"{_pct(m.rl.get('completions/clipped_ratio'))}")
     table.add_row("tokens/s", f"{m.tokens_per_second:,.0f}" if m.tokens_per_second else "-")
     table.add_row("train time", f"{m.train_seconds:.1f} s (wall {m.wall_seconds:.1f} s)")
     table.add_row("peak memory", f"{m.peak_memory_mb:,.0f} MiB")
@@ -515,7 +522,8 @@ def _runs_table(console: Console, rows: list[RunInfo], *, quiet: bool) -> None:
         steps = cell(row.steps) + (f"/{row.max_steps}" if row.status != "finished" and row.max_steps else "")
         style = {"failed": "red", "interrupted": "yellow", "running": "cyan"}.get(row.status, "")
         table.add_row(row.name, _short_base(row.base), cell(row.method), cell(row.r), cell(row.alpha),
-                      cell(row.lr), steps, _fmt(row.train_loss), _fmt(row.eval_loss), score,
+                      cell(row.lr), steps, _fmt(row.train_loss) if row.train_reward is None else
+                      f"reward {_fmt(row.train_reward)}", _fmt(row.eval_loss), score,
                       *([_benchmark_cell(row)] if benchmarks else []),
                       f"{row.tokens_per_second:,.0f}" if row.tokens_per_second else "-",
                       f"{row.train_seconds:.0f} s" if row.train_seconds else "-", row.status, style=style)

@@ -40,6 +40,7 @@ class RunInfo:
     steps: int | None = None
     max_steps: int | None = None
     train_loss: float | None = None  # the last logged training loss
+    train_reward: float | None = None  # grpo / rloo: the last logged mean reward (the loss says little in RL)
     eval_loss: float | None = None
     eval_metric: str | None = None  # exact_match (generation) or accuracy (classifier), from `lorafit eval`
     eval_score: float | None = None  # the adapter's
@@ -173,6 +174,7 @@ def _from_recipe(info: RunInfo, recipe: dict[str, Any]) -> None:
 def _from_metrics(info: RunInfo, metrics: dict[str, Any]) -> None:
     info.steps = metrics.get("global_step")
     info.train_loss = _number(metrics.get("train_loss_final"))
+    info.train_reward = _number((metrics.get("rl") or {}).get("reward"))
     info.eval_loss = _number(metrics.get("eval_loss"))
     info.tokens_per_second = _number(metrics.get("tokens_per_second"))
     info.train_seconds = _number(metrics.get("train_seconds"))

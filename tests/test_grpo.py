@@ -75,6 +75,19 @@ def test_grpo_raises_the_reward_and_records_it(grpo_run, tiny_llama):
                for k in before if "lora" not in k)
 
 
+def test_runs_lists_an_rl_run_by_its_reward(grpo_run):
+    """lorafit runs: an RL run's row carries its last mean reward (its loss says little), in the table and --json."""
+    from typer.testing import CliRunner
+
+    from lorafit.cli import app
+
+    result = CliRunner().invoke(app, ["runs", str(grpo_run["folder"]), "--json"])
+    row = json.loads(result.stdout)["runs"][0]
+    assert row["train_reward"] == grpo_run["result"].metrics.rl["reward"]
+    table = CliRunner().invoke(app, ["runs", str(grpo_run["folder"])]).stdout
+    assert "reward " in table
+
+
 def test_grpo_eval_scores_each_reward_base_vs_adapter(grpo_run):
     """eval on the held-out prompts: the reward table beside loss and exact match, the adapter's reward above the
     base's (the same reward it trained on, scored on its greedy answers); custom code needs --allow-code here too."""
