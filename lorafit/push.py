@@ -105,6 +105,8 @@ def _run_files(run: Path, repo: str, base_model: str | None) -> tuple[dict[str, 
     replacements = {str(adapter.resolve()): repo, str(adapter): repo, str(run.resolve()): ".", str(run): "."}
     if local_base:
         replacements[local_base] = base
+    for path in _absolute_paths(recipe):  # the data files the card and metrics.json name: as the recipe writes them
+        replacements.setdefault(path, _relative_paths(path, run))
     files = {}
     for path in sorted(adapter.rglob("*")):
         if path.is_file() and path.name != "adapter_config.json":
@@ -121,6 +123,8 @@ def _run_files(run: Path, repo: str, base_model: str | None) -> tuple[dict[str, 
         metrics = json.loads((run / run_folder.METRICS).read_text(encoding="utf-8"))
         metrics["base_model"] = base
         metrics.pop("hardware", None)  # this machine's platform string names its kernel build
+        if isinstance(metrics.get("data_cache"), dict):
+            metrics["data_cache"].pop("path", None)  # this machine's prepared-data cache folder
         files[run_folder.METRICS] = _replace(json.dumps(metrics, indent=2), replacements).encode()
     if (run / run_folder.LOSS_CHART).is_file():
         files[run_folder.LOSS_CHART] = (run / run_folder.LOSS_CHART).read_bytes()
@@ -152,6 +156,15 @@ def _relative_paths(value, run: Path):
                 return path.relative_to(root).as_posix()
         return path.name
     return value
+
+
+def _absolute_paths(value) -> list[str]:
+    """Every absolute path written in the recipe (data files, a custom template, reward files...)."""
+    if isinstance(value, dict):
+        return [path for item in value.values() for path in _absolute_paths(item)]
+    if isinstance(value, list):
+        return [path for item in value for path in _absolute_paths(item)]
+    return [value] if isinstance(value, str) and os.path.isabs(value) else []
 
 
 def _card(card: str, base: str, library: str, tags: list[str], replacements: dict[str, str]) -> str:

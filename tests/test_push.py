@@ -141,6 +141,29 @@ def test_adapter_push_is_one_commit_with_the_hub_id_and_no_local_paths(hub, run,
             assert str(tiny_llama) not in text and str(run) not in text and TOKEN not in text, name
 
 
+def test_a_run_lorafit_trained_pushes_with_its_data_paths_made_relative(hub, make_recipe, tiny_llama, tmp_path,
+                                                                       monkeypatch):
+    """A real finished run whose data sits in the working folder: the card and metrics.json name the data files and
+    the prepared-data cache; push writes the data paths relative, drops the cache folder, and uploads."""
+    from rich.console import Console
+    from tiny_models import write_toy_dataset
+
+    from lorafit.recipe import validate_recipe
+    from lorafit.train import run_train
+
+    monkeypatch.chdir(tmp_path)
+    data = write_toy_dataset(tmp_path / "data" / "toy.jsonl", n=16, fmt="messages")
+    raw = make_recipe(tiny_llama, data, tmp_path / "runs" / "real", training={"max_steps": 2, "save_steps": 2})
+    run_train(validate_recipe(raw), Console(quiet=True))
+    assert str(data) in (tmp_path / "runs" / "real" / "README.md").read_text()
+    code, lines = _push(str(tmp_path / "runs" / "real"), "--repo", "me/real", "--base-model", "org/tiny")
+    assert code == 0, lines
+    (_, files), = hub.commits
+    card = files["README.md"].decode()
+    assert "data/toy.jsonl" in card and str(tmp_path) not in card
+    assert "path" not in json.loads(files["metrics.json"])["data_cache"]
+
+
 def test_dry_run_lists_the_files_and_sends_nothing(hub, run):
     """--dry-run --json lists every file with its size; the server sees no call."""
     from typer.testing import CliRunner
