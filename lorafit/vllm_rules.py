@@ -76,7 +76,9 @@ def check_adapter(config: dict[str, Any]) -> VllmCheck:
                       ("use_bdlora", "block-diagonal LoRA"), ("use_qalora", "QALoRA")):
         if config.get(key):
             problems.append(f"{what} is not supported")
-    rank = max([int(config.get("r") or 0), *[int(v) for v in (config.get("rank_pattern") or {}).values()]])
+    # rank_pattern holds ranks (LoRA, EVA) or, for AdaLoRA, each module's mask of kept ranks
+    rank = max([int(config.get("r") or 0), *[sum(map(bool, v)) if isinstance(v, list) else int(v)
+                                             for v in (config.get("rank_pattern") or {}).values()]])
     if peft_type == "LORA" and rank > MAX_LORA_RANKS[-1]:
         problems.append(f"rank {rank} is above vLLM's largest max_lora_rank {MAX_LORA_RANKS[-1]}")
         retrain.append(f"adapter.r <= {MAX_LORA_RANKS[-1]}")
