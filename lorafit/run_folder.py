@@ -48,6 +48,8 @@ if TYPE_CHECKING:
     from lorafit.recipe import Recipe
 
 MARKER = "lorafit.json"
+_UMASK = os.umask(0o022)  # read once at import (os.umask can only be read by setting it) and put back at once
+os.umask(_UMASK)
 LOCK = ".lorafit.lock"
 STAGING = ".lorafit-staging"  # inside a merge/eval output folder, while it is being written
 
@@ -208,10 +210,16 @@ def read_json_object(path: Path) -> dict[str, Any] | None:
 
 def write_atomic(path: Path, content: str | bytes) -> None:
     """Write a file so readers (and a crash or power loss) see either the old or the complete new content."""
+    import tempfile
+
     data = content.encode("utf-8") if isinstance(content, str) else content
-    tmp = path.with_name(f".{path.name}.tmp")
+    # A fresh name (never a file that exists, such as a user's `.metrics.json.tmp`), so a failure can remove it.
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(name)
     try:
-        with open(tmp, "wb") as handle:
+        with os.fdopen(fd, "wb") as handle:
+            # mkstemp makes the file private (0600); the written file gets the mode a plain open() would give it.
+            os.fchmod(handle.fileno(), 0o666 & ~_UMASK)
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())

@@ -8,6 +8,7 @@ do, no traceback (unless --debug), and nothing the user had is lost or changed.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -327,8 +328,14 @@ def test_a_failed_atomic_write_leaves_the_old_file_and_no_temporary_file(tmp_pat
     def disk_full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
+    users = tmp_path / ".metrics.json.tmp"  # a user's file under the name the temporary file used to have
+    users.write_text("mine")
     monkeypatch.setattr(os, "fsync", disk_full)
     with pytest.raises(OSError):
         run_folder.write_json_atomic(target, {"new": 1})
-    assert target.read_text() == "old"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
+    assert target.read_text() == "old" and users.read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".metrics.json.tmp", "metrics.json"]
+    monkeypatch.undo()
+    run_folder.write_json_atomic(target, {"new": 1})  # written, with a plain file's mode, the user's file untouched
+    assert json.loads(target.read_text()) == {"new": 1} and users.read_text() == "mine"
+    assert target.stat().st_mode & 0o777 == 0o666 & ~run_folder._UMASK
